@@ -1,0 +1,111 @@
+"""x0 / velocity / inverse maths against diffusers' own, unmodified schedulers."""
+import pytest
+import torch
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                       PNDMScheduler)
+
+from schedulers import approx_x0, check_scheduler, model_output_for_x0, velocity
+
+SCHEDULERS = [DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler]
+KINDS = ["epsilon", "v_prediction", "sample"]
+
+
+def make(cls, kind, steps=10):
+    kw = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", prediction_type=kind)
+    if cls in (DDPMScheduler, DDIMScheduler):
+        kw["clip_sample"] = False
+    s = cls(**kw)
+    s.set_timesteps(steps)
+    return s
+
+
+def reference_x0(s, out, t, x):
+    """diffusers' own x0 for the scheduler's current step (the step is taken on a copy's state)."""
+    if isinstance(s, DPMSolverMultistepScheduler):  # step() does not return pred_original_sample
+        if s.step_index is None:
+            s._init_step_index(t)
+        return s.convert_model_output(out, sample=x)
+    return s.step(out, t, x).pred_original_sample
+
+
+@pytest.mark.parametrize("cls", SCHEDULERS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_x0_matches_pred_original_sample_at_every_step(cls, kind):
+    g = torch.Generator().manual_seed(0)
+    s, ref = make(cls, kind), make(cls, kind)
+    x = torch.randn(2, 4, 8, 8, generator=g) * float(s.init_noise_sigma)
+    steps = list(s.timesteps)
+    for i, t in enumerate(steps):  # first, middle and last timestep all covered
+        out = torch.randn(x.shape, generator=g)
+        ours = approx_x0(s, out, t, x)
+        theirs = reference_x0(ref, out, t, x)
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4, msg=f"step {i} t={t}")
+        x = s.step(out, t, x).prev_sample
+        if isinstance(ref, DPMSolverMultistepScheduler):
+            ref.step(out, t, x)  # keep ref's internal counter in lockstep (its output is unused)
+
+
+@pytest.mark.parametrize("cls", SCHEDULERS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_round_trip_x0_to_model_output_to_x0(cls, kind):
+    g = torch.Generator().manual_seed(1)
+    s = make(cls, kind)
+    x = torch.randn(1, 3, 8, 8, generator=g, dtype=torch.float64) * float(s.init_noise_sigma)
+    for t in (s.timesteps[0], s.timesteps[len(s.timesteps) // 2], s.timesteps[-1]):
+        x0 = torch.randn(x.shape, generator=g, dtype=torch.float64)
+        back = approx_x0(s, model_output_for_x0(s, x0, t, x), t, x)
+        torch.testing.assert_close(back, x0, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("cls", SCHEDULERS)
+def test_modified_x0_reaches_unmodified_step(cls):
+    """Handing the implied model output to scheduler.step makes it use the x0 we chose."""
+    g = torch.Generator().manual_seed(2)
+    s = make(cls, "v_prediction")
+    t = s.timesteps[3]
+    x = torch.randn(1, 3, 8, 8, generator=g) * float(s.init_noise_sigma)
+    x0 = torch.randn(x.shape, generator=g)
+    out = model_output_for_x0(s, x0, t, x)
+    if cls is DPMSolverMultistepScheduler:
+        s._init_step_index(t)
+        torch.testing.assert_close(s.convert_model_output(out, sample=x), x0, rtol=1e-4, atol=1e-4)
+    else:
+        torch.testing.assert_close(s.step(out, t, x).pred_original_sample, x0, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cls", [DDPMScheduler, DDIMScheduler])
+def test_velocity_matches_get_velocity(cls):
+    g = torch.Generator().manual_seed(3)
+    s = make(cls, "v_prediction")
+    x0, noise = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g)
+    t = torch.tensor([0, 10, 500, 999])
+    torch.testing.assert_close(velocity(s, x0, noise, t), s.get_velocity(x0, noise, t))
+    torch.testing.assert_close(velocity(s, x0, noise, 999), s.get_velocity(x0, noise, torch.tensor([999] * 4)))
+
+
+def test_velocity_and_x0_are_inverse_maps():
+    """v from (x0, eps) and x0 from (x_t, v): different coefficients, consistent maths (closed form)."""
+    s = make(DDPMScheduler, "v_prediction")
+    g = torch.Generator().manual_seed(4)
+    x0, eps = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64), torch.randn(3, 2, 4, 4, generator=g,
+                                                                                     dtype=torch.float64)
+    for t in (0, 400, 999):
+        a = s.alphas_cumprod[t].double()
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        v = velocity(s, x0, eps, t)
+        torch.testing.assert_close(a.sqrt() * x_t - (1 - a).sqrt() * v, x0)
+
+
+def test_clip_sample_mirrors_ddpm():
+    s = DDPMScheduler(prediction_type="sample", clip_sample=True, clip_sample_range=0.5)
+    s.set_timesteps(5)
+    x = torch.zeros(1, 1, 2, 2)
+    out = torch.tensor([[[[2.0, -2.0], [0.1, 0.2]]]])
+    assert approx_x0(s, out, s.timesteps[0], x).abs().max() == 0.5
+
+
+def test_unsupported_scheduler_error_names_supported_ones():
+    with pytest.raises(ValueError, match="PNDMScheduler is not supported.*DDPMScheduler.*EulerDiscreteScheduler"):
+        check_scheduler(PNDMScheduler())
+    with pytest.raises(ValueError, match="thresholding"):
+        check_scheduler(DDPMScheduler(thresholding=True))
