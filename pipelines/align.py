@@ -1,0 +1,81 @@
+"""Alignment steps: how a frame uses its neighbour's approximated x0 during the sweep.
+
+An alignment has two hooks, both optional:
+
+* ``model_kwargs(nb, t)``: extra inputs for the model call *before* evaluation (StableVSR's trained
+  temporal conditioning module plugs in here);
+* ``fuse(x0, nb, t)``: a new x0 *after* evaluation, handed back to the unmodified scheduler step
+  through the model output it implies (training-free fusion plugs in here).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .flow import warp
+
+WeightSchedule = Literal["constant", "linear"]
+
+
+@dataclass
+class Neighbours:
+    """The neighbours of one batch of frames, all tensors batched like the frames (B, ...).
+
+    ``x0`` is each neighbour's current approximated x0 in sample space, ``flow`` maps a pixel of the
+    frame to the neighbour (so ``warp(x0, flow)`` brings the neighbour onto the frame) and ``mask``
+    is 1 where that warp is trustworthy (0 everywhere when a frame has no neighbour).
+    """
+
+    frames: torch.Tensor  # (B,) long
+    index: torch.Tensor  # (B,) long, -1 where absent
+    present: torch.Tensor  # (B,) bool
+    x0: torch.Tensor  # (B, C, h, w)
+    flow: torch.Tensor  # (B, 2, h, w)
+    mask: torch.Tensor  # (B, 1, h, w)
+
+
+class Alignment:
+    """``none``: independent frame-wise sampling, the baseline."""
+
+    name = "none"
+    uses_neighbours = False
+
+    def model_kwargs(self, nb: Neighbours | None, t) -> dict:
+        return {}
+
+    def fuse(self, x0: torch.Tensor, nb: Neighbours | None, t) -> torch.Tensor:
+        return x0
+
+
+class Fusion(Alignment):
+    """Training-free fusion of x0 estimates.
+
+        x0' = x0 + w(t) * M * (W(x0_n) - x0)
+
+    where ``W(x0_n)`` is the neighbour's x0 warped onto this frame, ``M`` the validity mask and
+    ``w(t) = weight`` (``constant``) or ``weight * t / T`` (``linear``: strong while x0 is a blurry
+    guess, fading out as the details settle).
+    """
+
+    name = "fusion"
+    uses_neighbours = True
+
+    def __init__(self, weight: float = 0.5, schedule: WeightSchedule = "constant",
+                 num_train_timesteps: int = 1000):
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"fusion weight must be in [0, 1], not {weight}")
+        if schedule not in ("constant", "linear"):
+            raise ValueError(f"fusion weight schedule must be constant or linear, not {schedule!r}")
+        self.weight, self.schedule, self.T = weight, schedule, num_train_timesteps
+
+    def weight_at(self, t) -> float:
+        return self.weight * (float(t) / self.T if self.schedule == "linear" else 1.0)
+
+    def fuse(self, x0, nb, t):
+        if nb is None or not bool(nb.present.any()):
+            return x0
+        w = self.weight_at(t)
+        warped = warp(nb.x0, nb.flow)
+        return x0 + (w * nb.mask.to(x0.dtype)) * (warped - x0)

@@ -1,0 +1,98 @@
+"""Load diffusers components from a hub id or a local folder (diffusers layout) with ``from_pretrained``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import diffusers
+import torch
+
+SCHEDULER_KINDS = {
+    "ddpm": "DDPMScheduler",
+    "ddim": "DDIMScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+}
+
+
+class ModelLoadError(ValueError):
+    """The model path or one of its components is missing or unreadable."""
+
+
+def _is_local(path: str) -> bool:
+    return Path(path).exists() or path.startswith((".", "/", "~")) or path.count("/") != 1
+
+
+def _has(path: str, sub: str | None, local: bool) -> bool:
+    if not sub:
+        return False
+    if local:
+        return (Path(path) / sub).is_dir()
+    index = _hub_json(path, "model_index.json")
+    return sub in index if index else sub in ("unet", "scheduler")
+
+
+def _hub_json(repo: str, name: str) -> dict:
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(repo, name)).read_text())
+    except Exception:
+        return {}
+
+
+def make_scheduler(config, kind: str = "auto"):
+    """Build the scheduler named by ``kind`` (auto: the checkpoint's own) from a scheduler config."""
+    if kind == "auto":
+        name = config["_class_name"]
+    elif kind in SCHEDULER_KINDS:
+        name = SCHEDULER_KINDS[kind]
+    else:
+        raise ValueError(f"scheduler kind must be auto or one of {', '.join(SCHEDULER_KINDS)}, not {kind!r}")
+    extra = {"algorithm_type": "dpmsolver++"} if name == "DPMSolverMultistepScheduler" else {}
+    return getattr(diffusers, name).from_config(config, **extra)
+
+
+def load_pipeline(cls, path, *, device="cpu", dtype=torch.float32, scheduler_kind: str = "auto",
+                  unet: str = "unet", vae: str | None = "vae", scheduler: str = "scheduler",
+                  text_encoder: str | None = "text_encoder", tokenizer: str | None = "tokenizer",
+                  controlnet: str | None = "controlnet", low_res_scheduler: str | None = "low_res_scheduler",
+                  use_controlnet: bool = True):
+    path = str(Path(path).expanduser()) if _is_local(str(path)) else str(path)
+    local = _is_local(path)
+    if local and not Path(path).is_dir():
+        raise ModelLoadError(f"model path does not exist or is not a folder: {path}")
+    if local and not (Path(path) / unet).is_dir():
+        raise ModelLoadError(f"model folder {path} has no {unet}/ subfolder (diffusers layout expected)")
+    try:
+        unet_model = diffusers.AutoModel.from_pretrained(path, subfolder=unet, torch_dtype=dtype)
+        sched_cfg = diffusers.DDPMScheduler.load_config(path, subfolder=scheduler)
+        sched = make_scheduler(sched_cfg, scheduler_kind)
+        comps = dict(vae=None, text_encoder=None, tokenizer=None, controlnet=None, low_res_scheduler=None)
+        if _has(path, vae, local):
+            comps["vae"] = diffusers.AutoencoderKL.from_pretrained(path, subfolder=vae, torch_dtype=dtype)
+        if _has(path, text_encoder, local):
+            from transformers import CLIPTextModel, CLIPTokenizer
+
+            comps["text_encoder"] = CLIPTextModel.from_pretrained(path, subfolder=text_encoder, torch_dtype=dtype)
+            comps["tokenizer"] = CLIPTokenizer.from_pretrained(path, subfolder=tokenizer)
+        if use_controlnet and _has(path, controlnet, local):
+            comps["controlnet"] = diffusers.ControlNetModel.from_pretrained(path, subfolder=controlnet,
+                                                                            torch_dtype=dtype)
+        if comps["vae"] is not None and unet_model.config.in_channels == comps["vae"].config.latent_channels + 3:
+            # the upscaler's low-res noise schedule; StableVSR ships none and uses the default DDPM one
+            comps["low_res_scheduler"] = (diffusers.DDPMScheduler.from_pretrained(path, subfolder=low_res_scheduler)
+                                          if _has(path, low_res_scheduler, local) else diffusers.DDPMScheduler())
+        meta = json.loads((Path(path) / "vsr_config.json").read_text()) if local and (
+            Path(path) / "vsr_config.json").exists() else ({} if local else _hub_json(path, "vsr_config.json"))
+    except (OSError, EnvironmentError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"cannot load model {path!r}: {first}") from e
+    pipe = cls(unet_model, sched, scale=int(meta.get("scale", 1)),
+               residual_scale=meta.get("residual_scale"), **comps)
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.controlnet):
+        if m is not None:
+            m.to(device).eval().requires_grad_(False)
+    if "upscale" == pipe.kind and "scale" not in meta:
+        pipe.scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return pipe

@@ -1,0 +1,153 @@
+"""The frame-wise bidirectional sampling loop (StableVSR, Rota et al., ECCV 2024).
+
+At every denoising step the frames are swept in that step's direction. Each frame is evaluated,
+its approximated x0 is computed, aligned with the neighbour's x0 from *this* sweep (warped onto the
+frame with the clip's precomputed optical flow), and the model output implied by the aligned x0 is
+stored. A frame's scheduler step never influences another frame within the same step, so once
+the sweep is done the scheduler advances all frames with one batched, unmodified ``step`` call.
+
+State is one ``(F, C, h, w)`` tensor of samples, plus one of x0 estimates and one of model
+outputs; frame order is an explicit list of indices, never a list of tensors reversed in place.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Literal
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from schedulers import approx_x0, check_scheduler, model_output_for_x0
+
+from .align import Alignment, Neighbours
+from .flow import ClipFlows
+from .sweep import plan_sweep, step_directions
+from .timing import NullTimer, StageTimer
+
+StepCallback = Callable[[int, torch.Tensor, int, torch.Tensor], None]  # (step index, t, frame, x0 (C,h,w))
+
+
+def img2img_timesteps(scheduler, num_inference_steps: int, strength: float, device=None) -> torch.Tensor:
+    """diffusers' img2img convention: run the last ``int(steps * strength)`` of the schedule.
+
+    Strength 1.0 runs every step. The scheduler's begin index is set so that sigma-based
+    schedulers start at the right noise level.
+    """
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, not {num_inference_steps}")
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], not {strength}")
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    run = min(int(num_inference_steps * strength), num_inference_steps)
+    if run < 1:
+        raise ValueError(f"strength {strength} x {num_inference_steps} steps leaves no step to run")
+    start = (num_inference_steps - run) * scheduler.order
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    return scheduler.timesteps[start:]
+
+
+def initial_noise(shape, generators: list[torch.Generator], device, dtype,
+                  mode: Literal["independent", "shared"] = "independent") -> torch.Tensor:
+    """(F, C, h, w) Gaussian noise: one draw per frame from its own generator, or frame 0's draw shared."""
+    one = (1, *shape[1:])
+    if mode == "shared":
+        return randn_tensor(one, generator=generators[0], device=device, dtype=dtype).expand(shape).clone()
+    if mode != "independent":
+        raise ValueError(f"noise mode must be independent or shared, not {mode!r}")
+    return torch.cat([randn_tensor(one, generator=g, device=device, dtype=dtype) for g in generators])
+
+
+def _step_kwargs(scheduler, generators, eta: float) -> dict:
+    params = inspect.signature(scheduler.step).parameters
+    kw = {}
+    if "generator" in params:
+        kw["generator"] = generators
+    if "eta" in params:
+        kw["eta"] = eta
+    return kw
+
+
+def _neighbours(visits, x0_buf: torch.Tensor, flows: ClipFlows) -> Neighbours:
+    frames = torch.tensor([v.frame for v in visits], device=x0_buf.device)
+    index = torch.tensor([-1 if v.neighbour is None else v.neighbour for v in visits], device=x0_buf.device)
+    present = index >= 0
+    src = torch.where(present, index, frames)
+    after = (index > frames).view(-1, 1, 1, 1)
+    flow = torch.where(after, flows.to_next[frames], flows.to_prev[frames])
+    mask = torch.where(after, flows.valid_next[frames], flows.valid_prev[frames])
+    mask = mask * present.view(-1, 1, 1, 1).to(mask.dtype)
+    return Neighbours(frames, index, present, x0_buf[src].clone(), flow.to(x0_buf.dtype), mask.to(x0_buf.dtype))
+
+
+def sample_frames(
+    denoiser: Callable[..., torch.Tensor],
+    scheduler,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    *,
+    generators: list[torch.Generator],
+    concat: torch.Tensor | None = None,
+    alignment: Alignment | None = None,
+    flows: ClipFlows | None = None,
+    directions: list[int] | None = None,
+    chain_length: int | None = None,
+    batch_size: int = 8,
+    eta: float = 0.0,
+    callback: StepCallback | None = None,
+    progress: Callable[[int], None] | None = None,
+    timer: StageTimer | None = None,
+    chain_log: list | None = None,
+) -> torch.Tensor:
+    """Run the sweep loop from ``latents`` (F, C, h, w) at ``timesteps[0]``; returns the final samples.
+
+    ``concat``: (F, Cc, h, w) per-frame conditioning concatenated to the model input.
+    ``flows``: neighbour flows and validity masks at the samples' resolution (needed when the
+    alignment uses neighbours). ``directions``: +1/-1 per step (default: flip every step).
+    ``chain_length``: None for the exact sweep, L for chains of L frames run in lockstep.
+    ``chain_log``: if a list is given, the chain start frames of every step are appended to it.
+    """
+    check_scheduler(scheduler)
+    alignment = alignment or Alignment()
+    timer = timer or NullTimer()
+    num_frames = latents.shape[0]
+    if len(generators) != num_frames:
+        raise ValueError(f"need one generator per frame: {len(generators)} for {num_frames} frames")
+    if alignment.uses_neighbours and flows is None and num_frames > 1:
+        raise ValueError(f"alignment {alignment.name!r} needs optical flows")
+    directions = directions or step_directions(len(timesteps))
+    step_kw = _step_kwargs(scheduler, generators, eta)
+    x = latents
+    x0_buf = torch.zeros_like(x, dtype=torch.float32)
+    out_buf = torch.zeros_like(x, dtype=torch.float32)
+    align = alignment.uses_neighbours and num_frames > 1
+    for s, t in enumerate(timesteps):
+        positions = plan_sweep(num_frames, directions[s], chain_length, s, align=align)
+        if chain_log is not None:
+            chain_log.append(sorted(v.frame for v in positions[0]))
+        for position in positions:
+            with timer("align"):
+                nb_all = _neighbours(position, x0_buf, flows) if align else None
+            for lo in range(0, len(position), batch_size):
+                idx = torch.tensor([v.frame for v in position[lo:lo + batch_size]], device=x.device)
+                nb = None if nb_all is None else Neighbours(*(f[lo:lo + batch_size] for f in vars(nb_all).values()))
+                xi = x[idx]
+                with timer("align"):
+                    extra = alignment.model_kwargs(nb, t)
+                with timer("model"):
+                    out = denoiser(xi, t, concat=None if concat is None else concat[idx], **extra)
+                with timer("align"):
+                    x0 = approx_x0(scheduler, out, t, xi.float())
+                    fused = alignment.fuse(x0, nb, t)
+                    if fused is not x0:
+                        out = model_output_for_x0(scheduler, fused, t, xi.float())
+                x0_buf[idx] = fused
+                out_buf[idx] = out
+                if callback is not None:
+                    for k, f in enumerate(idx.tolist()):
+                        callback(s, t, f, fused[k])
+                if progress is not None:
+                    progress(len(idx))
+        with timer("scheduler"):
+            x = scheduler.step(out_buf.to(x.dtype), t, x, **step_kw, return_dict=False)[0]
+    return x

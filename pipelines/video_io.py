@@ -1,0 +1,394 @@
+"""Reading and writing clips: videos, animated GIFs and folders of images.
+
+Frames live in two layouts:
+
+* on disk / in numpy: ``uint8 (F, H, W, 3)`` RGB;
+* for the model: ``float32 (F, 3, H, W)`` in ``[-1, 1]`` (``to_tensor`` / ``to_uint8``).
+
+Every problem caused by user input is raised as ``InputError`` with a one-line message that
+names the path, so the CLI can print it and exit with code 2. Outputs are written atomically:
+to a temporary sibling first, then moved into place with ``os.replace``.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class InputError(ValueError):
+    """Bad user input: the CLI prints str(e) as a one-line error and exits with code 2."""
+
+
+@dataclass
+class Clip:
+    frames: np.ndarray  # uint8 (F, H, W, 3) RGB
+    fps: float | None  # rate of the returned frames; None when the source has none
+    source: Path
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_clip(path, start: int = 0, end: int | None = None, stride: int = 1,
+              max_frames: int | None = None) -> Clip:
+    """Read frames ``start, start + stride, ... < end`` (at most ``max_frames``) from ``path``.
+
+    ``path`` may be a video (``VIDEO_EXTS``, decoded with OpenCV), an animated ``.gif``, a
+    single image, or a folder of images (``IMAGE_EXTS``, natural sort order, hidden files
+    ignored). Frames are decoded one at a time and unselected ones are dropped at once.
+
+    ``Clip.fps`` is the rate of the *returned* frames: the source rate divided by ``stride``
+    (so a strided clip keeps its duration). A GIF's rate is 1000 / mean frame duration (ms);
+    images have no rate (``None``).
+    """
+    path = Path(path)
+    _check_range(path, start, end, stride, max_frames)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or directory")
+    if path.is_dir():
+        frames, fps = _read_folder(path, start, end, stride, max_frames), None
+    else:
+        ext = path.suffix.lower()
+        if ext in VIDEO_EXTS:
+            frames, fps = _read_video(path, start, end, stride, max_frames)
+        elif ext == ".gif":
+            frames, fps = _read_gif(path, start, end, stride, max_frames)
+        elif ext in IMAGE_EXTS:
+            frames, fps = _read_images([path], path, start, end, stride, max_frames), None
+        else:
+            raise InputError(
+                f"{path}: unsupported file type '{path.suffix}' (expected a video "
+                f"{'/'.join(VIDEO_EXTS)}, a .gif, an image, or a folder of images)")
+    if fps is not None:
+        fps /= stride
+    return Clip(frames=frames, fps=fps, source=path)
+
+
+def _check_range(path, start, end, stride, max_frames):
+    if stride < 1:
+        raise InputError(f"{path}: stride must be >= 1, got {stride}")
+    if start < 0:
+        raise InputError(f"{path}: start must be >= 0, got {start}")
+    if max_frames is not None and max_frames < 1:
+        raise InputError(f"{path}: max_frames must be >= 1, got {max_frames}")
+    if end is not None and end <= start:
+        raise InputError(f"{path}: no frames selected: end={end} is not after start={start}")
+
+
+def _wanted(i: int, start: int, stride: int) -> bool:
+    return i >= start and (i - start) % stride == 0
+
+
+def _finished(i: int, n_taken: int, end, max_frames) -> bool:
+    return (end is not None and i >= end) or (max_frames is not None and n_taken >= max_frames)
+
+
+def _nothing_selected(path, start, n_seen) -> InputError:
+    return InputError(f"{path}: no frames selected: start={start} is beyond the last frame "
+                      f"(the source has {n_seen} frames)")
+
+
+def _natural_key(name: str):
+    """'frame10.png' -> ['frame', 10, '.png'] so that frame2 sorts before frame10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name.lower())]
+
+
+def _read_folder(folder: Path, start, end, stride, max_frames) -> np.ndarray:
+    files = [p for p in folder.iterdir()
+             if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTS]
+    if not files:
+        raise InputError(f"{folder}: no frames selected: the folder holds no images "
+                         f"({', '.join(IMAGE_EXTS)})")
+    files.sort(key=lambda p: _natural_key(p.name))
+    return _read_images(files, folder, start, end, stride, max_frames)
+
+
+def _read_images(files: list[Path], source: Path, start, end, stride, max_frames) -> np.ndarray:
+    chosen = files[start:end:stride][:max_frames]
+    if not chosen:
+        raise _nothing_selected(source, start, len(files))
+    frames = []
+    for f in chosen:
+        img = _decode_image(f)
+        if frames and img.shape != frames[0].shape:
+            h0, w0 = frames[0].shape[:2]
+            raise InputError(f"{f}: image size {img.shape[1]}x{img.shape[0]} differs from "
+                             f"{w0}x{h0} of {chosen[0].name} (all frames must be the same size)")
+        frames.append(img)
+    return np.stack(frames)
+
+
+def _decode_image(path: Path) -> np.ndarray:
+    """One image file -> uint8 (H, W, 3) RGB (alpha dropped, gray expanded, 16 bit reduced)."""
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read file ({e.strerror})") from None
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if img is None:
+        raise InputError(f"{path}: cannot decode image (corrupt or unsupported format)")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def _read_video(path: Path, start, end, stride, max_frames):
+    cap = cv2.VideoCapture(str(path))
+    try:
+        if not cap.isOpened():
+            raise InputError(f"{path}: cannot open video (corrupt or unsupported format)")
+        fps = cap.get(cv2.CAP_PROP_FPS)
+        frames, i = [], 0
+        while not _finished(i, len(frames), end, max_frames):
+            if _wanted(i, start, stride):
+                ok, frame = cap.read()
+                if not ok:
+                    break
+                frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+            elif not cap.grab():  # decode-and-drop: nothing is kept for skipped frames
+                break
+            i += 1
+    finally:
+        cap.release()
+    if not frames:
+        if i == 0:
+            raise InputError(f"{path}: cannot decode any frame (corrupt or unsupported video)")
+        raise _nothing_selected(path, start, i)
+    return np.stack(frames), (float(fps) if fps and fps > 0 else None)
+
+
+def _read_gif(path: Path, start, end, stride, max_frames):
+    from PIL import Image, ImageSequence
+
+    frames, durations, i = [], [], 0
+    try:
+        with Image.open(path) as im:
+            for frame in ImageSequence.Iterator(im):
+                if _finished(i, len(frames), end, max_frames):
+                    break
+                durations.append(frame.info.get("duration") or 0)
+                if _wanted(i, start, stride):
+                    frames.append(np.asarray(frame.convert("RGB")))
+                i += 1
+    except (OSError, EOFError, SyntaxError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"{path}: cannot decode GIF ({msg})") from None
+    if not frames:
+        raise _nothing_selected(path, start, i)
+    mean_ms = float(np.mean(durations))
+    return np.stack(frames), (1000.0 / mean_ms if min(durations) > 0 else None)
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def pad_to_multiple(frames: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Pad ``(..., C, H, W)`` at the bottom/right so H and W are multiples of ``multiple``.
+
+    Reflect padding, or replicate where a side is too small to reflect (pad >= size).
+    Returns ``(padded, (H, W))`` with the original size, for ``crop_to``.
+    """
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    h, w = frames.shape[-2:]
+    ph, pw = -h % multiple, -w % multiple
+    if ph == 0 and pw == 0:
+        return frames, (h, w)
+    mode = "reflect" if ph < h and pw < w else "replicate"
+    x = frames.reshape(-1, *frames.shape[-3:])  # F.pad wants (N, C, H, W)
+    x = F.pad(x, (0, pw, 0, ph), mode=mode)
+    return x.reshape(*frames.shape[:-2], h + ph, w + pw), (h, w)
+
+
+def crop_to(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Undo ``pad_to_multiple``: keep the top-left ``size = (H, W)`` of ``(..., H', W')``."""
+    return frames[..., : size[0], : size[1]]
+
+
+def to_tensor(frames_uint8: np.ndarray, device=None) -> torch.Tensor:
+    """uint8 ``(F, H, W, 3)`` -> float32 ``(F, 3, H, W)`` in [-1, 1]:  x / 127.5 - 1."""
+    _check_frames(frames_uint8)
+    x = torch.from_numpy(np.ascontiguousarray(frames_uint8)).to(device)
+    return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def to_uint8(frames: torch.Tensor) -> np.ndarray:
+    """``(F, 3, H, W)`` in [-1, 1] -> uint8 ``(F, H, W, 3)``:  round((clamp(x) + 1) * 127.5)."""
+    x = ((frames.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _check_frames(frames: np.ndarray) -> None:
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames):
+        raise ValueError(f"expected uint8 frames (F>0, H, W, 3), got {frames.dtype} "
+                         f"{tuple(frames.shape)}")
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _temp_sibling(path: Path, directory: bool = False) -> Path:
+    """A fresh '.name.tmp-XXXX<ext>' next to ``path`` (created, so the name is ours)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if directory:
+        return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.tmp-", suffix=path.suffix)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def write_video(path, frames: np.ndarray, fps: float) -> None:
+    """Write uint8 RGB ``(F, H, W, 3)`` frames to a video (codec 'mp4v'), atomically.
+
+    The frames go to '.name.tmp-XXXX.mp4' in the same directory, which then replaces
+    ``path``. On any error the temp file is removed and an existing ``path`` is untouched.
+    An odd height/width is padded to even by repeating the last row/column (the encoder
+    works on 2x2 chroma blocks and would silently drop it).
+    """
+    path = Path(path)
+    _check_frames(frames)
+    if not fps or fps <= 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    odd = frames.shape[1] % 2, frames.shape[2] % 2
+    if any(odd):
+        frames = np.pad(frames, ((0, 0), (0, odd[0]), (0, odd[1]), (0, 0)), mode="edge")
+    h, w = frames.shape[1:3]
+    tmp = _temp_sibling(path)
+    try:
+        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (w, h))
+        try:
+            if not writer.isOpened():
+                raise InputError(f"{path}: cannot open a video writer (codec mp4v, {w}x{h}, "
+                                 f"{fps} fps; is the extension a container such as .mp4?)")
+            for frame in frames:
+                writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        finally:
+            writer.release()
+        if tmp.stat().st_size == 0:
+            raise RuntimeError(f"{path}: the video writer produced an empty file")
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def write_frames(folder, frames: np.ndarray) -> None:
+    """Write uint8 RGB ``(F, H, W, 3)`` frames as ``folder/frame_00000.png, ...``, atomically.
+
+    The PNGs go to a temp sibling directory; only once it is complete does it take the place
+    of ``folder`` (an old ``folder`` is moved aside first and deleted last).
+    """
+    folder = Path(folder)
+    _check_frames(frames)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: exists and is not a directory")
+    tmp = _temp_sibling(folder, directory=True)
+    old = None
+    try:
+        for i, frame in enumerate(frames):
+            ok, png = cv2.imencode(".png", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+            if not ok:
+                raise RuntimeError(f"{folder}: PNG encoding failed for frame {i}")
+            (tmp / f"frame_{i:05d}.png").write_bytes(png.tobytes())
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old-"))
+            os.replace(folder, old)  # onto an empty directory: allowed on POSIX
+        try:
+            os.replace(tmp, folder)
+        except BaseException:
+            if old is not None:
+                os.replace(old, folder)
+                old = None
+            raise
+    except BaseException:
+        _remove(tmp)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write ``text`` (UTF-8) to a temp sibling, then ``os.replace`` it onto ``path``."""
+    path = Path(path)
+    tmp = _temp_sibling(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def side_by_side(left: np.ndarray, right: np.ndarray, mode: str = "nearest") -> np.ndarray:
+    """``(F, h, w, 3)`` and ``(F, H, W, 3)`` -> ``(F, H, 2W, 3)``: [left resized | right].
+
+    ``left`` is resized to the right's size with ``mode`` 'nearest' (shows the input pixels
+    as they are) or 'bicubic'.
+    """
+    if len(left) != len(right):
+        raise ValueError(f"frame counts differ: {len(left)} vs {len(right)}")
+    interp = {"nearest": cv2.INTER_NEAREST, "bicubic": cv2.INTER_CUBIC}[mode]
+    h, w = right.shape[1:3]
+    if left.shape[1:3] != (h, w):
+        left = np.stack([cv2.resize(f, (w, h), interpolation=interp) for f in left])
+    return np.concatenate([left, right], axis=2)
+
+
+# ----------------------------------------------------------------------------- audio
+
+
+def copy_audio(src, dst_video, offset_s: float = 0.0) -> str | None:
+    """Mux the audio of ``src`` (from ``offset_s`` seconds on) into ``dst_video``, atomically.
+
+    Video is stream-copied; audio is copied, or re-encoded to AAC if the container refuses
+    it; ``-shortest`` trims it to the video. Returns None on success, else a one-line reason
+    (ffmpeg missing, no audio, ffmpeg failure). Never raises for audio problems.
+    """
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        return "ffmpeg not found on PATH: audio dropped"
+    src, dst = Path(src), Path(dst_video)
+    if not src.is_file():
+        return "input has no audio"
+    try:
+        probe = subprocess.run([ffmpeg, "-hide_banner", "-i", str(src)],
+                               capture_output=True, text=True, timeout=60)
+        if not re.search(r"Stream #\S+.*: Audio:", probe.stderr):
+            return "input has no audio"
+        tmp = _temp_sibling(dst)
+        try:
+            for audio_codec in ("copy", "aac"):
+                cmd = [ffmpeg, "-y", "-v", "error", "-i", str(dst), "-ss", str(offset_s),
+                       "-i", str(src), "-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy",
+                       "-c:a", audio_codec, "-shortest", str(tmp)]
+                run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+                if run.returncode == 0:
+                    os.replace(tmp, dst)
+                    return None
+            last = (run.stderr.strip().splitlines() or ["unknown error"])[-1]
+            return f"ffmpeg could not mux the audio ({last}): audio dropped"
+        finally:
+            _remove(tmp)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"ffmpeg failed ({type(e).__name__}: {e}): audio dropped".replace("\n", " ")

@@ -1,0 +1,212 @@
+"""Video pipeline: wires a diffusers model, a scheduler, optical flow and an alignment into the sampler.
+
+Four kinds of model are recognised from their components:
+
+* ``residual_sr`` - a pixel-space ``UNet2DModel`` super-resolution model (this project's shipped
+  model): the UNet sees ``[x_t, bicubic]`` and x0 is the residual ``(HR - bicubic) / residual_scale``;
+* ``upscale``     - a latent upscaler (SD x4 upscaler, StableVSR): the VAE latent has the low-res
+  size and the UNet sees ``[x_t, noised low-res frame]`` with the noise level as class label;
+* ``img2img``     - a latent model (VAE + UNet) starting from the encoded input frames;
+* ``pixel``       - a pixel-space UNet starting from the input frames.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+
+from .align import Alignment
+from .degradation import bicubic_resize
+from .denoiser import Denoiser
+from .flow import ClipFlows, FlowConfig, compute_clip_flows
+from .sampler import StepCallback, img2img_timesteps, initial_noise, sample_frames
+from .sweep import step_directions
+from .timing import NullTimer, StageTimer
+
+ModelKind = Literal["residual_sr", "upscale", "img2img", "pixel"]
+
+
+@dataclass
+class SamplingOptions:
+    num_inference_steps: int = 20
+    strength: float = 1.0
+    seed: int = 0
+    noise: Literal["independent", "shared"] = "independent"
+    eta: float = 0.0
+    prompt: str = ""
+    negative_prompt: str = ""
+    guidance_scale: float = 1.0
+    noise_level: int = 20  # upscaler only
+    direction: Literal["bidirectional", "forward", "backward"] = "bidirectional"
+    start: Literal["forward", "backward"] = "forward"
+    passes: int = 0
+    chain_length: int | None = None
+    batch_size: int = 8
+    decode_batch_size: int = 8
+
+
+@dataclass
+class Result:
+    frames: torch.Tensor  # (F, 3, H, W) in [-1, 1]
+    flows: ClipFlows | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class VideoPipeline:
+    def __init__(self, unet, scheduler, *, vae=None, text_encoder=None, tokenizer=None, controlnet=None,
+                 low_res_scheduler=None, scale: int = 1, residual_scale: float | None = None):
+        self.unet, self.scheduler, self.vae = unet, scheduler, vae
+        self.text_encoder, self.tokenizer, self.controlnet = text_encoder, tokenizer, controlnet
+        self.low_res_scheduler, self.scale, self.residual_scale = low_res_scheduler, scale, residual_scale
+        self.kind = self._kind()
+
+    # ------------------------------------------------------------------ construction
+    def _kind(self) -> ModelKind:
+        cin = self.unet.config.in_channels
+        if self.vae is None:
+            if self.residual_scale is not None:
+                return "residual_sr"
+            return "pixel"
+        lat = self.vae.config.latent_channels
+        if cin == lat + 3:
+            return "upscale"
+        if cin == lat:
+            return "img2img"
+        raise ValueError(f"UNet has {cin} input channels; expected {lat} (img2img) or {lat + 3} (upscaler)")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device="cpu", dtype=torch.float32, **subfolders):
+        """Load from a hub id or a local folder in diffusers layout (unet/, scheduler/, optional vae/,
+        text_encoder/, tokenizer/, controlnet/, low_res_scheduler/ and this project's vsr_config.json)."""
+        from . import loading
+
+        return loading.load_pipeline(cls, path, device=device, dtype=dtype, **subfolders)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    # ------------------------------------------------------------------ pieces
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """(1, L, D) text embeddings, computed once per run."""
+        tok = self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt")
+        return self.text_encoder(tok.input_ids.to(self.device))[0]
+
+    def output_size(self, frames: torch.Tensor) -> tuple[int, int]:
+        h, w = frames.shape[-2:]
+        return h * self.scale, w * self.scale
+
+    def conditioning_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """The frames at output resolution (bicubic upscale for SR models): flow is computed on these."""
+        return frames if self.scale == 1 else bicubic_resize(frames, self.output_size(frames)).clamp(-1, 1)
+
+    def _vae_encode(self, rgb: torch.Tensor, gens, batch: int) -> torch.Tensor:
+        sf = self.vae.config.scaling_factor
+        out = []
+        for lo in range(0, len(rgb), batch):
+            chunk = rgb[lo:lo + batch].to(self.device, self.vae.dtype)
+            dist = self.vae.encode(chunk).latent_dist
+            # one draw per frame from its own generator, like diffusers' retrieve_latents
+            out.append(torch.cat([dist.mean[k:k + 1] + dist.std[k:k + 1] * torch.randn(
+                dist.mean[k:k + 1].shape, generator=gens[lo + k]).to(self.device, dist.mean.dtype)
+                for k in range(len(chunk))]))
+        return torch.cat(out) * sf
+
+    def decode(self, x: torch.Tensor, cond_rgb: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """Samples (F, C, h, w) -> RGB frames (F, 3, H, W) in [-1, 1], decoded in chunks of ``batch``."""
+        out = []
+        for lo in range(0, len(x), batch):
+            xi = x[lo:lo + batch]
+            if self.kind in ("upscale", "img2img"):
+                img = self.vae.decode(xi.to(self.vae.dtype) / self.vae.config.scaling_factor).sample.float()
+            elif self.kind == "residual_sr":
+                img = cond_rgb[lo:lo + batch].to(xi.device) + self.residual_scale * xi.float()
+            else:
+                img = xi.float()
+            out.append(img.clamp(-1, 1).cpu())
+        return torch.cat(out)
+
+    # ------------------------------------------------------------------ the call
+    @torch.no_grad()
+    def __call__(self, frames: torch.Tensor, *, options: SamplingOptions | None = None,
+                 alignment: Alignment | None = None, flow: FlowConfig | None = None,
+                 flows: ClipFlows | None = None, callback: StepCallback | None = None,
+                 progress: Callable[[int], None] | None = None, timer: StageTimer | None = None,
+                 chain_log: list | None = None) -> Result:
+        """Sample a clip. ``frames``: (F, 3, h, w) input frames in [-1, 1] (low-res for SR models)."""
+        o = options or SamplingOptions()
+        alignment = alignment or Alignment()
+        timer = timer or NullTimer()
+        dev, F = self.device, frames.shape[0]
+        if frames.dim() != 4 or frames.shape[1] != 3 or F < 1:
+            raise ValueError(f"frames must be (F, 3, H, W) with F >= 1, got {tuple(frames.shape)}")
+        gens = [torch.Generator().manual_seed(o.seed + f) for f in range(F)]
+        timesteps = img2img_timesteps(self.scheduler, o.num_inference_steps, o.strength, device=dev)
+        cond_rgb = self.conditioning_frames(frames)
+
+        needs_flow = alignment.uses_neighbours and F > 1
+        if needs_flow and flows is None:
+            with timer("flow"):
+                flows = compute_clip_flows(cond_rgb, flow or FlowConfig(), device=dev)
+
+        concat, init, class_labels = None, None, None
+        if self.kind == "residual_sr":
+            concat = cond_rgb.to(dev)
+            shape = (F, self.unet.config.out_channels, *cond_rgb.shape[-2:])
+            init = torch.zeros(shape, device=dev)  # the residual of the bicubic frame itself
+        elif self.kind == "upscale":
+            lr = frames.to(dev, self.unet.dtype)
+            noise = torch.cat([torch.randn((1, *lr.shape[1:]), generator=g).to(dev, lr.dtype) for g in gens])
+            level = torch.tensor([o.noise_level], dtype=torch.long, device=dev)
+            concat = self.low_res_scheduler.add_noise(lr, noise, level)
+            class_labels = level
+            shape = (F, self.vae.config.latent_channels, *lr.shape[-2:])
+            if o.strength < 1.0:
+                with timer("vae"):
+                    init = self._vae_encode(cond_rgb, gens, o.decode_batch_size)
+        elif self.kind == "img2img":
+            with timer("vae"):
+                init = self._vae_encode(cond_rgb, gens, o.decode_batch_size)
+            shape = tuple(init.shape)
+        else:
+            init = cond_rgb.to(dev)
+            shape = tuple(init.shape)
+
+        prompt = negative = None
+        if self.text_encoder is not None:
+            prompt = self.encode_prompt(o.prompt)
+            negative = self.encode_prompt(o.negative_prompt) if o.guidance_scale > 1 else None
+        denoiser = Denoiser(self.unet, self.scheduler, prompt_embeds=prompt, negative_embeds=negative,
+                            guidance_scale=o.guidance_scale, class_labels=class_labels, controlnet=self.controlnet)
+
+        noise = initial_noise(shape, gens, dev, torch.float32, o.noise)
+        if o.strength >= 1.0 or init is None:
+            latents = noise * self.scheduler.init_noise_sigma
+        else:
+            latents = self.scheduler.add_noise(init.float(), noise, timesteps[:1].repeat(F))
+        latents = latents.to(self.unet.dtype)
+
+        sample_flows = None
+        if needs_flow:
+            sample_flows = flows.resized(tuple(shape[-2:])).to(dev)
+        if hasattr(alignment, "bind"):
+            alignment.bind(self, flows=flows, cond_rgb=cond_rgb)
+
+        x = sample_frames(
+            denoiser, self.scheduler, latents, timesteps, generators=gens, concat=concat, alignment=alignment,
+            flows=sample_flows, directions=step_directions(len(timesteps), o.direction, o.passes, o.start),
+            chain_length=o.chain_length, batch_size=o.batch_size, eta=o.eta, callback=callback,
+            progress=progress, timer=timer, chain_log=chain_log)
+        with timer("vae" if self.vae is not None else "decode"):
+            out = self.decode(x, cond_rgb, o.decode_batch_size)
+        return Result(out, flows, timer.report())
+
+
+def read_vsr_config(path: Path) -> dict:
+    f = Path(path) / "vsr_config.json"
+    return json.loads(f.read_text()) if f.exists() else {}

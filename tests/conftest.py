@@ -1,0 +1,9 @@
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))

@@ -1,0 +1,161 @@
+"""The sampler against diffusers' own pipelines, and its video behaviour on synthetic clips."""
+import pytest
+import torch
+from diffusers import (DDIMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionUpscalePipeline)
+
+import tiny
+from pipelines.align import Fusion
+from pipelines.flow import FlowConfig, compute_clip_flows, warp
+from pipelines.sampler import initial_noise
+from pipelines.sweep import plan_sweep, step_directions
+from pipelines.video_pipeline import SamplingOptions, VideoPipeline
+
+
+@pytest.fixture(scope="module")
+def sd_parts(tmp_path_factory):
+    enc, tok = tiny.clip_parts(tmp_path_factory.mktemp("clip"))
+    return dict(unet=tiny.cond_unet(), vae=tiny.vae(), text_encoder=enc, tokenizer=tok)
+
+
+def to01(x):
+    return (x + 1) / 2
+
+
+@pytest.mark.parametrize("strength", [0.6, 0.8])
+def test_one_frame_matches_diffusers_img2img(sd_parts, strength):
+    """Latent img2img path == StableDiffusionImg2ImgPipeline (same components, scheduler, seed, strength)."""
+    frame = tiny.textured_clip(1, 32)
+    sched = DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                          steps_offset=1)
+    ref = StableDiffusionImg2ImgPipeline(**sd_parts, scheduler=sched, safety_checker=None, feature_extractor=None,
+                                         requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    want = ref(prompt="a wolf", image=to01(frame), strength=strength, num_inference_steps=5, guidance_scale=3.0,
+               negative_prompt="", generator=torch.Generator().manual_seed(7), output_type="pt").images
+    pipe = VideoPipeline(sd_parts["unet"], DDIMScheduler.from_config(sched.config), vae=sd_parts["vae"],
+                         text_encoder=sd_parts["text_encoder"], tokenizer=sd_parts["tokenizer"])
+    assert pipe.kind == "img2img"
+    got = pipe(frame, options=SamplingOptions(num_inference_steps=5, strength=strength, seed=7, prompt="a wolf",
+                                              guidance_scale=3.0)).frames
+    torch.testing.assert_close(to01(got), want, atol=1e-5, rtol=0)
+
+
+def test_one_frame_matches_diffusers_upscaler(sd_parts):
+    """Concat-conditioned SR path == StableDiffusionUpscalePipeline (noise level as class label)."""
+    unet = tiny.cond_unet(in_channels=7, class_embed=True)
+    vae = tiny.vae(down=3)  # /4 latent, like the x4 upscaler
+    lr = tiny.textured_clip(1, 16)
+    sched = DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, prediction_type="v_prediction")
+    low = tiny.ddpm_v().__class__()  # default DDPM: the upscaler's low-res noise schedule
+    ref = StableDiffusionUpscalePipeline(vae=vae, text_encoder=sd_parts["text_encoder"],
+                                         tokenizer=sd_parts["tokenizer"], unet=unet, low_res_scheduler=low,
+                                         scheduler=sched)
+    ref.set_progress_bar_config(disable=True)
+    want = ref(prompt="", image=to01(lr), num_inference_steps=4, guidance_scale=0.0, noise_level=20,
+               generator=torch.Generator().manual_seed(3), output_type="pt").images
+    pipe = VideoPipeline(unet, DDIMScheduler.from_config(sched.config), vae=vae, low_res_scheduler=low,
+                         text_encoder=sd_parts["text_encoder"], tokenizer=sd_parts["tokenizer"], scale=4)
+    assert pipe.kind == "upscale"
+    got = pipe(lr, options=SamplingOptions(num_inference_steps=4, seed=3, noise_level=20)).frames
+    assert got.shape == (1, 3, 64, 64)
+    torch.testing.assert_close(to01(got), want, atol=1e-5, rtol=0)
+
+
+def pixel_pipe(sched=None):
+    return VideoPipeline(tiny.pixel_unet(6), sched or tiny.ddpm_v(), scale=2, residual_scale=0.1)
+
+
+def test_none_equals_independent_single_frame_runs():
+    clip = tiny.textured_clip(4, 16)
+    opts = SamplingOptions(num_inference_steps=4, seed=11, batch_size=3)
+    pipe = pixel_pipe()
+    together = pipe(clip, options=opts).frames
+    for f in range(4):
+        alone = pipe(clip[f:f + 1], options=SamplingOptions(num_inference_steps=4, seed=11 + f)).frames
+        torch.testing.assert_close(together[f:f + 1], alone, atol=1e-5, rtol=0)
+
+
+def latent_warp_error(frames, flows):
+    f = frames[1:]
+    w = warp(frames[:-1], flows.to_prev[1:])
+    m = flows.valid_prev[1:]
+    return float(((f - w) ** 2 * m).sum() / (m.sum() * 3))
+
+
+@pytest.mark.parametrize("kind", ["pixel", "latent"])
+def test_fusion_makes_consecutive_frames_agree(sd_parts, kind):
+    """On a translating clip, fused outputs agree after warping far better than independent ones."""
+    clip = tiny.textured_clip(5, 32, shift=(1.5, 0.5))
+    if kind == "pixel":
+        pipe, inp = pixel_pipe(), clip[:, :, ::2, ::2]  # SR x2 back to 32x32
+    else:
+        pipe = VideoPipeline(sd_parts["unet"], DDIMScheduler(clip_sample=False), vae=sd_parts["vae"],
+                             text_encoder=sd_parts["text_encoder"], tokenizer=sd_parts["tokenizer"])
+        inp = clip
+    opts = SamplingOptions(num_inference_steps=6, strength=1.0, seed=0)
+    flows = compute_clip_flows(clip, FlowConfig())
+    errors = {}
+    for name, alignment in [("none", None), ("fusion", Fusion(weight=0.9))]:
+        last = {}
+        out = pipe(inp, options=opts, alignment=alignment, callback=lambda s, t, f, x0: last.__setitem__(f, x0))
+        x0 = torch.stack([last[f] for f in range(len(clip))])  # the last step's x0 (latents for the VAE path)
+        errors[name] = (latent_warp_error(out.frames, flows), latent_warp_error(x0, flows.resized(x0.shape[-2:])))
+    (pix_none, x0_none), (pix_fused, x0_fused) = errors["none"], errors["fusion"]
+    # measured: pixel path 0.0086 -> 0.00026 (33x); latent path x0 >10x, decoded by a random VAE 3.2x
+    assert x0_fused * 10 < x0_none, errors
+    assert pix_fused * (10 if kind == "pixel" else 2.5) < pix_none, errors
+
+
+def test_reversal_symmetry():
+    """Deterministic scheduler: reversed clip + mirrored direction schedule = reversed output."""
+    clip = tiny.textured_clip(4, 16, shift=(1.0, 0.0))
+    pipe = pixel_pipe(DDIMScheduler.from_config(tiny.ddpm_v().config))
+    opts = dict(num_inference_steps=4, noise="shared", seed=5)
+    fwd = pipe(clip, options=SamplingOptions(**opts, start="forward"), alignment=Fusion(0.7)).frames
+    rev = pipe(clip.flip(0), options=SamplingOptions(**opts, start="backward"), alignment=Fusion(0.7)).frames
+    torch.testing.assert_close(rev.flip(0), fwd, atol=1e-4, rtol=0)
+    # and the schedule matters: not mirroring it gives a different result
+    other = pipe(clip.flip(0), options=SamplingOptions(**opts, start="forward"), alignment=Fusion(0.7)).frames
+    assert (other.flip(0) - fwd).abs().max() > 1e-3
+
+
+def test_seeded_runs_are_reproducible_and_seed_dependent():
+    clip = tiny.textured_clip(3, 16)
+    pipe = pixel_pipe()
+    a = pipe(clip, options=SamplingOptions(num_inference_steps=3, seed=1), alignment=Fusion()).frames
+    b = pipe(clip, options=SamplingOptions(num_inference_steps=3, seed=1), alignment=Fusion()).frames
+    c = pipe(clip, options=SamplingOptions(num_inference_steps=3, seed=2), alignment=Fusion()).frames
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_callback_sees_every_frame_every_step_in_sweep_order():
+    clip = tiny.textured_clip(3, 16)
+    seen = []
+    pixel_pipe()(clip, options=SamplingOptions(num_inference_steps=4, strength=0.5), alignment=Fusion(),
+                 callback=lambda s, t, f, x0: seen.append((s, f, tuple(x0.shape))))
+    assert [(s, f) for s, f, _ in seen] == [(0, 0), (0, 1), (0, 2), (1, 2), (1, 1), (1, 0)]
+    assert seen[0][2] == (3, 32, 32)
+
+
+def test_strength_sets_start_and_noise_modes():
+    pipe = pixel_pipe()
+    ts = []
+    pipe(tiny.textured_clip(1, 16), options=SamplingOptions(num_inference_steps=10, strength=0.3),
+         callback=lambda s, t, f, x0: ts.append(int(t)))
+    assert len(ts) == 3 and ts[0] < 300
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    shared = initial_noise((3, 2, 4, 4), gens, "cpu", torch.float32, "shared")
+    assert torch.equal(shared[0], shared[2])
+    with pytest.raises(ValueError, match="strength"):
+        pipe(tiny.textured_clip(1, 16), options=SamplingOptions(strength=1.5))
+
+
+def test_direction_schedule_semantics():
+    assert step_directions(4) == [1, -1, 1, -1]
+    assert step_directions(4, start="backward") == [-1, 1, -1, 1]
+    assert step_directions(6, passes=2) == [1, 1, 1, -1, -1, -1]
+    assert step_directions(3, passes=1) == [1, 1, 1]
+    assert step_directions(3, "forward") == [1, 1, 1]
+    first = plan_sweep(4, -1)
+    assert [[v.frame for v in p] for p in first] == [[3], [2], [1], [0]]
+    assert first[1][0].neighbour == 3 and first[0][0].neighbour is None

@@ -1,0 +1,294 @@
+import os
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines import video_io
+from pipelines.video_io import (InputError, copy_audio, crop_to, pad_to_multiple, read_clip,
+                                side_by_side, to_tensor, to_uint8, write_frames, write_video,
+                                atomic_write_text)
+
+
+def moving_clip(n=6, h=40, w=48):
+    """A bright square moving right by 4 px per frame over a smooth gradient."""
+    yy, xx = np.mgrid[:h, :w]
+    base = np.stack([xx * 255 // w, yy * 255 // h, np.full_like(xx, 80)], -1).astype(np.uint8)
+    frames = np.repeat(base[None], n, axis=0)
+    for t in range(n):
+        frames[t, 10:26, 4 + 4 * t : 20 + 4 * t] = (250, 250, 30)
+    return frames
+
+
+def save_png(path, rgb):
+    Image.fromarray(rgb).save(path)
+
+
+def solid(value, h=8, w=10):
+    return np.full((h, w, 3), value, np.uint8)
+
+
+# ----------------------------------------------------------------------------- video
+
+
+def test_mp4_roundtrip(tmp_path):
+    frames = moving_clip()
+    out = tmp_path / "clip.mp4"
+    write_video(out, frames, fps=12)
+    clip = read_clip(out)
+    assert clip.frames.shape == frames.shape and clip.frames.dtype == np.uint8
+    assert clip.fps == pytest.approx(12, rel=1e-3)
+    assert clip.source == out
+    diff = np.abs(clip.frames.astype(int) - frames.astype(int)).mean()
+    assert diff < 8
+    assert [p.name for p in tmp_path.iterdir()] == ["clip.mp4"]  # no temp file left
+
+
+def test_mp4_odd_size_is_padded_not_cropped(tmp_path):
+    frames = moving_clip(n=2, h=37, w=45)
+    write_video(tmp_path / "odd.mp4", frames, fps=5)
+    back = read_clip(tmp_path / "odd.mp4").frames
+    assert back.shape == (2, 38, 46, 3)
+    assert np.abs(back[:, :37, :45].astype(int) - frames).mean() < 8
+
+
+def test_video_range_stride_max_frames(tmp_path):
+    frames = moving_clip(n=10)
+    out = tmp_path / "clip.mp4"
+    write_video(out, frames, fps=10)
+
+    def ids(clip):  # the square's left edge tells the frame index
+        return [round((int(np.argmax(f[18, :, 1] > 200)) - 4) / 4) for f in clip.frames]
+
+    assert ids(read_clip(out)) == list(range(10))
+    sub = read_clip(out, start=2, end=9, stride=3)
+    assert ids(sub) == [2, 5, 8]
+    assert sub.fps == pytest.approx(10 / 3, rel=1e-3)  # rate of the returned frames
+    assert ids(read_clip(out, start=1, max_frames=2)) == [1, 2]
+    with pytest.raises(InputError, match="no frames selected"):
+        read_clip(out, start=10)
+
+
+# ----------------------------------------------------------------------------- folders / GIF
+
+
+def test_folder_natural_order_and_selection(tmp_path):
+    for name, value in [("f10.png", 10), ("f2.png", 2), ("f1.png", 1), ("f3.jpg", 3)]:
+        save_png(tmp_path / name, solid(value * 20))
+    (tmp_path / "notes.txt").write_text("ignored")
+    clip = read_clip(tmp_path)
+    assert clip.fps is None
+    assert [int(f[0, 0, 0]) // 20 for f in clip.frames] == [1, 2, 3, 10]
+    sub = read_clip(tmp_path, start=1, end=4, stride=2)
+    assert [int(f[0, 0, 0]) // 20 for f in sub.frames] == [2, 10]
+    assert len(read_clip(tmp_path, max_frames=3).frames) == 3
+
+
+def test_gif_frames_and_fps(tmp_path):
+    path = tmp_path / "anim.gif"
+    imgs = [Image.fromarray(solid(40 * (i + 1), 12, 16)) for i in range(5)]
+    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=50, loop=0)
+    clip = read_clip(path)
+    assert clip.frames.shape == (5, 12, 16, 3)
+    assert clip.fps == pytest.approx(20)
+    assert [int(f[0, 0, 0]) for f in clip.frames] == [40, 80, 120, 160, 200]
+    sub = read_clip(path, start=1, stride=2)
+    assert [int(f[0, 0, 0]) for f in sub.frames] == [80, 160]
+    assert sub.fps == pytest.approx(10)
+
+
+# ----------------------------------------------------------------------------- input errors
+
+
+def one_line_error(call, *fragments):
+    with pytest.raises(InputError) as info:
+        call()
+    msg = str(info.value)
+    assert "\n" not in msg
+    for fragment in fragments:
+        assert str(fragment) in msg
+    return msg
+
+
+def test_input_errors(tmp_path):
+    missing = tmp_path / "nope.mp4"
+    one_line_error(lambda: read_clip(missing), missing, "no such file")
+
+    corrupt = tmp_path / "bad.mp4"
+    corrupt.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, np.uint8).tobytes())
+    one_line_error(lambda: read_clip(corrupt), corrupt)
+
+    weird = tmp_path / "clip.xyz"
+    weird.write_bytes(b"x")
+    one_line_error(lambda: read_clip(weird), weird, "unsupported")
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    one_line_error(lambda: read_clip(empty), empty, "no frames selected")
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    save_png(frames / "a1.png", solid(0, 8, 10))
+    save_png(frames / "a2.png", solid(0, 8, 10))
+    one_line_error(lambda: read_clip(frames, start=5), "no frames selected")
+    save_png(frames / "a3.png", solid(0, 9, 10))
+    one_line_error(lambda: read_clip(frames), "a3.png", "10x9", "10x8")
+    (frames / "a3.png").write_bytes(b"not a png")
+    one_line_error(lambda: read_clip(frames), "a3.png", "decode")
+
+    ok = frames / "a1.png"
+    one_line_error(lambda: read_clip(ok, stride=0), "stride")
+    one_line_error(lambda: read_clip(ok, start=-1), "start")
+    one_line_error(lambda: read_clip(ok, max_frames=0), "max_frames")
+    one_line_error(lambda: read_clip(ok, start=3, end=3), "no frames selected")
+    assert isinstance(InputError("x"), ValueError)
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def test_pad_crop_roundtrip():
+    x = torch.rand(2, 3, 37, 50)
+    padded, size = pad_to_multiple(x, 8)
+    assert padded.shape == (2, 3, 40, 56) and size == (37, 50)
+    assert torch.equal(crop_to(padded, size), x)
+    assert torch.equal(padded[..., 37, :50], x[..., 35, :])  # reflect: row 37 mirrors row 35
+    tiny, size = pad_to_multiple(torch.rand(1, 3, 2, 5), 8)  # too small to reflect
+    assert tiny.shape == (1, 3, 8, 8) and torch.equal(tiny[..., 7, 7], tiny[..., 1, 4])
+    same, _ = pad_to_multiple(x[..., :32, :48], 8)
+    assert same.shape == (2, 3, 32, 48)
+
+
+def test_tensor_conversion_roundtrip():
+    frames = moving_clip(n=2)
+    x = to_tensor(frames)
+    assert x.shape == (2, 3, 40, 48) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1
+    assert np.array_equal(to_uint8(x), frames)
+    assert to_uint8(torch.full((1, 3, 2, 2), 5.0)).max() == 255  # clamped
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+class FailingWriter:
+    """Wraps cv2.VideoWriter and raises on the second frame."""
+
+    real = cv2.VideoWriter
+
+    def __init__(self, *args):
+        self.writer, self.count = self.real(*args), 0
+
+    def isOpened(self):
+        return self.writer.isOpened()
+
+    def write(self, frame):
+        self.count += 1
+        if self.count > 1:
+            raise RuntimeError("disk full")
+        self.writer.write(frame)
+
+    def release(self):
+        self.writer.release()
+
+
+def test_write_video_failure_keeps_old_file(tmp_path, monkeypatch):
+    out = tmp_path / "out.mp4"
+    out.write_bytes(b"old video")
+    monkeypatch.setattr(video_io.cv2, "VideoWriter", FailingWriter)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_video(out, moving_clip(), fps=10)
+    assert out.read_bytes() == b"old video"
+    assert os.listdir(tmp_path) == ["out.mp4"]
+
+
+def test_write_video_bad_writer(tmp_path):
+    with pytest.raises(InputError, match="video writer"):
+        write_video(tmp_path / "out.notavideo", moving_clip(n=1), fps=10)
+    assert os.listdir(tmp_path) == []
+
+
+def test_write_frames_replaces_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    (folder / "stale.txt").write_text("old")
+    frames = moving_clip(n=3)
+    write_frames(folder, frames)
+    assert sorted(os.listdir(folder)) == [f"frame_{i:05d}.png" for i in range(3)]
+    assert np.array_equal(read_clip(folder).frames, frames)  # PNG is lossless
+    assert os.listdir(tmp_path) == ["frames"]
+
+    real_encode, calls = cv2.imencode, []
+
+    def failing_encode(ext, img):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("encode failed")
+        return real_encode(ext, img)
+
+    monkeypatch.setattr(video_io.cv2, "imencode", failing_encode)
+    with pytest.raises(RuntimeError, match="encode failed"):
+        write_frames(folder, moving_clip(n=2))
+    assert len(os.listdir(folder)) == 3  # the previous output is intact
+    assert os.listdir(tmp_path) == ["frames"]
+
+
+def test_atomic_write_text(tmp_path):
+    path = tmp_path / "sub" / "report.json"
+    atomic_write_text(path, "{}\n")
+    atomic_write_text(path, "über\n")
+    assert path.read_text(encoding="utf-8") == "über\n"
+    assert os.listdir(path.parent) == ["report.json"]
+
+
+def test_side_by_side_shapes():
+    left = np.zeros((3, 10, 12, 3), np.uint8)
+    right = np.full((3, 40, 48, 3), 255, np.uint8)
+    for mode in ("nearest", "bicubic"):
+        out = side_by_side(left, right, mode=mode)
+        assert out.shape == (3, 40, 96, 3) and out.dtype == np.uint8
+        assert out[:, :, :48].max() == 0 and out[:, :, 48:].min() == 255
+    assert side_by_side(right, right).shape == (3, 40, 96, 3)
+
+
+def test_copy_audio_without_ffmpeg(tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    reason = copy_audio(tmp_path / "in.mp4", tmp_path / "out.mp4")
+    assert isinstance(reason, str) and "ffmpeg" in reason and "\n" not in reason
+
+
+def fake_ffmpeg(folder, probe_output, mux_status):
+    """An 'ffmpeg' script: the probe call (3 args) prints ``probe_output``; a mux call writes
+    'muxed' to its last argument and exits with ``mux_status``."""
+    script = folder / "ffmpeg"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$#" -eq 3 ]; then echo "{probe_output}" >&2; exit 1; fi\n'
+        'for last; do :; done\n'
+        f'echo muxed > "$last"; echo "mux error" >&2; exit {mux_status}\n')
+    script.chmod(0o755)
+    return str(script)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="fake ffmpeg is a shell script")
+def test_copy_audio_control_flow(tmp_path, monkeypatch):
+    src, dst = tmp_path / "in.mp4", tmp_path / "out.mp4"
+    src.write_bytes(b"src")
+    dst.write_bytes(b"video")
+
+    monkeypatch.setattr(shutil, "which", lambda name: fake_ffmpeg(tmp_path, "Video: h264", 0))
+    assert copy_audio(src, dst) == "input has no audio"
+
+    audio = "  Stream #0:1(und): Audio: aac (LC), 44100 Hz"
+    monkeypatch.setattr(shutil, "which", lambda name: fake_ffmpeg(tmp_path, audio, 1))
+    reason = copy_audio(src, dst)
+    assert "mux error" in reason and "\n" not in reason
+    assert dst.read_bytes() == b"video"
+
+    monkeypatch.setattr(shutil, "which", lambda name: fake_ffmpeg(tmp_path, audio, 0))
+    assert copy_audio(src, dst) is None
+    assert dst.read_bytes() == b"muxed\n"
+    assert sorted(os.listdir(tmp_path)) == ["ffmpeg", "in.mp4", "out.mp4"]
