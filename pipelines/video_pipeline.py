@@ -97,6 +97,17 @@ class VideoPipeline:
                              truncation=True, return_tensors="pt")
         return self.text_encoder(tok.input_ids.to(self.device))[0]
 
+    def input_multiple(self) -> int:
+        """Input sides must be multiples of this (the CLI pads and crops back)."""
+        from math import gcd
+
+        unet = 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if self.kind == "upscale":
+            return unet  # the latent has the low-res frame's size
+        if self.kind == "img2img":
+            return unet * 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return unet // gcd(unet, self.scale)
+
     def output_size(self, frames: torch.Tensor) -> tuple[int, int]:
         h, w = frames.shape[-2:]
         return h * self.scale, w * self.scale
