@@ -57,10 +57,12 @@ class Result:
 
 class VideoPipeline:
     def __init__(self, unet, scheduler, *, vae=None, text_encoder=None, tokenizer=None, controlnet=None,
-                 low_res_scheduler=None, scale: int = 1, residual_scale: float | None = None):
+                 low_res_scheduler=None, scale: int = 1, residual_scale: float | None = None,
+                 lr_range: Literal["signed", "unit"] = "signed"):
         self.unet, self.scheduler, self.vae = unet, scheduler, vae
         self.text_encoder, self.tokenizer, self.controlnet = text_encoder, tokenizer, controlnet
         self.low_res_scheduler, self.scale, self.residual_scale = low_res_scheduler, scale, residual_scale
+        self.lr_range = lr_range  # range of the low-res frame concatenated to the UNet input (upscalers)
         self.kind = self._kind()
 
     # ------------------------------------------------------------------ construction
@@ -172,10 +174,15 @@ class VideoPipeline:
             init = torch.zeros(shape, device=dev)  # the residual of the bicubic frame itself
         elif self.kind == "upscale":
             lr = frames.to(dev, self.unet.dtype)
-            noise = torch.cat([torch.randn((1, *lr.shape[1:]), generator=g).to(dev, lr.dtype) for g in gens])
-            level = torch.tensor([o.noise_level], dtype=torch.long, device=dev)
-            concat = self.low_res_scheduler.add_noise(lr, noise, level)
-            class_labels = level
+            if self.lr_range == "unit":  # StableVSR feeds the low-res frame in [0, 1]
+                lr = (lr + 1) / 2
+            if getattr(self.unet, "class_embedding", None) is not None:  # SD x4 upscaler: noise-level label
+                noise = torch.cat([torch.randn((1, *lr.shape[1:]), generator=g).to(dev, lr.dtype) for g in gens])
+                level = torch.tensor([o.noise_level], dtype=torch.long, device=dev)
+                concat = self.low_res_scheduler.add_noise(lr, noise, level)
+                class_labels = level
+            else:
+                concat = lr
             shape = (F, self.vae.config.latent_channels, *lr.shape[-2:])
             if o.strength < 1.0:
                 with timer("vae"):
@@ -206,7 +213,7 @@ class VideoPipeline:
         if needs_flow:
             sample_flows = flows.resized(tuple(shape[-2:])).to(dev)
         if hasattr(alignment, "bind"):
-            alignment.bind(self, flows=flows, cond_rgb=cond_rgb)
+            alignment.bind(self, flows=flows, cond_rgb=cond_rgb, timer=timer)
 
         x = sample_frames(
             denoiser, self.scheduler, latents, timesteps, generators=gens, concat=concat, alignment=alignment,

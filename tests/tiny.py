@@ -50,7 +50,7 @@ def cond_unet(in_channels=4, out_channels=4, class_embed=False):
 
 def controlnet_for(unet):
     torch.manual_seed(1)
-    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 32))  # x4 below the control image, as in StableVSR
     with torch.no_grad():  # from_unet zero-initialises the output convs; make the TCM actually do something
         for p in cn.parameters():
             p.add_(torch.randn_like(p) * 0.02)
@@ -89,4 +89,20 @@ def save_residual_sr(path: Path, scale=2, residual_scale=0.1) -> Path:
     pixel_unet(in_channels=6).save_pretrained(path / "unet")
     ddpm_v().save_pretrained(path / "scheduler")
     (path / "vsr_config.json").write_text(json.dumps({"scale": scale, "residual_scale": residual_scale}))
+    return path
+
+
+def save_stablevsr_layout(path: Path) -> Path:
+    """Tiny components in StableVSR's exact layout: unet (7 input channels), vae, text_encoder,
+    tokenizer, controlnet (the TCM) and a v-prediction DDPM scheduler, saved with save_pretrained."""
+    from diffusers import DDPMScheduler
+
+    unet = cond_unet(in_channels=7)
+    unet.save_pretrained(path / "unet")
+    vae(down=3).save_pretrained(path / "vae")  # /4 latent like the x4 upscaler's VAE
+    enc, tok = clip_parts(path / "_tok_src")
+    enc.save_pretrained(path / "text_encoder")
+    tok.save_pretrained(path / "tokenizer")
+    controlnet_for(unet).save_pretrained(path / "controlnet")
+    DDPMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction").save_pretrained(path / "scheduler")
     return path

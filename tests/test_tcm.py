@@ -1,0 +1,137 @@
+"""StableVSR's TCM alignment mode on tiny components with StableVSR's exact layout."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tiny
+from pipelines.flow import FlowConfig, compute_clip_flows
+from pipelines.tcm import TCMAlignment
+from pipelines.video_pipeline import SamplingOptions, VideoPipeline
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory):
+    return tiny.save_stablevsr_layout(tmp_path_factory.mktemp("stablevsr"))
+
+
+@pytest.fixture(scope="module")
+def pipe(layout):
+    p = VideoPipeline.from_pretrained(layout)
+    p.lr_range = "unit"
+    return p
+
+
+def test_layout_loads_through_real_loading_code(pipe):
+    assert pipe.kind == "upscale" and pipe.scale == 4
+    assert pipe.controlnet is not None and pipe.text_encoder is not None
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.unet.config.in_channels == 7
+
+
+def reference_warp(x, flow):
+    """Independent backward warp: sample x at p + flow(p) (pixel units, bilinear, zeros outside)."""
+    n, _, h, w = x.shape
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=x.dtype), torch.arange(w, dtype=x.dtype), indexing="ij")
+    gx = (xs + flow[:, 0]) / (w - 1) * 2 - 1
+    gy = (ys + flow[:, 1]) / (h - 1) * 2 - 1
+    return F.grid_sample(x, torch.stack([gx, gy], -1), mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def reference_stablevsr(pipe, lr, flows, steps, seed, scale):
+    """A plain StableVSR sampler written from the paper: per-frame latents, the frame order reversed
+    every step, the previous frame's x0 (this sweep) decoded, warped and fed to the TCM."""
+    sched = copy.deepcopy(pipe.scheduler)
+    sched.set_timesteps(steps)
+    gens = [torch.Generator().manual_seed(seed + f) for f in range(len(lr))]
+    tok = pipe.tokenizer("", padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt")
+    emb = pipe.text_encoder(tok.input_ids)[0]
+    lr01 = (lr + 1) / 2
+    latents = [torch.randn((1, 4, *lr.shape[-2:]), generator=g) * sched.init_noise_sigma for g in gens]
+    order = list(range(len(lr)))
+    for t in sched.timesteps:
+        prev_x0, prev_f, outs = None, None, {}
+        for f in order:
+            inp = torch.cat([sched.scale_model_input(latents[f], t), lr01[f:f + 1]], 1)
+            extra = {}
+            if prev_x0 is not None:
+                rgb = pipe.vae.decode(prev_x0 / pipe.vae.config.scaling_factor).sample
+                flow = flows.to_prev[f:f + 1] if prev_f < f else flows.to_next[f:f + 1]
+                down, mid = pipe.controlnet(inp, t, encoder_hidden_states=emb, controlnet_cond=reference_warp(rgb, flow),
+                                            return_dict=False)
+                extra = dict(down_block_additional_residuals=[d * scale for d in down],
+                             mid_block_additional_residual=mid * scale)
+            v = pipe.unet(inp, t, encoder_hidden_states=emb, **extra).sample
+            a = sched.alphas_cumprod[t]
+            prev_x0 = a.sqrt() * latents[f] - (1 - a).sqrt() * v  # approximated x0 (v-prediction)
+            prev_f = f
+            outs[f] = v
+        for f in range(len(lr)):
+            latents[f] = sched.step(outs[f], t, latents[f], generator=gens[f]).prev_sample
+        order.reverse()
+    out = [pipe.vae.decode(x / pipe.vae.config.scaling_factor).sample for x in latents]
+    return torch.cat(out).clamp(-1, 1)
+
+
+@torch.no_grad()
+def test_parity_with_plain_stablevsr_sampler(pipe):
+    lr = tiny.textured_clip(3, 8, shift=(0.5, 0.25))
+    cond = pipe.conditioning_frames(lr)
+    flows = compute_clip_flows(cond, FlowConfig())
+    want = reference_stablevsr(pipe, lr, flows, steps=3, seed=4, scale=0.8)
+    got = pipe(lr, options=SamplingOptions(num_inference_steps=3, seed=4), alignment=TCMAlignment(scale=0.8),
+               flows=flows).frames
+    without = pipe(lr, options=SamplingOptions(num_inference_steps=3, seed=4), flows=flows).frames
+    print("parity max diff", (got - want).abs().max().item(), "tcm effect", (without - got).abs().max().item())
+    # float32 round-off (x0 coefficients, batched vs per-frame steps) amplified by the VAE decoder: measured 6e-5
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
+    assert (without - got).abs().max() > 100 * 2e-4  # the TCM really changes the result
+
+
+@torch.no_grad()
+def test_first_frame_of_each_sweep_gets_no_tcm(pipe, monkeypatch):
+    calls = []
+    real_unet, real_cn = pipe.unet.forward, pipe.controlnet.forward
+    monkeypatch.setattr(pipe.controlnet, "forward", lambda *a, **k: (calls.append("tcm"), real_cn(*a, **k))[1])
+    monkeypatch.setattr(pipe.unet, "forward", lambda *a, **k: (
+        calls.append("unet+tcm" if "down_block_additional_residuals" in k else "unet"), real_unet(*a, **k))[1])
+    tcm = TCMAlignment()
+    seen = []
+    pipe(tiny.textured_clip(3, 8), options=SamplingOptions(num_inference_steps=2), alignment=tcm,
+         callback=lambda s, t, f, x0: seen.append(f))
+    per_frame = [c for c in calls if c.startswith("unet")]
+    assert seen == [0, 1, 2, 2, 1, 0]
+    assert per_frame == ["unet", "unet+tcm", "unet+tcm"] * 2
+    assert calls.count("tcm") == 4
+    # each neighbour x0 decoded once per step: forward sweep decodes 0, 1; backward decodes 2, 1
+    assert tcm.decoded_frames == [0, 1, 2, 1]
+
+
+@torch.no_grad()
+def test_masked_guidance_zeroes_occluded_condition_and_fusion_option(pipe, monkeypatch):
+    from pipelines.align import Fusion
+
+    lr = tiny.textured_clip(3, 8, shift=(2.0, 0.0))
+    conds = []
+    real_cn = pipe.controlnet.forward
+    monkeypatch.setattr(pipe.controlnet, "forward",
+                        lambda *a, **k: (conds.append(k["controlnet_cond"].clone()), real_cn(*a, **k))[1])
+    opts = SamplingOptions(num_inference_steps=1, seed=1)
+    res = pipe(lr, options=opts, alignment=TCMAlignment())
+    plain = conds[0]
+    conds.clear()
+    pipe(lr, options=opts, alignment=TCMAlignment(masked=True))
+    mask = res.flows.valid_prev[1:2]  # frame 1 aligned to frame 0 in the forward sweep
+    assert 0 < mask.mean() < 1
+    assert conds[0][mask.expand_as(conds[0]) == 0].abs().max() == 0
+    torch.testing.assert_close(conds[0], plain * mask)
+    base = pipe(lr, options=opts, alignment=TCMAlignment()).frames
+    fused = pipe(lr, options=opts, alignment=TCMAlignment(fusion=Fusion(0.5))).frames
+    assert (base - fused).abs().max() > 1e-3
+
+
+def test_tcm_needs_a_controlnet():
+    p = VideoPipeline(tiny.pixel_unet(6), tiny.ddpm_v(), scale=2, residual_scale=0.1)
+    with pytest.raises(ValueError, match="controlnet"):
+        p(tiny.textured_clip(2, 8), options=SamplingOptions(num_inference_steps=1), alignment=TCMAlignment())
