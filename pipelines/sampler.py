@@ -21,7 +21,7 @@ from schedulers import approx_x0, check_scheduler, model_output_for_x0
 
 from .align import Alignment, Neighbours
 from .flow import ClipFlows
-from .sweep import plan_sweep, step_directions
+from .sweep import chain_starts, plan_sweep, step_directions
 from .timing import NullTimer, StageTimer
 
 StepCallback = Callable[[int, torch.Tensor, int, torch.Tensor], None]  # (step index, t, frame, x0 (C,h,w))
@@ -124,7 +124,7 @@ def sample_frames(
     for s, t in enumerate(timesteps):
         positions = plan_sweep(num_frames, directions[s], chain_length, s, align=align)
         if chain_log is not None:
-            chain_log.append(sorted(v.frame for v in positions[0]))
+            chain_log.append(chain_starts(num_frames, chain_length or num_frames, s))
         for position in positions:
             with timer("align"):
                 nb_all = _neighbours(position, x0_buf, flows) if align else None
