@@ -98,6 +98,7 @@ def sample_frames(
     progress: Callable[[int], None] | None = None,
     timer: StageTimer | None = None,
     chain_log: list | None = None,
+    checkpoint=None,
 ) -> torch.Tensor:
     """Run the sweep loop from ``latents`` (F, C, h, w) at ``timesteps[0]``; returns the final samples.
 
@@ -106,6 +107,8 @@ def sample_frames(
     alignment uses neighbours). ``directions``: +1/-1 per step (default: flip every step).
     ``chain_length``: None for the exact sweep, L for chains of L frames run in lockstep.
     ``chain_log``: if a list is given, the chain start frames of every step are appended to it.
+    ``checkpoint``: a :class:`pipelines.checkpoint.Checkpointer`; the loop resumes from its last state
+    and saves after every ``checkpoint.every`` steps.
     """
     check_scheduler(scheduler)
     alignment = alignment or Alignment()
@@ -121,7 +124,16 @@ def sample_frames(
     x0_buf = torch.zeros_like(x, dtype=torch.float32)
     out_buf = torch.zeros_like(x, dtype=torch.float32)
     align = alignment.uses_neighbours and num_frames > 1
+    first = 0
+    if checkpoint is not None:
+        resumed = checkpoint.load(generators, scheduler, x.device)
+        if resumed is not None:
+            first, x, x0_buf = resumed[0], resumed[1].to(x.dtype), resumed[2]
+            if progress is not None:
+                progress(first * num_frames)
     for s, t in enumerate(timesteps):
+        if s < first:
+            continue
         positions = plan_sweep(num_frames, directions[s], chain_length, s, align=align)
         if chain_log is not None:
             chain_log.append(chain_starts(num_frames, chain_length or num_frames, s))
@@ -150,4 +162,7 @@ def sample_frames(
                     progress(len(idx))
         with timer("scheduler"):
             x = scheduler.step(out_buf.to(x.dtype), t, x, **step_kw, return_dict=False)[0]
+        if checkpoint is not None:
+            with timer("checkpoint"):
+                checkpoint.maybe_save(s + 1, len(timesteps), x, x0_buf, generators, scheduler)
     return x

@@ -150,7 +150,7 @@ class VideoPipeline:
                  alignment: Alignment | None = None, flow: FlowConfig | None = None,
                  flows: ClipFlows | None = None, callback: StepCallback | None = None,
                  progress: Callable[[int], None] | None = None, timer: StageTimer | None = None,
-                 chain_log: list | None = None) -> Result:
+                 chain_log: list | None = None, checkpoint=None) -> Result:
         """Sample a clip. ``frames``: (F, 3, h, w) input frames in [-1, 1] (low-res for SR models)."""
         o = options or SamplingOptions()
         alignment = alignment or Alignment()
@@ -219,7 +219,7 @@ class VideoPipeline:
             denoiser, self.scheduler, latents, timesteps, generators=gens, concat=concat, alignment=alignment,
             flows=sample_flows, directions=step_directions(len(timesteps), o.direction, o.passes, o.start),
             chain_length=o.chain_length, batch_size=o.batch_size, eta=o.eta, callback=callback,
-            progress=progress, timer=timer, chain_log=chain_log)
+            progress=progress, timer=timer, chain_log=chain_log, checkpoint=checkpoint)
         with timer("vae" if self.vae is not None else "decode"):
             out = self.decode(x, cond_rgb, o.decode_batch_size)
         return Result(out, flows, timer.report())

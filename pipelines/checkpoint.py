@@ -1,0 +1,102 @@
+"""Resumable sampling: the loop's whole state after a step, saved atomically to a work folder.
+
+The state is the samples and x0 estimates ``(F, C, h, w)``, every frame generator's state and the
+scheduler's mutable attributes (step counter, DPM-Solver's model-output history), so a killed
+run restarted with the same command continues bit-identically. Safetensors + JSON, no pickles.
+A work folder made by a different configuration is refused.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+class WorkdirMismatch(ValueError):
+    """The work folder belongs to another run configuration."""
+
+
+def _scheduler_state(scheduler) -> tuple[dict, dict]:
+    """Split the scheduler's attributes into tensors and JSON-able values (lists of tensors allowed)."""
+    tensors, plain = {}, {}
+    for k, v in vars(scheduler).items():
+        if k == "config" or k.startswith("__"):
+            continue
+        if isinstance(v, torch.Tensor):
+            tensors[f"sched.{k}"] = v.detach().cpu().contiguous()
+            plain[k] = {"tensor": True}
+        elif isinstance(v, (list, tuple)) and v and all(x is None or isinstance(x, torch.Tensor) for x in v):
+            plain[k] = {"list": len(v), "none": [x is None for x in v]}
+            for i, x in enumerate(v):
+                if x is not None:
+                    tensors[f"sched.{k}.{i}"] = x.detach().cpu().contiguous()
+        elif v is None or isinstance(v, (bool, int, float, str)):
+            plain[k] = {"value": v}
+    return tensors, plain
+
+
+def _restore_scheduler(scheduler, tensors: dict, plain: dict, device) -> None:
+    for k, spec in plain.items():
+        if "tensor" in spec:
+            current = getattr(scheduler, k, None)  # keep tensors where the scheduler keeps them (Euler: CPU sigmas)
+            setattr(scheduler, k, tensors[f"sched.{k}"].to(current.device if isinstance(current, torch.Tensor)
+                                                            else device))
+        elif "list" in spec:
+            setattr(scheduler, k, [None if none else tensors[f"sched.{k}.{i}"].to(device)
+                                   for i, none in enumerate(spec["none"])])
+        else:
+            setattr(scheduler, k, spec["value"])
+
+
+class Checkpointer:
+    """Save the sampling state every ``every`` steps into ``workdir``; ``load`` returns the last one."""
+
+    def __init__(self, workdir: str | Path, fingerprint: str, every: int = 1):
+        if every < 1:
+            raise ValueError(f"checkpoint interval must be >= 1, not {every}")
+        self.dir, self.every = Path(workdir), every
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta = self.dir / "run.json"
+        if meta.exists():
+            old = json.loads(meta.read_text()).get("fingerprint")
+            if old != fingerprint:
+                raise WorkdirMismatch(f"work folder {self.dir} was made by a different configuration or input; "
+                                      "use another --workdir or delete it")
+        else:
+            meta.write_text(json.dumps({"fingerprint": fingerprint}))
+
+    @property
+    def state_file(self) -> Path:
+        return self.dir / "state.safetensors"
+
+    def save(self, step: int, x, x0_buf, generators, scheduler) -> None:
+        """``step``: number of completed denoising steps."""
+        tensors, plain = _scheduler_state(scheduler)
+        tensors.update({"x": x.detach().cpu().contiguous(), "x0": x0_buf.detach().cpu().contiguous()})
+        for i, g in enumerate(generators):
+            tensors[f"gen.{i}"] = g.get_state()
+        meta = {"step": str(step), "scheduler": json.dumps(plain)}
+        tmp = self.state_file.with_suffix(".tmp")
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, self.state_file)
+
+    def maybe_save(self, step: int, total: int, *state) -> None:
+        if step % self.every == 0 or step == total:
+            self.save(step, *state)
+
+    def load(self, generators, scheduler, device):
+        """Restore generators and scheduler in place; return (step, x, x0) or None when starting fresh."""
+        if not self.state_file.exists():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(self.state_file, framework="pt") as f:
+            meta = f.metadata()
+        tensors = load_file(self.state_file)
+        for i, g in enumerate(generators):
+            g.set_state(tensors[f"gen.{i}"])
+        _restore_scheduler(scheduler, tensors, json.loads(meta["scheduler"]), device)
+        return int(meta["step"]), tensors["x"].to(device), tensors["x0"].to(device)
