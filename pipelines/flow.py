@@ -192,6 +192,23 @@ class ClipFlows:
             flow(self.to_prev), flow(self.to_next), mask(self.valid_prev), mask(self.valid_next)
         )
 
+    def pick(self, frames: torch.Tensor, index: torch.Tensor, size: tuple[int, int] | None = None):
+        """Batched neighbour lookup: for frames (B,) and neighbours index (B,) (each i-1 or i+1),
+        the flows (B, 2, h, w) and masks (B, 1, h, w), resized to ``size`` (default: stored size).
+
+        Flows may be stored at a reduced resolution (or on the host) and are resized per batch, so
+        only the frames being processed are ever held at full resolution.
+        """
+        frames = frames.to(self.to_next.device)
+        after = (index.to(frames.device) > frames).view(-1, 1, 1, 1)
+        flow = torch.where(after, self.to_next[frames], self.to_prev[frames])
+        mask = torch.where(after, self.valid_next[frames], self.valid_prev[frames])
+        if size is None or tuple(size) == self.size:
+            return flow, mask
+        h, w = self.size
+        gain = torch.tensor([size[1] / w, size[0] / h], device=flow.device, dtype=flow.dtype).view(1, 2, 1, 1)
+        return _resample(flow, size) * gain, (_resample(mask, size) > 0.5).to(mask.dtype)
+
     def neighbour(self, i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Flow i -> j (2, h, w) and mask (1, h, w) of where frame j warped onto frame i is valid.
 

@@ -17,6 +17,8 @@ from typing import Callable, Literal
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from diffusers import DDIMScheduler, DDPMScheduler
+
 from schedulers import approx_x0, check_scheduler, model_output_for_x0
 
 from .align import Alignment, Neighbours
@@ -24,6 +26,7 @@ from .flow import ClipFlows
 from .sweep import chain_starts, plan_sweep, step_directions
 from .timing import NullTimer, StageTimer
 
+STATELESS = (DDPMScheduler, DDIMScheduler)
 StepCallback = Callable[[int, torch.Tensor, int, torch.Tensor], None]  # (step index, t, frame, x0 (C,h,w))
 
 
@@ -68,16 +71,15 @@ def _step_kwargs(scheduler, generators, eta: float) -> dict:
     return kw
 
 
-def _neighbours(visits, x0_buf: torch.Tensor, flows: ClipFlows) -> Neighbours:
-    frames = torch.tensor([v.frame for v in visits], device=x0_buf.device)
-    index = torch.tensor([-1 if v.neighbour is None else v.neighbour for v in visits], device=x0_buf.device)
+def _neighbours(visits, x0_of: Callable[[torch.Tensor], torch.Tensor], flows: ClipFlows, size, device) -> Neighbours:
+    frames = torch.tensor([v.frame for v in visits], device=device)
+    index = torch.tensor([-1 if v.neighbour is None else v.neighbour for v in visits], device=device)
     present = index >= 0
-    src = torch.where(present, index, frames)
-    after = (index > frames).view(-1, 1, 1, 1)
-    flow = torch.where(after, flows.to_next[frames], flows.to_prev[frames])
-    mask = torch.where(after, flows.valid_next[frames], flows.valid_prev[frames])
+    flow, mask = flows.pick(frames, torch.where(present, index, frames), size)
+    flow, mask = flow.to(device), mask.to(device)
+    x0 = x0_of(torch.where(present, index, frames))
     mask = mask * present.view(-1, 1, 1, 1).to(mask.dtype)
-    return Neighbours(frames, index, present, x0_buf[src].clone(), flow.to(x0_buf.dtype), mask.to(x0_buf.dtype))
+    return Neighbours(frames, index, present, x0, flow.to(x0.dtype), mask.to(x0.dtype))
 
 
 def sample_frames(
@@ -99,12 +101,15 @@ def sample_frames(
     timer: StageTimer | None = None,
     chain_log: list | None = None,
     checkpoint=None,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Run the sweep loop from ``latents`` (F, C, h, w) at ``timesteps[0]``; returns the final samples.
 
-    ``concat``: (F, Cc, h, w) per-frame conditioning concatenated to the model input.
-    ``flows``: neighbour flows and validity masks at the samples' resolution (needed when the
-    alignment uses neighbours). ``directions``: +1/-1 per step (default: flip every step).
+    ``concat``: (F, Cc, h, w) per-frame conditioning concatenated to the model input, or a function
+    of the frame indices (B,) returning that batch's conditioning (recomputed instead of stored).
+    ``flows``: neighbour flows and validity masks at any resolution, on any device (resized per
+    batch; needed when the alignment uses neighbours). ``device``: where the model runs (default:
+    the latents'); ``latents`` may live on the host to keep accelerator memory flat. ``directions``: +1/-1 per step (default: flip every step).
     ``chain_length``: None for the exact sweep, L for chains of L frames run in lockstep.
     ``chain_log``: if a list is given, the chain start frames of every step are appended to it.
     ``checkpoint``: a :class:`pipelines.checkpoint.Checkpointer`; the loop resumes from its last state
@@ -119,16 +124,24 @@ def sample_frames(
     if alignment.uses_neighbours and flows is None and num_frames > 1:
         raise ValueError(f"alignment {alignment.name!r} needs optical flows")
     directions = directions or step_directions(len(timesteps))
-    step_kw = _step_kwargs(scheduler, generators, eta)
-    x = latents
-    x0_buf = torch.zeros_like(x, dtype=torch.float32)
-    out_buf = torch.zeros_like(x, dtype=torch.float32)
+    device = device or latents.device
+    cond_of = concat if callable(concat) or concat is None else (lambda idx: concat[idx.to(concat.device)])
+    x = latents  # (F, C, h, w): the only full-clip tensor, on the state device (host or accelerator)
     align = alignment.uses_neighbours and num_frames > 1
+    # Neighbour x0s: the exact sweep only ever needs the previous position's; chains also read the
+    # previous step's x0 at chain starts, so then every frame's x0 is kept.
+    keep_all = align and chain_length is not None and chain_length < num_frames
+    x0_buf = torch.zeros_like(x, dtype=torch.float32) if keep_all else x.new_zeros((0,), dtype=torch.float32)
+    # Stateless schedulers (DDPM, DDIM) step each batch as soon as it is evaluated; the others
+    # (step counters, multistep history) step all frames at once after the sweep.
+    per_batch = isinstance(scheduler, STATELESS)
+    out_buf = None if per_batch else torch.zeros_like(x, dtype=torch.float32)
     first = 0
     if checkpoint is not None:
         resumed = checkpoint.load(generators, scheduler, x.device)
         if resumed is not None:
-            first, x, x0_buf = resumed[0], resumed[1].to(x.dtype), resumed[2]
+            first, x = resumed[0], resumed[1].to(x.dtype)
+            x0_buf = resumed[2] if keep_all else x0_buf
             if progress is not None:
                 progress(first * num_frames)
     for s, t in enumerate(timesteps):
@@ -137,31 +150,50 @@ def sample_frames(
         positions = plan_sweep(num_frames, directions[s], chain_length, s, align=align)
         if chain_log is not None:
             chain_log.append(chain_starts(num_frames, chain_length or num_frames, s))
+        last: dict[int, torch.Tensor] = {}
         for position in positions:
-            with timer("align"):
-                nb_all = _neighbours(position, x0_buf, flows) if align else None
+            nb_all = None
+            if align:
+                with timer("align"):
+                    x0_of = (lambda i: x0_buf[i.to(x0_buf.device)].to(device)) if keep_all else (
+                        lambda i: torch.stack([last.get(int(f), x.new_zeros(x.shape[1:], dtype=torch.float32))
+                                               for f in i]).to(device))
+                    nb_all = _neighbours(position, x0_of, flows, tuple(x.shape[-2:]), device)
+            last = {}
             for lo in range(0, len(position), batch_size):
-                idx = torch.tensor([v.frame for v in position[lo:lo + batch_size]], device=x.device)
+                frames = [v.frame for v in position[lo:lo + batch_size]]
+                idx = torch.tensor(frames, device=x.device)
                 nb = None if nb_all is None else Neighbours(*(f[lo:lo + batch_size] for f in vars(nb_all).values()))
-                xi = x[idx]
+                xi = x[idx].to(device)
                 with timer("align"):
                     extra = alignment.model_kwargs(nb, t)
                 with timer("model"):
-                    out = denoiser(xi, t, concat=None if concat is None else concat[idx], **extra)
+                    out = denoiser(xi, t, concat=None if cond_of is None else cond_of(idx).to(device), **extra)
                 with timer("align"):
                     x0 = approx_x0(scheduler, out, t, xi.float())
                     fused = alignment.fuse(x0, nb, t)
                     if fused is not x0:
                         out = model_output_for_x0(scheduler, fused, t, xi.float())
-                x0_buf[idx] = fused
-                out_buf[idx] = out
+                if keep_all:
+                    x0_buf[idx] = fused.to(x0_buf.device)
+                elif align:
+                    last.update(zip(frames, fused))
+                if per_batch:
+                    with timer("scheduler"):
+                        kw = _step_kwargs(scheduler, [generators[f] for f in frames], eta)
+                        x[idx] = scheduler.step(out.to(xi.dtype), t, xi, **kw, return_dict=False)[0].to(x)
+                else:
+                    out_buf[idx] = out.to(out_buf)
                 if callback is not None:
-                    for k, f in enumerate(idx.tolist()):
+                    for k, f in enumerate(frames):
                         callback(s, t, f, fused[k])
                 if progress is not None:
-                    progress(len(idx))
-        with timer("scheduler"):
-            x = scheduler.step(out_buf.to(x.dtype), t, x, **step_kw, return_dict=False)[0]
+                    progress(len(frames))
+        if not per_batch:
+            with timer("scheduler"):
+                kw = _step_kwargs(scheduler, generators, eta)
+                x = scheduler.step(out_buf.to(device, x.dtype), t, x.to(device), **kw,
+                                   return_dict=False)[0].to(x.device)
         if checkpoint is not None:
             with timer("checkpoint"):
                 checkpoint.maybe_save(s + 1, len(timesteps), x, x0_buf, generators, scheduler)

@@ -27,11 +27,12 @@ class TCMAlignment(Alignment):
         self.timer = NullTimer()
         self.decoded_frames: list[int] = []  # every frame decoded in the last run, in order (for tests)
 
-    def bind(self, pipe, flows: ClipFlows, cond_rgb: torch.Tensor, timer=None) -> None:
-        """Called by the pipeline once per run: the VAE and the pixel-resolution flows (kept on the device)."""
+    def bind(self, pipe, flows: ClipFlows, size: tuple[int, int], timer=None) -> None:
+        """Called by the pipeline once per run: the VAE, the clip's flows (kept on the device) and the
+        pixel size the decoded x0 has (flows are resized to it per batch)."""
         if pipe.controlnet is None or pipe.vae is None:
             raise ValueError("alignment.mode=tcm needs a latent model with a controlnet/ folder (StableVSR layout)")
-        self.pipe, self.flows = pipe, flows.to(pipe.device)
+        self.pipe, self.flows, self.size = pipe, flows.to(pipe.device), tuple(size)
         self.timer = timer or NullTimer()
         self.decoded_frames = []
 
@@ -46,12 +47,9 @@ class TCMAlignment(Alignment):
         keep = nb.present.nonzero().flatten()
         rgb = self._decode(nb.x0[keep])  # each neighbour x0 is decoded exactly once
         self.decoded_frames += nb.index[keep].tolist()
-        frames, index = nb.frames[keep], nb.index[keep]
-        after = (index > frames).view(-1, 1, 1, 1)
-        flow = torch.where(after, self.flows.to_next[frames], self.flows.to_prev[frames])
+        flow, mask = self.flows.pick(nb.frames[keep], nb.index[keep], self.size)
         warped = warp(rgb.float(), flow)
         if self.masked:
-            mask = torch.where(after, self.flows.valid_next[frames], self.flows.valid_prev[frames])
             warped = warped * mask
         control = warped.new_zeros((len(nb.frames), *warped.shape[1:]))
         control[keep] = warped

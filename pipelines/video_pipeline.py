@@ -46,6 +46,7 @@ class SamplingOptions:
     chain_length: int | None = None
     batch_size: int = 8
     decode_batch_size: int = 8
+    offload_state: bool = False  # keep per-frame state on the host, move only the batch to the device
 
 
 @dataclass
@@ -118,11 +119,13 @@ class VideoPipeline:
         """The frames at output resolution (bicubic upscale for SR models): flow is computed on these."""
         return frames if self.scale == 1 else bicubic_resize(frames, self.output_size(frames)).clamp(-1, 1)
 
-    def _vae_encode(self, rgb: torch.Tensor, gens, batch: int) -> torch.Tensor:
+    def _vae_encode(self, frames: torch.Tensor, gens, batch: int, upscale: bool = False) -> torch.Tensor:
+        """Input frames -> scaled VAE latents (the bicubic upscale is made per chunk for upscalers)."""
         sf = self.vae.config.scaling_factor
         out = []
-        for lo in range(0, len(rgb), batch):
-            chunk = rgb[lo:lo + batch].to(self.device, self.vae.dtype)
+        for lo in range(0, len(frames), batch):
+            chunk = frames[lo:lo + batch]
+            chunk = (self.conditioning_frames(chunk) if upscale else chunk).to(self.device, self.vae.dtype)
             dist = self.vae.encode(chunk).latent_dist
             # one draw per frame from its own generator, like diffusers' retrieve_latents
             out.append(torch.cat([dist.mean[k:k + 1] + dist.std[k:k + 1] * torch.randn(
@@ -130,18 +133,23 @@ class VideoPipeline:
                 for k in range(len(chunk))]))
         return torch.cat(out) * sf
 
-    def decode(self, x: torch.Tensor, cond_rgb: torch.Tensor | None, batch: int) -> torch.Tensor:
-        """Samples (F, C, h, w) -> RGB frames (F, 3, H, W) in [-1, 1], decoded in chunks of ``batch``."""
+    def decode(self, x: torch.Tensor, frames: torch.Tensor, batch: int, as_uint8: bool = False) -> torch.Tensor:
+        """Samples (F, C, h, w) -> RGB frames (F, 3, H, W) in [-1, 1] (or (F, H, W, 3) uint8), in chunks.
+
+        ``frames`` are the input frames; residual models add their bicubic upscale back per chunk.
+        """
         out = []
         for lo in range(0, len(x), batch):
-            xi = x[lo:lo + batch]
+            xi = x[lo:lo + batch].to(self.device)
             if self.kind in ("upscale", "img2img"):
                 img = self.vae.decode(xi.to(self.vae.dtype) / self.vae.config.scaling_factor).sample.float()
             elif self.kind == "residual_sr":
-                img = cond_rgb[lo:lo + batch].to(xi.device) + self.residual_scale * xi.float()
+                cond = self.conditioning_frames(frames[lo:lo + batch]).to(xi.device)
+                img = cond + self.residual_scale * xi.float()
             else:
                 img = xi.float()
-            out.append(img.clamp(-1, 1).cpu())
+            img = img.clamp(-1, 1).cpu()
+            out.append(((img + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1) if as_uint8 else img)
         return torch.cat(out)
 
     # ------------------------------------------------------------------ the call
@@ -150,28 +158,37 @@ class VideoPipeline:
                  alignment: Alignment | None = None, flow: FlowConfig | None = None,
                  flows: ClipFlows | None = None, callback: StepCallback | None = None,
                  progress: Callable[[int], None] | None = None, timer: StageTimer | None = None,
-                 chain_log: list | None = None, checkpoint=None) -> Result:
-        """Sample a clip. ``frames``: (F, 3, h, w) input frames in [-1, 1] (low-res for SR models)."""
+                 chain_log: list | None = None, checkpoint=None, output_uint8: bool = False) -> Result:
+        """Sample a clip. ``frames``: (F, 3, h, w) input frames in [-1, 1] (low-res for SR models).
+
+        Memory: besides the small input frames, only the samples (one latent per frame, on the host
+        when ``options.offload_state``), the flows at ``flow.scale`` of the output size and, for
+        chains, one x0 per frame are held for the whole clip; conditioning frames are recomputed
+        per batch. ``output_uint8`` returns (F, H, W, 3) uint8 frames instead of floats.
+        """
         o = options or SamplingOptions()
         alignment = alignment or Alignment()
         timer = timer or NullTimer()
         dev, F = self.device, frames.shape[0]
         if frames.dim() != 4 or frames.shape[1] != 3 or F < 1:
             raise ValueError(f"frames must be (F, 3, H, W) with F >= 1, got {tuple(frames.shape)}")
+        state_dev = torch.device("cpu") if o.offload_state else dev
         gens = [torch.Generator().manual_seed(o.seed + f) for f in range(F)]
         timesteps = img2img_timesteps(self.scheduler, o.num_inference_steps, o.strength, device=dev)
-        cond_rgb = self.conditioning_frames(frames)
+        out_size = self.output_size(frames)
 
         needs_flow = alignment.uses_neighbours and F > 1
         if needs_flow and flows is None:
+            cfg = flow or FlowConfig()
             with timer("flow"):
-                flows = compute_clip_flows(cond_rgb, flow or FlowConfig(), device=dev)
+                work = (max(1, round(out_size[0] * cfg.scale)), max(1, round(out_size[1] * cfg.scale)))
+                flows = compute_clip_flows(self.conditioning_frames(frames), cfg, size=work, device=state_dev)
 
         concat, init, class_labels = None, None, None
         if self.kind == "residual_sr":
-            concat = cond_rgb.to(dev)
-            shape = (F, self.unet.config.out_channels, *cond_rgb.shape[-2:])
-            init = torch.zeros(shape, device=dev)  # the residual of the bicubic frame itself
+            concat = lambda idx: self.conditioning_frames(frames[idx.cpu()])  # noqa: E731  (recomputed per batch)
+            shape = (F, self.unet.config.out_channels, *out_size)
+            init = torch.zeros((1, *shape[1:]), device=state_dev)  # the residual of the bicubic frame itself
         elif self.kind == "upscale":
             lr = frames.to(dev, self.unet.dtype)
             if self.lr_range == "unit":  # StableVSR feeds the low-res frame in [0, 1]
@@ -186,13 +203,13 @@ class VideoPipeline:
             shape = (F, self.vae.config.latent_channels, *lr.shape[-2:])
             if o.strength < 1.0:
                 with timer("vae"):
-                    init = self._vae_encode(cond_rgb, gens, o.decode_batch_size)
+                    init = self._vae_encode(frames, gens, o.decode_batch_size, upscale=True).to(state_dev)
         elif self.kind == "img2img":
             with timer("vae"):
-                init = self._vae_encode(cond_rgb, gens, o.decode_batch_size)
+                init = self._vae_encode(frames, gens, o.decode_batch_size).to(state_dev)
             shape = tuple(init.shape)
         else:
-            init = cond_rgb.to(dev)
+            init = frames.to(state_dev)
             shape = tuple(init.shape)
 
         prompt = negative = None
@@ -202,26 +219,23 @@ class VideoPipeline:
         denoiser = Denoiser(self.unet, self.scheduler, prompt_embeds=prompt, negative_embeds=negative,
                             guidance_scale=o.guidance_scale, class_labels=class_labels, controlnet=self.controlnet)
 
-        noise = initial_noise(shape, gens, dev, torch.float32, o.noise)
+        latents = initial_noise(shape, gens, state_dev, torch.float32, o.noise)
         if o.strength >= 1.0 or init is None:
-            latents = noise * self.scheduler.init_noise_sigma
+            latents *= self.scheduler.init_noise_sigma
         else:
-            latents = self.scheduler.add_noise(init.float(), noise, timesteps[:1].repeat(F))
+            latents = self.scheduler.add_noise(init.float(), latents, timesteps[:1].repeat(F).to(state_dev))
+        del init
         latents = latents.to(self.unet.dtype)
-
-        sample_flows = None
-        if needs_flow:
-            sample_flows = flows.resized(tuple(shape[-2:])).to(dev)
         if hasattr(alignment, "bind"):
-            alignment.bind(self, flows=flows, cond_rgb=cond_rgb, timer=timer)
+            alignment.bind(self, flows=flows, size=out_size, timer=timer)
 
         x = sample_frames(
             denoiser, self.scheduler, latents, timesteps, generators=gens, concat=concat, alignment=alignment,
-            flows=sample_flows, directions=step_directions(len(timesteps), o.direction, o.passes, o.start),
+            flows=flows, directions=step_directions(len(timesteps), o.direction, o.passes, o.start),
             chain_length=o.chain_length, batch_size=o.batch_size, eta=o.eta, callback=callback,
-            progress=progress, timer=timer, chain_log=chain_log, checkpoint=checkpoint)
+            progress=progress, timer=timer, chain_log=chain_log, checkpoint=checkpoint, device=dev)
         with timer("vae" if self.vae is not None else "decode"):
-            out = self.decode(x, cond_rgb, o.decode_batch_size)
+            out = self.decode(x, frames, o.decode_batch_size, output_uint8)
         return Result(out, flows, timer.report())
 
 
