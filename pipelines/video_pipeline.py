@@ -54,6 +54,7 @@ class Result:
     frames: torch.Tensor  # (F, 3, H, W) in [-1, 1]
     flows: ClipFlows | None
     timings: dict[str, float] = field(default_factory=dict)
+    samples: torch.Tensor | None = None  # final samples of the last ``keep_last`` frames (window anchors)
 
 
 class VideoPipeline:
@@ -158,13 +159,15 @@ class VideoPipeline:
                  alignment: Alignment | None = None, flow: FlowConfig | None = None,
                  flows: ClipFlows | None = None, callback: StepCallback | None = None,
                  progress: Callable[[int], None] | None = None, timer: StageTimer | None = None,
-                 chain_log: list | None = None, checkpoint=None, output_uint8: bool = False) -> Result:
+                 chain_log: list | None = None, checkpoint=None, output_uint8: bool = False,
+                 keep_last: int = 0) -> Result:
         """Sample a clip. ``frames``: (F, 3, h, w) input frames in [-1, 1] (low-res for SR models).
 
         Memory: besides the small input frames, only the samples (one latent per frame, on the host
         when ``options.offload_state``), the flows at ``flow.scale`` of the output size and, for
         chains, one x0 per frame are held for the whole clip; conditioning frames are recomputed
-        per batch. ``output_uint8`` returns (F, H, W, 3) uint8 frames instead of floats.
+        per batch. ``output_uint8`` returns (F, H, W, 3) uint8 frames instead of floats;
+        ``keep_last`` also returns the final samples of the last frames (anchors for the next window).
         """
         o = options or SamplingOptions()
         alignment = alignment or Alignment()
@@ -236,7 +239,8 @@ class VideoPipeline:
             progress=progress, timer=timer, chain_log=chain_log, checkpoint=checkpoint, device=dev)
         with timer("vae" if self.vae is not None else "decode"):
             out = self.decode(x, frames, o.decode_batch_size, output_uint8)
-        return Result(out, flows, timer.report())
+        samples = x[len(x) - keep_last:].float().cpu().clone() if keep_last else None
+        return Result(out, flows, timer.report(), samples)
 
 
 def read_vsr_config(path: Path) -> dict:

@@ -1,0 +1,333 @@
+"""The job config: a typed schema, loading and validation, and its translation into library objects.
+
+The schema is a tree of dataclasses that OmegaConf merges with a YAML file and ``key=value``
+overrides, so an unknown key or a value of the wrong type is an error rather than a silent
+default. Ranges are checked after merging (``validate``). Every problem is raised as
+``ConfigError`` with a one-line message that names the key, e.g.
+``sampling.strength must be in (0, 1], got 1.5``.
+
+A YAML file may start from another one with ``base: other.yaml`` (relative to the file); its
+own keys then override the base's.
+
+The schema defaults are the library's defaults; ``configs/default.yaml`` holds the project's job.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Optional, get_args
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+if TYPE_CHECKING:
+    from .align import Alignment
+    from .flow import FlowConfig
+    from .video_pipeline import SamplingOptions, VideoPipeline
+
+Dtype = Literal["float32", "float16", "bfloat16"]
+SchedulerKind = Literal["auto", "ddpm", "ddim", "dpm++", "euler"]  # pipelines.loading.SCHEDULER_KINDS + auto
+NoiseMode = Literal["independent", "shared"]
+Direction = Literal["bidirectional", "forward", "backward"]
+Start = Literal["forward", "backward"]
+AlignmentMode = Literal["none", "fusion", "tcm"]
+WeightSchedule = Literal["constant", "linear"]
+FlowMethod = Literal["dis", "farneback", "raft"]
+DisPreset = Literal["ultrafast", "fast", "medium"]
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+BASE_KEY = "base"
+
+
+class ConfigError(ValueError):
+    """A bad config: the CLI prints ``error: config: <message>`` and exits with code 2."""
+
+
+# ----------------------------------------------------------------------------- schema
+
+
+@dataclass
+class ModelConfig:
+    path: str = "weights/vsr-x4"  # hub id or local folder (diffusers layout)
+    unet_subfolder: str = "unet"
+    vae_subfolder: str = "vae"
+    scheduler_subfolder: str = "scheduler"
+    text_encoder_subfolder: str = "text_encoder"
+    tokenizer_subfolder: str = "tokenizer"
+    controlnet_subfolder: str = "controlnet"
+    dtype: Dtype = "float32"  # float16 / bfloat16 need CUDA
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    vae_tiling: bool = False
+    vae_slicing: bool = False
+
+
+@dataclass
+class SchedulerConfig:
+    kind: SchedulerKind = "auto"  # auto: the checkpoint's own scheduler
+    eta: float = 0.0  # DDIM / DDPM-style stochasticity, >= 0
+
+
+@dataclass
+class SamplingConfig:
+    num_inference_steps: int = 20
+    strength: float = 1.0  # run the last int(steps * strength) steps, in (0, 1]
+    seed: int = 0
+    noise: NoiseMode = "independent"
+    guidance_scale: float = 1.0  # > 1: classifier-free guidance (text-conditioned models)
+    prompt: str = ""
+    negative_prompt: str = ""
+    noise_level: int = 20  # latent upscaler only
+    batch_size: int = 8  # frames per model call
+    decode_batch_size: int = 8  # frames per VAE call
+
+
+@dataclass
+class ScheduleConfig:
+    direction: Direction = "bidirectional"
+    start: Start = "forward"
+    passes: int = 0  # direction blocks; 0 = flip every step
+    chain_length: int = 0  # 0 = exact sweep; L = chains of L frames in lockstep
+
+
+@dataclass
+class AlignmentConfig:
+    mode: AlignmentMode = "none"
+    weight: float = 0.5  # fusion weight, in [0, 1]
+    weight_schedule: WeightSchedule = "constant"
+    tcm_scale: float = 1.0  # ControlNet conditioning scale
+    tcm_masked: bool = False  # zero the warped condition where the flow check marks occlusions
+    tcm_fusion: bool = False  # also fuse x0 estimates (weight, weight_schedule) like mode fusion
+
+
+@dataclass
+class FlowSection:
+    method: FlowMethod = "dis"
+    dis_preset: DisPreset = "medium"
+    raft_weights: Optional[str] = None  # local torchvision RAFT weights file
+    scale: float = 1.0  # flow resolution as a fraction of the frame size, in (0, 1]
+    fb_alpha1: float = 0.01
+    fb_alpha2: float = 0.5
+
+
+@dataclass
+class InputConfig:
+    start: int = 0
+    end: Optional[int] = None  # exclusive
+    stride: int = 1
+    max_frames: Optional[int] = None
+    resize: Optional[float] = None  # bicubic rescale of the input frames before sampling
+
+
+@dataclass
+class OutputConfig:
+    fps: Optional[float] = None  # default: the input's rate, or 20 when it has none
+    frames_dir: Optional[str] = None  # also write PNG frames here
+    side_by_side: Optional[str] = None  # also write an input | output comparison video here
+    audio: bool = True  # copy the input's audio with ffmpeg when available
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
+    flow: FlowSection = field(default_factory=FlowSection)
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _describe(err: OmegaConfBaseException, source: str) -> str:
+    """One line from an OmegaConf error: the key, what is wrong, and where it came from."""
+    key = getattr(err, "full_key", None)
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, ConfigKeyError) and key:
+        return f"unknown key {key} (in {source})"
+    return f"{key}: {first} (in {source})" if key else f"{first} (in {source})"
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    """A YAML file as a DictConfig, with its ``base:`` chain merged underneath."""
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to {path.name}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        data = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {_describe(e, path.name)}") from None
+    if not isinstance(data, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got a {type(data).__name__}")
+    base = data.pop(BASE_KEY, None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must be a file name, got {base!r}")
+    parent = _read_yaml(path.parent / base, (*seen, path.resolve()))
+    return OmegaConf.merge(parent, data)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Schema defaults <- YAML file at ``path`` (None: none) <- ``key=value`` overrides, validated.
+
+    Returns a structured DictConfig (typed like ``JobConfig``). Raises ConfigError.
+    """
+    cfg = OmegaConf.structured(JobConfig)
+    if path is not None:
+        path = Path(path)
+        try:
+            cfg = OmegaConf.merge(cfg, _read_yaml(path))
+        except OmegaConfBaseException as e:
+            raise ConfigError(_describe(e, str(path))) from None
+    for item in overrides:
+        key, eq, _ = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"override {item!r} is not key=value")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise ConfigError(_describe(e, f"override {item!r}")) from None
+    try:
+        OmegaConf.resolve(cfg)  # interpolations: fail here, not halfway through a run
+    except OmegaConfBaseException as e:
+        raise ConfigError(_describe(e, "config")) from None
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check(ok: bool, key: str, expected: str, value) -> None:
+    if not ok:
+        raise ConfigError(f"{key} must be {expected}, got {value!r}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range checks the schema's types cannot express; raises ConfigError naming the key."""
+    m, s, sc = cfg.model, cfg.sampling, cfg.schedule
+    _check(bool(m.path.strip()), "model.path", "a hub id or a folder", m.path)
+    _check(DEVICE_PATTERN.fullmatch(m.device) is not None, "model.device", "auto, cpu, cuda or cuda:N", m.device)
+    _check(m.dtype in get_args(Dtype), "model.dtype", " or ".join(get_args(Dtype)), m.dtype)
+    _check(cfg.scheduler.eta >= 0, "scheduler.eta", ">= 0", cfg.scheduler.eta)
+
+    _check(s.num_inference_steps >= 1, "sampling.num_inference_steps", ">= 1", s.num_inference_steps)
+    _check(0 < s.strength <= 1, "sampling.strength", "in (0, 1]", s.strength)
+    if int(s.num_inference_steps * s.strength) < 1:
+        raise ConfigError(f"sampling.strength={s.strength} x sampling.num_inference_steps={s.num_inference_steps}"
+                          " leaves no denoising step to run (int(steps * strength) must be >= 1)")
+    _check(s.guidance_scale >= 0, "sampling.guidance_scale", ">= 0", s.guidance_scale)
+    _check(s.noise_level >= 0, "sampling.noise_level", ">= 0", s.noise_level)
+    _check(s.batch_size >= 1, "sampling.batch_size", ">= 1", s.batch_size)
+    _check(s.decode_batch_size >= 1, "sampling.decode_batch_size", ">= 1", s.decode_batch_size)
+
+    _check(sc.passes >= 0, "schedule.passes", ">= 0 (0 = flip every step)", sc.passes)
+    _check(sc.chain_length >= 0, "schedule.chain_length", ">= 0 (0 = exact sweep)", sc.chain_length)
+
+    a = cfg.alignment
+    _check(0 <= a.weight <= 1, "alignment.weight", "in [0, 1]", a.weight)
+    _check(a.tcm_scale >= 0, "alignment.tcm_scale", ">= 0", a.tcm_scale)
+
+    f = cfg.flow
+    _check(0 < f.scale <= 1, "flow.scale", "in (0, 1]", f.scale)
+    _check(f.fb_alpha1 >= 0, "flow.fb_alpha1", ">= 0", f.fb_alpha1)
+    _check(f.fb_alpha2 >= 0, "flow.fb_alpha2", ">= 0", f.fb_alpha2)
+    if f.method == "raft":
+        _check(bool(f.raft_weights), "flow.raft_weights", "a local RAFT weights file when flow.method=raft",
+               f.raft_weights)
+        _check(Path(f.raft_weights).expanduser().is_file(), "flow.raft_weights", "an existing file",
+               f.raft_weights)
+
+    i = cfg.input
+    _check(i.start >= 0, "input.start", ">= 0", i.start)
+    if i.end is not None:
+        _check(i.end > i.start, "input.end", f"null or > input.start ({i.start})", i.end)
+    _check(i.stride >= 1, "input.stride", ">= 1", i.stride)
+    if i.max_frames is not None:
+        _check(i.max_frames >= 1, "input.max_frames", "null or >= 1", i.max_frames)
+    if i.resize is not None:
+        _check(i.resize > 0, "input.resize", "null or > 0", i.resize)
+
+    o = cfg.output
+    if o.fps is not None:
+        _check(o.fps > 0, "output.fps", "null or > 0", o.fps)
+    for key in ("frames_dir", "side_by_side"):
+        value = o[key]
+        if value is not None:
+            _check(bool(value.strip()), f"output.{key}", "null or a path", value)
+
+
+# ----------------------------------------------------------------------------- config -> library objects
+
+
+def sampling_options(cfg: DictConfig) -> SamplingOptions:
+    from .video_pipeline import SamplingOptions
+
+    s, sc = cfg.sampling, cfg.schedule
+    return SamplingOptions(
+        num_inference_steps=s.num_inference_steps, strength=s.strength, seed=s.seed, noise=s.noise,
+        eta=cfg.scheduler.eta, prompt=s.prompt, negative_prompt=s.negative_prompt,
+        guidance_scale=s.guidance_scale, noise_level=s.noise_level, direction=sc.direction, start=sc.start,
+        passes=sc.passes, chain_length=sc.chain_length or None, batch_size=s.batch_size,
+        decode_batch_size=s.decode_batch_size)
+
+
+def flow_config(cfg: DictConfig) -> FlowConfig:
+    from .flow import FlowConfig
+
+    return FlowConfig(**to_dict(cfg.flow))
+
+
+def pipeline_kwargs(cfg: DictConfig) -> dict:
+    """Keyword arguments of ``VideoPipeline.from_pretrained`` besides path, device and dtype."""
+    m = cfg.model
+    return dict(scheduler_kind=cfg.scheduler.kind, unet=m.unet_subfolder, vae=m.vae_subfolder,
+                scheduler=m.scheduler_subfolder, text_encoder=m.text_encoder_subfolder,
+                tokenizer=m.tokenizer_subfolder, controlnet=m.controlnet_subfolder,
+                use_controlnet=cfg.alignment.mode == "tcm")
+
+
+def build_alignment(cfg: DictConfig, pipe: VideoPipeline) -> Alignment:
+    """The alignment named by ``cfg.alignment.mode`` for ``pipe``; raises ConfigError when the model
+    cannot do it (tcm without a ControlNet)."""
+    from . import align
+
+    a = cfg.alignment
+    if a.mode == "none":
+        return align.Alignment()
+    if a.mode == "fusion":
+        return align.Fusion(a.weight, a.weight_schedule, pipe.scheduler.config.num_train_timesteps)
+    if pipe.controlnet is None or pipe.vae is None:
+        raise ConfigError(f"alignment.mode=tcm needs a model with a {cfg.model.controlnet_subfolder}/ folder "
+                          f"(model.controlnet_subfolder) and a VAE; {cfg.model.path} has "
+                          f"{'no controlnet' if pipe.controlnet is None else 'no VAE'}")
+    if hasattr(align, "make_alignment"):
+        return align.make_alignment(a, pipe)
+    from .tcm import TCMAlignment
+
+    fusion = align.Fusion(a.weight, a.weight_schedule, pipe.scheduler.config.num_train_timesteps) \
+        if a.tcm_fusion else None
+    return TCMAlignment(scale=a.tcm_scale, masked=a.tcm_masked, fusion=fusion)

@@ -1,0 +1,124 @@
+"""Chunked sampling of long clips: overlapping windows anchored on the previous window's result.
+
+Window k covers frames ``[start_k, start_k + window)`` and shares its first ``overlap`` frames with
+window k-1. Windows are not independent: while window k samples, the x0 of each overlap frame is
+pulled towards the *finished* sample of window k-1 for that frame,
+
+    x0' = x0 + a * (x_prev - x0),    a = anchor_weight,
+
+so the fusion sweep carries the finished content into the new frames. After sampling, the
+overlap frames are cross-faded linearly from window k-1's output to window k's.
+
+Trade-off: memory and the flow computation are bounded by the window, not the clip, and a killed
+run loses at most one window; the price is ``overlap`` extra frame evaluations per window and a
+seam where the two windows' details meet (measured with the no-reference warp error at seams
+against the interior, see tests/test_windows.py and benchmarks/long_clip.py).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .align import Alignment, Neighbours
+
+
+def plan_windows(num_frames: int, window: int, overlap: int) -> list[tuple[int, int]]:
+    """[(start, end)] covering all frames; consecutive windows share ``overlap`` frames."""
+    if window < 2 or not 0 <= overlap < window:
+        raise ValueError(f"need window >= 2 and 0 <= overlap < window, got window={window} overlap={overlap}")
+    if num_frames <= window:
+        return [(0, num_frames)]
+    spans, start = [], 0
+    while True:
+        end = min(start + window, num_frames)
+        spans.append((start, end))
+        if end == num_frames:
+            return spans
+        start = end - overlap
+
+
+class Anchored(Alignment):
+    """Wrap an alignment: after it, pull the x0 of anchor frames towards fixed targets."""
+
+    uses_neighbours = True
+
+    def __init__(self, base: Alignment, targets: dict[int, torch.Tensor], weight: float):
+        self.base, self.targets, self.weight = base, targets, weight
+        self.name = base.name
+
+    def bind(self, *args, **kwargs):
+        if hasattr(self.base, "bind"):
+            self.base.bind(*args, **kwargs)
+
+    def model_kwargs(self, nb, t):
+        return self.base.model_kwargs(nb, t) if self.base.uses_neighbours else {}
+
+    def fuse(self, x0: torch.Tensor, nb: Neighbours | None, t) -> torch.Tensor:
+        x0 = self.base.fuse(x0, nb, t) if self.base.uses_neighbours else x0
+        if nb is None:
+            return x0
+        hits = [(k, self.targets[f]) for k, f in enumerate(nb.frames.tolist()) if f in self.targets]
+        if not hits:
+            return x0
+        x0 = x0.clone()
+        for k, target in hits:
+            x0[k] += self.weight * (target.to(x0) - x0[k])
+        return x0
+
+
+def sample_windowed(pipe, frames: torch.Tensor, *, window: int, overlap: int, anchor_weight: float,
+                    make_alignment, options, flow=None, progress=None, timer=None, workdir: Path | None = None,
+                    fingerprint: str = "", checkpoint_every: int = 1, seam_log: list | None = None):
+    """Run ``pipe`` over overlapping windows; returns uint8 frames (F, H, W, 3).
+
+    ``make_alignment()`` builds a fresh alignment per window. With ``workdir``, each finished
+    window is stored (its output frames and final samples of the overlap) and each running window
+    checkpoints its sampling state, so a restarted run continues where it stopped.
+    """
+    from dataclasses import replace
+
+    from .checkpoint import Checkpointer
+
+    spans = plan_windows(len(frames), window, overlap)
+    outputs: list[torch.Tensor] = []
+    tail: torch.Tensor | None = None  # previous window's final samples of the next overlap
+    for k, (a, b) in enumerate(spans):
+        done = None if workdir is None else Path(workdir) / f"window{k:04d}.safetensors"
+        if done is not None and done.exists():
+            saved = load_file(done)
+            out, tail = saved["frames"], saved.get("tail")
+        else:
+            n_anchor = 0 if k == 0 else a_overlap(spans, k)
+            targets = {} if tail is None else {j: tail[j] for j in range(n_anchor)}
+            align = Anchored(make_alignment(), targets, anchor_weight) if targets else make_alignment()
+            ckpt = None if workdir is None else Checkpointer(Path(workdir) / f"window{k:04d}", fingerprint,
+                                                             checkpoint_every)
+            keep = overlap if k + 1 < len(spans) else 0
+            res = pipe(frames[a:b], options=replace(options, seed=options.seed + a), alignment=align, flow=flow,
+                       progress=progress, timer=timer, checkpoint=ckpt, output_uint8=True, keep_last=keep)
+            out, tail = res.frames, res.samples
+            if done is not None:
+                tensors = {"frames": out.contiguous()}
+                if tail is not None:
+                    tensors["tail"] = tail.contiguous()
+                tmp = done.with_suffix(".tmp")
+                save_file(tensors, tmp)
+                tmp.replace(done)
+        if k > 0:
+            n = a_overlap(spans, k)
+            ramp = torch.arange(1, n + 1, dtype=torch.float32).view(-1, 1, 1, 1) / (n + 1)
+            prev = outputs[-1][-n:].float()
+            outputs[-1] = outputs[-1][:-n]
+            out = out.clone()
+            out[:n] = (prev * (1 - ramp) + out[:n].float() * ramp).round().to(torch.uint8)
+        if seam_log is not None and k > 0:
+            seam_log.append(a + a_overlap(spans, k))  # first frame that only the new window made
+        outputs.append(out)
+    return torch.cat(outputs)
+
+
+def a_overlap(spans, k: int) -> int:
+    """Frames window k shares with window k-1."""
+    return spans[k - 1][1] - spans[k][0]

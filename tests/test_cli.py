@@ -1,0 +1,250 @@
+"""The CLI end to end on tiny models and clips: outputs, report, padding, overwrite, and every bad input
+(exit 2, one line on stderr, nothing written)."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+import run_video
+import tiny
+from pipelines.config import load_config
+from pipelines.flow import ClipFlows
+from pipelines.video_io import read_clip, to_uint8, write_video
+from pipelines.video_pipeline import VideoPipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["sampling.num_inference_steps=2", "sampling.strength=1.0"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny models are far faster on one thread when the machine is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    tiny.save_residual_sr(d / "model", scale=2)
+    # a model whose input sides must be multiples of 4: 4-level UNet (multiple 8) at scale 2
+    model4 = d / "model4"
+    torch.manual_seed(0)
+    UNet2DModel(sample_size=32, in_channels=6, out_channels=3, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                down_block_types=("DownBlock2D",) * 4, up_block_types=("UpBlock2D",) * 4,
+                norm_num_groups=8).save_pretrained(model4 / "unet")
+    tiny.ddpm_v().save_pretrained(model4 / "scheduler")
+    (model4 / "vsr_config.json").write_text(json.dumps({"scale": 2, "residual_scale": 0.1}))
+
+    clip = tiny.textured_clip(4, 32)
+    write_video(d / "gt.mp4", to_uint8(clip), fps=12)
+    low = torch.nn.functional.interpolate(clip, size=(16, 16), mode="area")
+    write_video(d / "clip.mp4", to_uint8(low), fps=12)
+    write_video(d / "gt3.mp4", to_uint8(clip[:3]), fps=12)
+    write_video(d / "gt_small.mp4", to_uint8(low), fps=12)
+    odd = to_uint8(tiny.textured_clip(3, 22)[..., :18, :])  # 18 x 22
+    frames = d / "odd"
+    frames.mkdir()
+    for i, f in enumerate(odd):
+        cv2.imwrite(str(frames / f"{i:03d}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    return d
+
+
+def cli(capsys, *argv):
+    rc = run_video.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_success_writes_video_report_config_frames_and_comparison(data, tmp_path, capsys):
+    src = data / "clip.mp4"
+    before = digest(src)
+    out = tmp_path / "new" / "dir" / "sr.mp4"
+    rc, stdout, err = cli(capsys, "--input", src, "--output", out, "--reference", data / "gt.mp4",
+                          f"model.path={data / 'model'}", *FAST, f"output.frames_dir={tmp_path / 'png'}",
+                          f"output.side_by_side={tmp_path / 'cmp.mp4'}")
+    assert rc == 0, err
+    assert "alignment:\n  mode: fusion" in stdout  # the merged config is printed
+    assert "denoising" in err and "100%" in err and "writing" in stdout  # progress bar, log lines
+    assert digest(src) == before  # the input is never modified
+
+    video = read_clip(out)
+    assert video.frames.shape == (4, 32, 32, 3) and video.fps == pytest.approx(12)
+    assert read_clip(tmp_path / "cmp.mp4").frames.shape == (4, 32, 64, 3)
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == [f"frame_{i:05d}.png" for i in range(4)]
+
+    saved = load_config(out.with_suffix(".yaml"))  # the merged config, reusable as --config
+    assert saved.model.path == str(data / "model") and saved.sampling.num_inference_steps == 2
+
+    rep = json.loads(out.with_suffix(".json").read_text())
+    assert (rep["frames"], rep["input_size"], rep["output_size"], rep["fps"]) == (4, [16, 16], [32, 32], 12.0)
+    assert rep["model_kind"] == "residual_sr" and rep["device"] == "cpu" and rep["steps_run"] == 2
+    assert rep["config"]["sampling"]["strength"] == 1.0
+    t = rep["timings"]
+    for key in ("total", "model", "flow", "align", "scheduler", "decode", "io", "load"):
+        assert t[key] >= 0, key
+    assert t["model"] > 0 and t["flow"] > 0 and t["total"] >= t["model"] + t["load"]
+    assert rep["peak_memory"]["host_max_rss_mb"] > 0
+    for key in ("warp_error_noref", "warp_error_noref_input", "warp_error_ref"):
+        assert 0 <= rep[key] < 1, key
+    assert 5 < rep["psnr"] < 60 and 5 < rep["psnr_bicubic"] < 60 and -1 <= rep["ssim"] <= 1
+    assert rep["sharpness_ratio"] > 0
+
+
+def test_odd_sizes_are_padded_and_cropped_back(data, tmp_path, capsys, monkeypatch):
+    """18x22 frames, a model that needs multiples of 4: exactly 36x44 out. Also: the default config (found
+    under the repo root) and output path (outputs/<input stem>_<config stem>.mp4 in the cwd)."""
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = cli(capsys, "--input", data / "odd", f"model.path={data / 'model4'}", *FAST)
+    assert rc == 0, err
+    out = tmp_path / "outputs" / "odd_default.mp4"
+    assert read_clip(out).frames.shape == (3, 36, 44, 3)
+    rep = json.loads(out.with_suffix(".json").read_text())
+    assert (rep["input_multiple"], rep["output_size"], rep["fps"]) == (4, [36, 44], 20.0)  # images: default fps
+    assert rep["timings"]["flow"] > 0 and 0 <= rep["warp_error_noref"] < 1  # the sampler's flows, cropped
+
+
+def test_crop_flows_invalidates_targets_in_the_padding():
+    flow = torch.zeros(2, 2, 8, 8)
+    flow[1, 0] = 3.0  # frame 1 -> 0: everything moves 3 px right
+    mask = torch.ones(2, 1, 8, 8)
+    cropped = run_video.crop_flows(ClipFlows(flow, flow.clone(), mask, mask.clone()), (8, 6))
+    assert cropped.size == (8, 6)
+    assert cropped.valid_prev[1, 0, :, :3].all() and not cropped.valid_prev[1, 0, :, 3:].any()
+    assert cropped.valid_prev[0].all()
+
+
+def test_overwrite(data, tmp_path, capsys):
+    out = tmp_path / "o.mp4"
+    base = ["--config", "configs/independent.yaml", "--input", data / "clip.mp4", "--output", out,
+            f"model.path={data / 'model'}", *FAST]
+    assert cli(capsys, *base)[0] == 0
+    kept = digest(out)
+    rc, _, err = cli(capsys, *base, "sampling.seed=5")
+    assert rc == 2 and err.strip() == f"error: --output {out} exists (use --overwrite to replace it)"
+    assert digest(out) == kept
+    rc, _, err = cli(capsys, *base, "sampling.seed=5", "--overwrite")
+    assert rc == 0, err
+    saved = json.loads(out.with_suffix(".json").read_text())["config"]
+    assert digest(out) != kept and saved["sampling"]["seed"] == 5 and saved["alignment"]["mode"] == "none"
+
+
+def _corrupt(d):
+    (d / "bad.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    return d / "bad.mp4"
+
+
+def _empty_dir(d):
+    (d / "empty").mkdir()
+    return d / "empty"
+
+
+def _mixed_dir(d):
+    (d / "mixed").mkdir()
+    cv2.imwrite(str(d / "mixed" / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    cv2.imwrite(str(d / "mixed" / "b.png"), np.zeros((8, 10, 3), np.uint8))
+    return d / "mixed"
+
+
+def _foreign_dir(d):
+    (d / "notes").mkdir()
+    (d / "notes" / "todo.txt").write_text("keep me")
+    return d / "notes"
+
+
+def _config(text):
+    def make(d):
+        (d / "job.yaml").write_text(text)
+        return ["--config", d / "job.yaml"]
+    return make
+
+
+# (name, a function of a scratch folder returning extra argv (later flags win), expected part of stderr)
+BAD = [
+    ("missing input", lambda d: ["--input", d / "nope.mp4"], "nope.mp4: no such file or directory"),
+    ("corrupt input", lambda d: ["--input", _corrupt(d)], "cannot open video"),
+    ("empty folder", lambda d: ["--input", _empty_dir(d)], "holds no images"),
+    ("start beyond the end", lambda d: ["input.start=100"], "start=100 is beyond the last frame"),
+    ("mixed sizes", lambda d: ["--input", _mixed_dir(d)], "all frames must be the same size"),
+    ("yaml syntax", _config("sampling:\n  strength: [0.5\n"), "config: "),
+    ("unknown key in yaml", _config("sampling:\n  strenght: 0.5\n"), "unknown key sampling.strenght"),
+    ("unknown key override", lambda d: ["sampling.strenght=0.5"], "unknown key sampling.strenght"),
+    ("wrong type", lambda d: ["sampling.num_inference_steps=abc"], "could not be converted to Integer"),
+    ("strength 0", lambda d: ["sampling.strength=0"], "sampling.strength must be in (0, 1], got 0.0"),
+    ("strength 1.5", lambda d: ["sampling.strength=1.5"], "sampling.strength must be in (0, 1], got 1.5"),
+    ("steps 0", lambda d: ["sampling.num_inference_steps=0"], "sampling.num_inference_steps must be >= 1"),
+    ("missing model", lambda d: [f"model.path={d / 'no_model'}"], "no such folder"),
+    ("tcm without controlnet", lambda d: ["alignment.mode=tcm"], "needs a model with a controlnet/ folder"),
+    ("cuda without cuda", lambda d: ["model.device=cuda"], "CUDA is not available"),
+    ("half on cpu", lambda d: ["model.device=cpu", "model.dtype=float16"], "needs a CUDA device"),
+    ("output under a file", lambda d: ["--output", _corrupt(d) / "sub" / "o.mp4"], "is not a directory"),
+    ("output is the input", lambda d: ["--output", d.parent / "data" / "clip.mp4"], "same file as --input"),
+    ("output type", lambda d: ["--output", d / "out" / "o.txt"], "unsupported video type"),
+    ("reference frames", lambda d: ["--reference", d.parent / "data" / "gt3.mp4"],
+     "--reference has 3 frames, output has 4"),
+    ("reference size", lambda d: ["--reference", d.parent / "data" / "gt_small.mp4"],
+     "--reference frames are 16x16, output frames are 32x32"),
+    ("frames_dir over other files", lambda d: [f"output.frames_dir={_foreign_dir(d)}"], "holds other files"),
+    ("frames_dir holding the input", lambda d: [f"output.frames_dir={d.parent / 'data'}"], "would be deleted"),
+    ("bad flag", lambda d: ["--frobnicate"], "unrecognized arguments"),
+]
+
+
+@pytest.mark.parametrize("make, expected", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(data, tmp_path, capsys, monkeypatch, make, expected):
+    if "cuda" in expected.lower() and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    monkeypatch.chdir(tmp_path)  # a default output path would land here
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    data_link = tmp_path / "data"
+    data_link.symlink_to(data)  # so cases can name the shared clips as scratch/../data
+    before = {p: digest(p) for p in data.rglob("*") if p.is_file()}
+    argv = ["--input", data / "clip.mp4", "--output", tmp_path / "out" / "o.mp4", f"model.path={data / 'model'}",
+            *FAST, *make(scratch)]
+    rc, _, err = cli(capsys, *argv)
+    assert rc == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "outputs").exists()
+    assert {p: digest(p) for p in data.rglob("*") if p.is_file()} == before
+
+
+def test_internal_error_is_one_line_exit_1(data, tmp_path, capsys, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(VideoPipeline, "__call__", boom)
+    argv = ["--input", data / "clip.mp4", "--output", tmp_path / "o.mp4", f"model.path={data / 'model'}", *FAST]
+    rc, _, err = cli(capsys, *argv)
+    assert rc == 1 and err.splitlines()[-1] == "error: internal: RuntimeError: boom second line"
+    assert not (tmp_path / "o.mp4").exists()
+    with pytest.raises(RuntimeError, match="boom"):
+        run_video.main([str(a) for a in argv] + ["--debug"])
+
+
+def test_subprocess_bad_input_exit_code_and_single_line(data, tmp_path):
+    """A real process: corrupt video (ffmpeg's own chatter must stay off stderr)."""
+    bad = _corrupt(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "run_video.py"), "--input", str(bad), "--output",
+                           str(tmp_path / "out" / "o.mp4"), f"model.path={data / 'model'}"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and "cannot open video" in proc.stderr
+    assert "model:" in proc.stdout  # the merged config came first
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,113 @@
+"""The job config: schema defaults, YAML + overrides, one-line errors, translation to library objects."""
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from pipelines.align import Alignment, Fusion
+from pipelines.config import (ConfigError, build_alignment, flow_config, load_config, sampling_options, to_yaml)
+from pipelines.flow import FlowConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = ROOT / "configs" / "default.yaml"
+
+
+def write(tmp_path, text, name="job.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_schema_defaults_without_a_file():
+    cfg = load_config(None)
+    assert cfg.model.path == "weights/vsr-x4" and cfg.scheduler.kind == "auto"
+    assert cfg.alignment.mode == "none" and cfg.schedule.chain_length == 0
+
+
+def test_project_configs_load():
+    cfg = load_config(DEFAULT)
+    assert (cfg.sampling.num_inference_steps, cfg.sampling.strength, cfg.alignment.mode) == (20, 0.5, "fusion")
+    indep = load_config(ROOT / "configs" / "independent.yaml")
+    assert indep.alignment.mode == "none"
+    assert indep.sampling == cfg.sampling and indep.flow == cfg.flow  # everything else from default.yaml
+
+
+def test_overrides_win_and_yaml_round_trips(tmp_path):
+    cfg = load_config(DEFAULT, ["sampling.strength=0.6", "sampling.num_inference_steps=12", "input.end=8",
+                                "sampling.prompt=a wolf"])
+    assert (cfg.sampling.strength, cfg.sampling.num_inference_steps, cfg.input.end) == (0.6, 12, 8)
+    assert load_config(write(tmp_path, to_yaml(cfg))) == cfg
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["sampling.strength=1.5"], "sampling.strength must be in (0, 1], got 1.5"),
+    (["sampling.strength=0"], "sampling.strength must be in (0, 1], got 0.0"),
+    (["sampling.num_inference_steps=0"], "sampling.num_inference_steps must be >= 1, got 0"),
+    (["sampling.num_inference_steps=3", "sampling.strength=0.2"], "leaves no denoising step"),
+    (["sampling.num_inference_steps=abc"], "sampling.num_inference_steps: Value 'abc'"),
+    (["sampling.foo=1"], "unknown key sampling.foo (in override 'sampling.foo=1')"),
+    (["bogus=1"], "unknown key bogus"),
+    (["alignment.mode=magic"], "alignment.mode: Invalid value 'magic'"),
+    (["alignment.weight=2"], "alignment.weight must be in [0, 1], got 2.0"),
+    (["schedule.chain_length=-1"], "schedule.chain_length must be >= 0"),
+    (["flow.scale=0"], "flow.scale must be in (0, 1]"),
+    (["flow.method=raft"], "flow.raft_weights must be a local RAFT weights file"),
+    (["model.device=gpu"], "model.device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    (["input.end=0"], "input.end must be null or > input.start"),
+    (["input.resize=-1"], "input.resize must be null or > 0"),
+    (["sampling.strength"], "override 'sampling.strength' is not key=value"),
+])
+def test_bad_values_are_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(DEFAULT, overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("sampling:\n  steps: [1\n", "invalid YAML at line"),
+    ("sampling:\n  stepz: 3\n", "unknown key sampling.stepz"),
+    ("sampling:\n  num_inference_steps: many\n", "sampling.num_inference_steps: Value 'many'"),
+    ("- 1\n- 2\n", "expected a mapping"),
+    ("base: job.yaml\n", "loops back"),
+    ("base: missing.yaml\n", "missing.yaml: no such file"),
+])
+def test_bad_files_are_one_line_errors(tmp_path, text, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_translation_to_library_objects():
+    cfg = load_config(DEFAULT, ["scheduler.eta=0.3", "schedule.chain_length=4", "schedule.passes=2"])
+    o = sampling_options(cfg)
+    assert (o.eta, o.chain_length, o.passes, o.strength) == (0.3, 4, 2, 0.5)
+    assert sampling_options(load_config(DEFAULT)).chain_length is None  # 0 -> exact sweep
+    assert flow_config(cfg) == FlowConfig(method="dis", dis_preset="medium")
+
+
+def test_build_alignment():
+    pipe = SimpleNamespace(controlnet=None, scheduler=SimpleNamespace(config=SimpleNamespace(num_train_timesteps=500)))
+    assert type(build_alignment(load_config(None), pipe)) is Alignment
+    fusion = build_alignment(load_config(None, ["alignment.mode=fusion", "alignment.weight=0.3",
+                                                "alignment.weight_schedule=linear"]), pipe)
+    assert isinstance(fusion, Fusion) and (fusion.weight, fusion.schedule, fusion.T) == (0.3, "linear", 500)
+    with pytest.raises(ConfigError, match="alignment.mode=tcm needs a model with a controlnet/ folder"):
+        build_alignment(load_config(None, ["alignment.mode=tcm"]), pipe)
+
+
+def test_build_alignment_tcm():
+    from pipelines.tcm import TCMAlignment
+
+    sched = SimpleNamespace(config=SimpleNamespace(num_train_timesteps=1000))
+    pipe = SimpleNamespace(controlnet=object(), vae=object(), scheduler=sched)
+    tcm = build_alignment(load_config(None, ["alignment.mode=tcm", "alignment.tcm_scale=0.7",
+                                             "alignment.tcm_masked=true", "alignment.tcm_fusion=true"]), pipe)
+    assert isinstance(tcm, TCMAlignment) and (tcm.scale, tcm.masked) == (0.7, True)
+    assert isinstance(tcm.fusion, Fusion) and tcm.fusion.weight == 0.5
+    with pytest.raises(ConfigError, match="no VAE"):
+        build_alignment(load_config(None, ["alignment.mode=tcm"]), SimpleNamespace(**{**vars(pipe), "vae": None}))
