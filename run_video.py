@@ -14,6 +14,7 @@ error (one line; ``--debug`` re-raises with the traceback).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -30,6 +31,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from pipelines import metrics
+from pipelines.checkpoint import WorkdirMismatch
 from pipelines.config import (ConfigError, build_alignment, flow_config, load_config, pipeline_kwargs,
                               sampling_options, to_dict, to_yaml)
 from pipelines.degradation import bicubic_resize
@@ -82,6 +84,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reference", default=None, help="ground-truth clip: adds PSNR, SSIM, warp error to the report")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--debug", action="store_true", help="re-raise internal errors with the traceback")
+    p.add_argument("--workdir", default=None,
+                   help="checkpoint folder: a killed run restarted with the same command resumes from it")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. sampling.strength=0.6")
     return p.parse_intermixed_args(argv)
 
@@ -350,8 +354,17 @@ def read_inputs(cfg: DictConfig, paths: Paths, timer: StageTimer) -> Inputs:
     return Inputs(clip, frames, None if ref_clip is None else to_tensor(ref_clip.frames))
 
 
+def fingerprint(cfg: DictConfig, paths: Paths) -> str:
+    """What makes a work folder reusable: the config that shapes sampling (all but ``output``) and the
+    input file's identity."""
+    st = paths.input.stat()
+    sampling = {k: v for k, v in to_dict(cfg).items() if k != "output"}
+    text = f"{json.dumps(sampling, sort_keys=True)}\n{paths.input.resolve()}\n{st.st_size}\n{st.st_mtime_ns}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def sample(cfg: DictConfig, pipe: VideoPipeline, alignment, frames: torch.Tensor, flow_cfg,
-           timer: StageTimer) -> tuple[torch.Tensor, ClipFlows | None, int]:
+           timer: StageTimer, workdir: Path | None = None, key: str = "") -> tuple[torch.Tensor, ClipFlows | None, int]:
     """(F, 3, h, w) input frames -> (F, 3, h * scale, w * scale) output frames on the CPU, the flows the
     pipeline computed for the alignment (None if it needed none; of the padded clip, at the pipeline's
     flow resolution) and the number of steps run. Sides the model cannot take are padded and the output
@@ -365,15 +378,36 @@ def sample(cfg: DictConfig, pipe: VideoPipeline, alignment, frames: torch.Tensor
         log(f"padding {_wxh(frames)} to {_wxh(padded)} (the model needs multiples of {multiple})")
     if alignment.uses_neighbours and num_frames > 1:
         log(f"computing flow ({flow_cfg.method}, scale {flow_cfg.scale:g}) on {num_frames} frames")
-    s = cfg.sampling
+    s, r = cfg.sampling, cfg.runtime
     steps_run = len(img2img_timesteps(pipe.scheduler, s.num_inference_steps, s.strength))
     log(f"sampling {num_frames} frames: {steps_run} of {s.num_inference_steps} steps, "
         f"alignment {cfg.alignment.mode}, {cfg.schedule.direction}")
+    if workdir is not None:
+        log(f"checkpointing to {workdir} every {r.checkpoint_every} step(s)")
+    if r.window and num_frames > r.window:
+        from pipelines.windows import plan_windows, sample_windowed
+
+        spans = plan_windows(num_frames, r.window, r.overlap)
+        log(f"{len(spans)} windows of {r.window} frames overlapping by {r.overlap}")
+        bar = tqdm(total=steps_run * sum(b - a for a, b in spans), desc="denoising", unit="frame-step",
+                   file=sys.stderr, dynamic_ncols=True)
+        try:
+            u8 = sample_windowed(pipe, padded, window=r.window, overlap=r.overlap, anchor_weight=r.anchor_weight,
+                                 make_alignment=lambda: build_alignment(cfg, pipe), options=sampling_options(cfg),
+                                 flow=flow_cfg, progress=bar.update, timer=timer, workdir=workdir, fingerprint=key,
+                                 checkpoint_every=r.checkpoint_every)
+        finally:
+            bar.close()
+        out = u8.permute(0, 3, 1, 2).float() / 127.5 - 1
+        return crop_to(out, pipe.output_size(frames)), None, steps_run
+    from pipelines.checkpoint import Checkpointer
+
+    ckpt = None if workdir is None else Checkpointer(workdir, key, r.checkpoint_every)
     bar = tqdm(total=steps_run * num_frames, desc="denoising", unit="frame-step", file=sys.stderr,
                dynamic_ncols=True)
     try:
         result = pipe(padded, options=sampling_options(cfg), alignment=alignment, flow=flow_cfg, progress=bar.update,
-                      timer=timer)
+                      timer=timer, checkpoint=ckpt)
     finally:
         bar.close()
     flows = result.flows
@@ -427,6 +461,8 @@ def run(args: argparse.Namespace) -> int:
     paths = plan_paths(args, cfg, config)
     check_paths(paths, args.overwrite)
     device = resolve_device(cfg)
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
     model_path = resolve_model_path(cfg)
     flow_cfg = flow_config(cfg)
     timer = StageTimer(device)
@@ -442,7 +478,9 @@ def run(args: argparse.Namespace) -> int:
     if inputs.reference is not None and tuple(inputs.reference.shape[-2:]) != (out_h, out_w):
         raise UsageError(f"--reference frames are {_wxh(inputs.reference)}, output frames are {out_w}x{out_h}")
 
-    out, flows, steps_run = sample(cfg, pipe, alignment, inputs.frames, flow_cfg, timer)
+    workdir = Path(args.workdir).expanduser() if args.workdir else None
+    out, flows, steps_run = sample(cfg, pipe, alignment, inputs.frames, flow_cfg, timer, workdir,
+                                   fingerprint(cfg, paths) if workdir else "")
     with timer("metrics"):
         scores = score(pipe, inputs, out, flows, flow_cfg)
     with timer("io"):
@@ -475,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 0
     except ConfigError as e:
         fail(f"config: {e}")
-    except (InputError, UsageError) as e:
+    except (InputError, UsageError, WorkdirMismatch) as e:
         fail(e)
     except KeyboardInterrupt:
         fail("interrupted")

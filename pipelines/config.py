@@ -129,6 +129,16 @@ class OutputConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    threads: int = 0  # CPU threads for torch (0: torch's default)
+    offload_state: bool = False  # keep per-frame latents on the host, move only the batch to the device
+    window: int = 0  # long clips: frames per window (0: the whole clip in one pass)
+    overlap: int = 4  # frames shared by consecutive windows
+    anchor_weight: float = 0.8  # pull of the previous window's finished frames on the overlap, in [0, 1]
+    checkpoint_every: int = 1  # with --workdir: save the sampling state every N steps
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -138,6 +148,7 @@ class JobConfig:
     flow: FlowSection = field(default_factory=FlowSection)
     input: InputConfig = field(default_factory=InputConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -271,6 +282,14 @@ def validate(cfg: DictConfig) -> None:
     if i.resize is not None:
         _check(i.resize > 0, "input.resize", "null or > 0", i.resize)
 
+    r = cfg.runtime
+    _check(r.threads >= 0, "runtime.threads", ">= 0 (0 = torch default)", r.threads)
+    _check(r.window == 0 or r.window >= 2, "runtime.window", "0 (off) or >= 2", r.window)
+    _check(0 <= r.overlap and (r.window == 0 or r.overlap < r.window), "runtime.overlap",
+           f"in [0, runtime.window) (window is {r.window})", r.overlap)
+    _check(0 <= r.anchor_weight <= 1, "runtime.anchor_weight", "in [0, 1]", r.anchor_weight)
+    _check(r.checkpoint_every >= 1, "runtime.checkpoint_every", ">= 1", r.checkpoint_every)
+
     o = cfg.output
     if o.fps is not None:
         _check(o.fps > 0, "output.fps", "null or > 0", o.fps)
@@ -292,7 +311,7 @@ def sampling_options(cfg: DictConfig) -> SamplingOptions:
         eta=cfg.scheduler.eta, prompt=s.prompt, negative_prompt=s.negative_prompt,
         guidance_scale=s.guidance_scale, noise_level=s.noise_level, direction=sc.direction, start=sc.start,
         passes=sc.passes, chain_length=sc.chain_length or None, batch_size=s.batch_size,
-        decode_batch_size=s.decode_batch_size)
+        decode_batch_size=s.decode_batch_size, offload_state=cfg.runtime.offload_state)
 
 
 def flow_config(cfg: DictConfig) -> FlowConfig:

@@ -48,8 +48,9 @@ def unet_config(scale: int) -> dict:
 
 
 def scheduler() -> DDPMScheduler:
+    # trailing spacing: a short or partial (strength < 1) schedule never ends on a lone t=0 step
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                         prediction_type="v_prediction", clip_sample=False)
+                         prediction_type="v_prediction", clip_sample=False, timestep_spacing="trailing")
 
 
 # ----------------------------------------------------------------------------- data

@@ -1,0 +1,51 @@
+"""Smoke test of the benchmark scripts on a tiny model and a tiny clip (numbers are meaningless)."""
+import json
+import sys
+
+import torch
+
+import tiny
+from conftest import ROOT
+from pipelines.video_io import to_uint8, write_frames
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import consistency  # noqa: E402
+import speed  # noqa: E402
+import x0_vs_t  # noqa: E402
+
+
+def test_benchmark_scripts_run_end_to_end(tmp_path):
+    threads = torch.get_num_threads()  # the scripts set --threads process-wide; restored below
+    try:
+        run_all(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_all(tmp_path):
+    model = tiny.save_residual_sr(tmp_path / "model", scale=2)
+    clip = tmp_path / "clip"
+    write_frames(clip, to_uint8(tiny.textured_clip(3, 16, shift=(1.0, 0.5))))
+    common = ["--model", str(model), "--steps", "1", "--strength", "1.0", "--device", "cpu", "--threads", "1"]
+
+    out = tmp_path / "res" / "consistency"
+    report = consistency.main(["--clips", str(clip), *common, "--out", str(out),
+                               "--methods", "independent,bidir-fusion-w0.5"])
+    assert set(report["mean"]) == {"bicubic", "independent", "bidir-fusion-w0.5"}
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["clips"][0]["frames"] == 3 and saved["mean"]["independent"]["ewarp"] > 0
+    for suffix in (".md", "_plot.png", "_strip.png"):
+        assert (out.parent / f"consistency{suffix}").stat().st_size > 0
+    assert "E_warp x1e3" in out.with_suffix(".md").read_text() and len(report["targets"]) == 4
+
+    out = tmp_path / "res" / "speed"
+    report = speed.main([*common, "--clip", str(clip), "--sections", "limit,chains", "--limit-frames", "2",
+                         "--chain-frames", "3", "--out", str(out)])
+    limit = report["sections"]["limit"]["runs"]["bidir-fusion-w0.5"]
+    assert limit["model_calls"] == 2 and limit["ratio_wall_to_model"] >= 1.0
+    assert set(report["sections"]["chains"]["rows"]) == {"L=3 (exact)", "L=2", "independent"}
+    assert "Chains (issue 8)" in out.with_suffix(".md").read_text()
+
+    fig = x0_vs_t.main(["--model", str(model), "--clip", str(clip), "--num-t", "2", "--show-t", "999",
+                        "--device", "cpu", "--threads", "1", "--out-dir", str(tmp_path / "docs")])
+    assert fig["timesteps"] == [0, 999] and (tmp_path / "docs" / "x0_vs_t_frames.png").exists()
