@@ -503,14 +503,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # ffmpeg's own decoder chatter off stderr
-    args = None
+def guarded(job, args) -> int:
+    """Run ``job(args)`` and turn errors into the exit-code contract (one line on stderr)."""
     try:
-        args = parse_args(argv)
-        return run(args)
-    except SystemExit as e:  # --help
-        return e.code if isinstance(e.code, int) else 0
+        return job(args)
     except ConfigError as e:
         fail(f"config: {e}")
     except (InputError, UsageError, WorkdirMismatch) as e:
@@ -519,11 +515,87 @@ def main(argv: list[str] | None = None) -> int:
         fail("interrupted")
         return 130
     except Exception as e:
-        if args is not None and args.debug:
+        if args.debug:
             raise
         fail(f"internal: {type(e).__name__}: {e}")
         return 1
     return 2
+
+
+# ----------------------------------------------------------------------------- many clips
+
+
+def clip_list(inp: Path) -> list[Path] | None:
+    """The clips of a multi-clip input: a ``.txt`` list of paths (one per line, relative to the list),
+    or a folder holding video files (a folder of images is one clip). None for a single clip."""
+    from pipelines.video_io import IMAGE_EXTS, VIDEO_EXTS
+
+    clip_exts = (*VIDEO_EXTS, ".gif")
+    if inp.suffix.lower() == ".txt" and inp.is_file():
+        lines = [ln.strip() for ln in inp.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        return [p if p.is_absolute() else inp.parent / p for p in map(Path, lines)]
+    if inp.is_dir():
+        files = [p for p in inp.iterdir() if p.is_file() and not p.name.startswith(".")]
+        videos = sorted(p for p in files if p.suffix.lower() in clip_exts)
+        if videos and not any(p.suffix.lower() in IMAGE_EXTS for p in files):
+            return videos
+    return None
+
+
+def process_group():
+    """(rank, world size, local rank) under torch.distributed's launcher (``torchrun``, which
+    ``accelerate launch`` also drives), else (0, 1, 0). Clips are independent, so the processes only
+    meet at the end (a barrier); torch.distributed handles one machine or many, GPUs or CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def run_many(args: argparse.Namespace, clips: list[Path]) -> int:
+    """Each process samples its share of the clips into the --output folder; returns the worst exit code."""
+    rank, world, local = process_group()
+    outdir = Path(args.output).expanduser() if args.output else Path("outputs")
+    if outdir.suffix:
+        raise UsageError(f"--output must be a folder when --input is a list of clips, got {outdir}")
+    if args.reference:
+        raise UsageError("--reference takes one clip; it cannot be used with a list of clips")
+    mine = clips[rank::world]
+    log(f"[process {rank}/{world}] {len(mine)} of {len(clips)} clips")
+    codes = [0]
+    for clip in mine:
+        a = argparse.Namespace(**vars(args))
+        a.input, a.output = str(clip), str(outdir / f"{clip.stem}.mp4")
+        a.workdir = str(Path(args.workdir) / clip.stem) if args.workdir else None
+        if world > 1 and torch.cuda.is_available():
+            a.overrides = [*args.overrides, f"model.device=cuda:{local}"]
+        log(f"[process {rank}/{world}] {clip} -> {a.output}")
+        codes.append(guarded(run, a))
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return max(codes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # ffmpeg's own decoder chatter off stderr
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else 0
+    except UsageError as e:
+        fail(e)
+        return 2
+    clips = clip_list(Path(args.input).expanduser()) if args.input else None
+    if clips is not None:
+        return guarded(lambda a: run_many(a, clips), args)
+    return guarded(run, args)
 
 
 if __name__ == "__main__":

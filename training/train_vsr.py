@@ -171,7 +171,8 @@ def plot_loss(log_csv: Path, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = list(csv.DictReader(log_csv.open()))
+    rows = {r["step"]: r for r in csv.DictReader(log_csv.open())}  # a resumed run rewrites its last steps
+    rows = sorted(rows.values(), key=lambda r: int(r["step"]))
     steps = [int(r["step"]) for r in rows]
     loss = np.array([float(r["loss"]) for r in rows])
     k = 50
