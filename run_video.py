@@ -244,6 +244,7 @@ def load_model(cfg: DictConfig, path: str, device: torch.device, timer: StageTim
                                                  **pipeline_kwargs(cfg))
     except ModelLoadError as e:
         raise UsageError(str(e)) from e
+    pipe.lr_range = cfg.model.lr_range
     if pipe.vae is not None:
         if cfg.model.vae_tiling:
             pipe.vae.enable_tiling()

@@ -37,6 +37,7 @@ WeightSchedule = Literal["constant", "linear"]
 FlowMethod = Literal["dis", "farneback", "raft"]
 DisPreset = Literal["ultrafast", "fast", "medium"]
 
+LowResRange = Literal["signed", "unit"]
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 BASE_KEY = "base"
 
@@ -61,6 +62,7 @@ class ModelConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     vae_tiling: bool = False
     vae_slicing: bool = False
+    lr_range: LowResRange = "signed"  # upscalers: low-res frame fed in [-1, 1] (SD x4) or [0, 1] (StableVSR)
 
 
 @dataclass

@@ -135,3 +135,23 @@ def test_tcm_needs_a_controlnet():
     p = VideoPipeline(tiny.pixel_unet(6), tiny.ddpm_v(), scale=2, residual_scale=0.1)
     with pytest.raises(ValueError, match="controlnet"):
         p(tiny.textured_clip(2, 8), options=SamplingOptions(num_inference_steps=1), alignment=TCMAlignment())
+
+
+def test_stablevsr_config_runs_end_to_end_on_tiny_layout(layout, tmp_path):
+    """`run_video.py --config configs/stablevsr.yaml` on the tiny same-layout checkpoint (no download)."""
+    import json
+
+    from pipelines.video_io import read_clip, to_uint8, write_video
+    from run_video import main
+
+    clip = tmp_path / "lr.mp4"
+    write_video(clip, to_uint8(tiny.textured_clip(3, 8)), 12)
+    out = tmp_path / "sr.mp4"
+    code = main(["--config", "configs/stablevsr.yaml", "--input", str(clip), "--output", str(out),
+                 f"model.path={layout}", "sampling.num_inference_steps=2", "runtime.threads=1"])
+    assert code == 0
+    video = read_clip(out)
+    assert video.frames.shape == (3, 32, 32, 3) and video.fps == 12
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["model_kind"] == "upscale" and report["config"]["alignment"]["mode"] == "tcm"
+    assert report["config"]["model"]["lr_range"] == "unit" and report["timings"]["vae"] > 0
