@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def child(frames: int, size: int, mode: str, model_dir: str) -> dict:
+def child(frames: int, size: int, mode: str, model_dir: str, steps: int = 2) -> dict:
     """Runs inside the subprocess: sample the clip, return peak memory figures."""
     sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
     import torch
@@ -37,7 +37,7 @@ def child(frames: int, size: int, mode: str, model_dir: str) -> dict:
     pipe = VideoPipeline.from_pretrained(model_dir)
     clip = tiny.textured_clip(frames, size, shift=(0.7, 0.3))
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    opts = SamplingOptions(num_inference_steps=2, strength=1.0, seed=0)
+    opts = SamplingOptions(num_inference_steps=steps, strength=1.0, seed=0)
     flow = FlowConfig(scale=0.5)
     if mode == "windows":
         out = sample_windowed(pipe, clip, window=16, overlap=4, anchor_weight=0.8, make_alignment=lambda: Fusion(),
@@ -50,9 +50,9 @@ def child(frames: int, size: int, mode: str, model_dir: str) -> dict:
                 rss_before_mb=base / 1024, rss_peak_mb=peak / 1024)
 
 
-def measure(frames: int, size: int, mode: str, model_dir: str) -> dict:
+def measure(frames: int, size: int, mode: str, model_dir: str, steps: int = 2) -> dict:
     code = (f"import json, sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import long_clip; "
-            f"print(json.dumps(long_clip.child({frames}, {size}, {mode!r}, {model_dir!r})))")
+            f"print(json.dumps(long_clip.child({frames}, {size}, {mode!r}, {model_dir!r}, {steps})))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
