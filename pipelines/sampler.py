@@ -136,6 +136,15 @@ def sample_frames(
     # (step counters, multistep history) step all frames at once after the sweep.
     per_batch = isinstance(scheduler, STATELESS)
     out_buf = None if per_batch else torch.zeros_like(x, dtype=torch.float32)
+    last: dict[int, torch.Tensor] = {}  # exact sweep: the x0 of the previous position's frames
+    zero = x.new_zeros(x.shape[1:], dtype=torch.float32)
+
+    def neighbour_x0(index: torch.Tensor) -> torch.Tensor:
+        """(B,) neighbour frames -> their current x0 (B, C, h, w) on the compute device."""
+        if keep_all:
+            return x0_buf[index.to(x0_buf.device)].to(device)
+        return torch.stack([last.get(int(f), zero) for f in index]).to(device)
+
     first = 0
     if checkpoint is not None:
         resumed = checkpoint.load(generators, scheduler, x.device)
@@ -150,15 +159,12 @@ def sample_frames(
         positions = plan_sweep(num_frames, directions[s], chain_length, s, align=align)
         if chain_log is not None:
             chain_log.append(chain_starts(num_frames, chain_length or num_frames, s))
-        last: dict[int, torch.Tensor] = {}
+        last = {}
         for position in positions:
             nb_all = None
             if align:
                 with timer("align"):
-                    x0_of = (lambda i: x0_buf[i.to(x0_buf.device)].to(device)) if keep_all else (
-                        lambda i: torch.stack([last.get(int(f), x.new_zeros(x.shape[1:], dtype=torch.float32))
-                                               for f in i]).to(device))
-                    nb_all = _neighbours(position, x0_of, flows, tuple(x.shape[-2:]), device)
+                    nb_all = _neighbours(position, neighbour_x0, flows, tuple(x.shape[-2:]), device)
             last = {}
             for lo in range(0, len(position), batch_size):
                 frames = [v.frame for v in position[lo:lo + batch_size]]

@@ -12,10 +12,11 @@ class StageTimer:
     def __init__(self, device: torch.device | str | None = None):
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
-        self.cuda = torch.device(device).type == "cuda" if device is not None else False
+        # synchronise only when timing an accelerator whose kernels run asynchronously
+        self.sync = device is not None and torch.device(device).type != "cpu" and torch.cuda.is_available()
 
     def _sync(self) -> None:
-        if self.cuda:
+        if self.sync:
             torch.cuda.synchronize()
 
     @contextmanager
