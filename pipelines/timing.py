@@ -12,6 +12,7 @@ class StageTimer:
     def __init__(self, device: torch.device | str | None = None):
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
+        self._stack: list[list] = []  # [stage, start of its current slice]
         # synchronise only when timing an accelerator whose kernels run asynchronously
         self.sync = device is not None and torch.device(device).type != "cpu" and torch.cuda.is_available()
 
@@ -21,14 +22,24 @@ class StageTimer:
 
     @contextmanager
     def __call__(self, stage: str):
+        """Time a stage. Nested stages are exclusive: the outer stage pauses while the inner runs, so
+        the stages add up to the wall time (e.g. a VAE decode inside alignment counts as "vae")."""
         self._sync()
-        start = time.perf_counter()
+        now = time.perf_counter()
+        if self._stack:  # pause the enclosing stage
+            outer, since = self._stack[-1]
+            self.seconds[outer] += now - since
+        self._stack.append([stage, now])
         try:
             yield
         finally:
             self._sync()
-            self.seconds[stage] += time.perf_counter() - start
-            self.calls[stage] += 1
+            now = time.perf_counter()
+            name, since = self._stack.pop()
+            self.seconds[name] += now - since
+            self.calls[name] += 1
+            if self._stack:  # resume the enclosing stage
+                self._stack[-1][1] = now
 
     def report(self) -> dict[str, float]:
         return {k: round(v, 4) for k, v in self.seconds.items()}

@@ -159,3 +159,19 @@ def test_direction_schedule_semantics():
     first = plan_sweep(4, -1)
     assert [[v.frame for v in p] for p in first] == [[3], [2], [1], [0]]
     assert first[1][0].neighbour == 3 and first[0][0].neighbour is None
+
+
+def test_stage_timer_nested_stages_are_exclusive():
+    import time
+
+    from pipelines.timing import StageTimer
+
+    timer = StageTimer("cpu")
+    start = time.perf_counter()
+    with timer("align"):
+        time.sleep(0.02)
+        with timer("vae"):
+            time.sleep(0.05)
+    wall = time.perf_counter() - start
+    assert 0.045 < timer.seconds["vae"] < 0.2 and 0.015 < timer.seconds["align"] < 0.045
+    assert abs(timer.seconds["align"] + timer.seconds["vae"] - wall) < 0.01
