@@ -235,9 +235,18 @@ def resolve_model_path(cfg: DictConfig) -> str:
 
 def load_model(cfg: DictConfig, path: str, device: torch.device, timer: StageTimer) -> VideoPipeline:
     """The pipeline, timed under "load" (not counting the first import of diffusers)."""
+    from diffusers.utils import logging as diffusers_logging
+
     from pipelines.loading import ModelLoadError
     from pipelines.video_pipeline import VideoPipeline
 
+    diffusers_logging.set_verbosity_error()  # library chatter would break the one-line-error contract
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:
+        pass
     try:
         with timer("load"):
             pipe = VideoPipeline.from_pretrained(path, device=device, dtype=DTYPES[cfg.model.dtype],
@@ -469,6 +478,11 @@ def run(args: argparse.Namespace) -> int:
     timer = StageTimer(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    workdir = Path(args.workdir).expanduser() if args.workdir else None
+    if workdir is not None:
+        from pipelines.checkpoint import Checkpointer
+
+        Checkpointer.verify(workdir, fingerprint(cfg, paths))
     inputs = read_inputs(cfg, paths, timer)
 
     log(f"loading model {model_path} on {device} ({cfg.model.dtype})")
@@ -479,7 +493,6 @@ def run(args: argparse.Namespace) -> int:
     if inputs.reference is not None and tuple(inputs.reference.shape[-2:]) != (out_h, out_w):
         raise UsageError(f"--reference frames are {_wxh(inputs.reference)}, output frames are {out_w}x{out_h}")
 
-    workdir = Path(args.workdir).expanduser() if args.workdir else None
     out, flows, steps_run = sample(cfg, pipe, alignment, inputs.frames, flow_cfg, timer, workdir,
                                    fingerprint(cfg, paths) if workdir else "")
     with timer("metrics"):

@@ -58,15 +58,20 @@ class Checkpointer:
         if every < 1:
             raise ValueError(f"checkpoint interval must be >= 1, not {every}")
         self.dir, self.every = Path(workdir), every
+        self.verify(self.dir, fingerprint)
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = self.dir / "run.json"
-        if meta.exists():
-            old = json.loads(meta.read_text()).get("fingerprint")
-            if old != fingerprint:
-                raise WorkdirMismatch(f"work folder {self.dir} was made by a different configuration or input; "
-                                      "use another --workdir or delete it")
-        else:
+        if not meta.exists():
             meta.write_text(json.dumps({"fingerprint": fingerprint}))
+
+    @staticmethod
+    def verify(workdir: str | Path, fingerprint: str) -> None:
+        """Raise WorkdirMismatch if ``workdir`` (or a window folder in it) belongs to another run;
+        reads only, so a command can check before doing any work."""
+        for meta in [Path(workdir) / "run.json", *Path(workdir).glob("*/run.json")]:
+            if meta.exists() and json.loads(meta.read_text()).get("fingerprint") != fingerprint:
+                raise WorkdirMismatch(f"work folder {workdir} was made by a different configuration or input; "
+                                      "use another --workdir or delete it")
 
     @property
     def state_file(self) -> Path:
