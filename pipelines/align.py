@@ -56,19 +56,28 @@ class Fusion(Alignment):
 
     where ``W(x0_n)`` is the neighbour's x0 warped onto this frame, ``M`` the validity mask and
     ``w(t) = weight`` (``constant``) or ``weight * t / T`` (``linear``: strong while x0 is a blurry
-    guess, fading out as the details settle).
+    guess, fading out as the details settle). For residual models (x0 = (frame - base) / s) the
+    default ``space="frame"`` warps whole frames: ``W(x0_n + base_n / s) - base_i / s``.
     """
 
     name = "fusion"
     uses_neighbours = True
 
     def __init__(self, weight: float = 0.5, schedule: WeightSchedule = "constant",
-                 num_train_timesteps: int = 1000):
+                 num_train_timesteps: int = 1000, space: Literal["frame", "sample"] = "frame"):
         if not 0.0 <= weight <= 1.0:
             raise ValueError(f"fusion weight must be in [0, 1], not {weight}")
         if schedule not in ("constant", "linear"):
             raise ValueError(f"fusion weight schedule must be constant or linear, not {schedule!r}")
-        self.weight, self.schedule, self.T = weight, schedule, num_train_timesteps
+        if space not in ("frame", "sample"):
+            raise ValueError(f"fusion space must be frame or sample, not {space!r}")
+        self.weight, self.schedule, self.T, self.space = weight, schedule, num_train_timesteps, space
+        self.offset = None
+
+    def bind(self, pipe, **_) -> None:
+        """Residual models sample ``x = (frame - base) / s``; fusing in ``frame`` space warps the whole
+        neighbour frame, base included, so the base's own inconsistency is aligned too."""
+        self.offset = pipe.sample_offset if self.space == "frame" and pipe.kind == "residual_sr" else None
 
     def weight_at(self, t) -> float:
         return self.weight * (float(t) / self.T if self.schedule == "linear" else 1.0)
@@ -77,5 +86,9 @@ class Fusion(Alignment):
         if nb is None or not bool(nb.present.any()):
             return x0
         w = self.weight_at(t)
-        warped = warp(nb.x0, nb.flow)
+        if self.offset is None:
+            warped = warp(nb.x0, nb.flow)
+        else:  # x0 + base / s is the frame in sample units; align whole frames, keep the residual form
+            src = torch.where(nb.present, nb.index, nb.frames)
+            warped = warp(nb.x0 + self.offset(src), nb.flow) - self.offset(nb.frames)
         return x0 + (w * nb.mask.to(x0.dtype)) * (warped - x0)

@@ -38,6 +38,7 @@ FlowMethod = Literal["dis", "farneback", "raft"]
 DisPreset = Literal["ultrafast", "fast", "medium"]
 
 LowResRange = Literal["signed", "unit"]
+FusionSpace = Literal["frame", "sample"]
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 BASE_KEY = "base"
 
@@ -98,6 +99,7 @@ class AlignmentConfig:
     mode: AlignmentMode = "none"
     weight: float = 0.5  # fusion weight, in [0, 1]
     weight_schedule: WeightSchedule = "constant"
+    space: FusionSpace = "frame"  # residual models: fuse whole frames (frame) or the residual samples (sample)
     tcm_scale: float = 1.0  # ControlNet conditioning scale
     tcm_masked: bool = False  # zero the warped condition where the flow check marks occlusions
     tcm_fusion: bool = False  # also fuse x0 estimates (weight, weight_schedule) like mode fusion
@@ -340,7 +342,7 @@ def build_alignment(cfg: DictConfig, pipe: VideoPipeline) -> Alignment:
     if a.mode == "none":
         return align.Alignment()
     if a.mode == "fusion":
-        return align.Fusion(a.weight, a.weight_schedule, pipe.scheduler.config.num_train_timesteps)
+        return align.Fusion(a.weight, a.weight_schedule, pipe.scheduler.config.num_train_timesteps, a.space)
     if pipe.controlnet is None or pipe.vae is None:
         raise ConfigError(f"alignment.mode=tcm needs a model with a {cfg.model.controlnet_subfolder}/ folder "
                           f"(model.controlnet_subfolder) and a VAE; {cfg.model.path} has "

@@ -112,6 +112,12 @@ class VideoPipeline:
             return unet * 2 ** (len(self.vae.config.block_out_channels) - 1)
         return unet // gcd(unet, self.scale)
 
+    def sample_offset(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """Residual models: ``base / s`` for frames ``idx`` of the current clip, so that
+        ``x0 + offset`` is the clean frame in sample units (the bicubic upscale is recomputed)."""
+        base = self.conditioning_frames(self._frames[idx.cpu()]).to(idx.device)
+        return base / self.residual_scale
+
     def output_size(self, frames: torch.Tensor) -> tuple[int, int]:
         h, w = frames.shape[-2:]
         return h * self.scale, w * self.scale
@@ -229,6 +235,7 @@ class VideoPipeline:
             latents = self.scheduler.add_noise(init.float(), latents, timesteps[:1].repeat(F).to(state_dev))
         del init
         latents = latents.to(self.unet.dtype)
+        self._frames = frames  # for sample_offset
         if hasattr(alignment, "bind"):
             alignment.bind(self, flows=flows, size=out_size, timer=timer)
 

@@ -80,10 +80,10 @@ def test_lockstep_equals_sequential_chains():
     clip = tiny.textured_clip(7, 16, shift=(1.0, 0.5))
     pipe = pipe_ddim()
     got = pipe(clip, options=SamplingOptions(num_inference_steps=4, seed=0, chain_length=3, batch_size=8),
-               alignment=Fusion(0.7)).frames
-    want = sequential_reference(pipe, clip, 4, 3, Fusion(0.7)).clamp(-1, 1)
+               alignment=Fusion(0.7, space="sample")).frames
+    want = sequential_reference(pipe, clip, 4, 3, Fusion(0.7, space="sample")).clamp(-1, 1)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
-    exact = pipe(clip, options=SamplingOptions(num_inference_steps=4, seed=0), alignment=Fusion(0.7)).frames
+    exact = pipe(clip, options=SamplingOptions(num_inference_steps=4, seed=0), alignment=Fusion(0.7, space="sample")).frames
     assert (exact - got).abs().max() > 1e-3  # chains are a different (approximate) sweep
 
 

@@ -175,3 +175,24 @@ def test_stage_timer_nested_stages_are_exclusive():
     wall = time.perf_counter() - start
     assert 0.045 < timer.seconds["vae"] < 0.2 and 0.015 < timer.seconds["align"] < 0.045
     assert abs(timer.seconds["align"] + timer.seconds["vae"] - wall) < 0.01
+
+
+def test_frame_space_fusion_aligns_whole_frames_of_residual_models():
+    """Residual model x0 = (frame - base)/s: with weight 1, identity flow and a full mask, frame-space
+    fusion copies the neighbour's whole frame (x0_n + base_n/s - base_i/s); sample space copies x0_n."""
+    from pipelines.align import Neighbours
+
+    pipe = pixel_pipe()
+    clip = tiny.textured_clip(2, 8, shift=(2.0, 0.0))
+    pipe._frames = clip
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 3, 16, 16, generator=g)
+    nb = Neighbours(torch.tensor([1]), torch.tensor([0]), torch.tensor([True]), x0[:1], torch.zeros(1, 2, 16, 16),
+                    torch.ones(1, 1, 16, 16))
+    frame = Fusion(1.0, space="frame")
+    frame.bind(pipe)
+    offset = pipe.conditioning_frames(clip) / pipe.residual_scale
+    torch.testing.assert_close(frame.fuse(x0[1:], nb, 500), x0[:1] + offset[:1] - offset[1:])
+    sample = Fusion(1.0, space="sample")
+    sample.bind(pipe)
+    torch.testing.assert_close(sample.fuse(x0[1:], nb, 500), x0[:1])
