@@ -58,6 +58,17 @@ class Clip:
     scale: int
 
 
+def project_defaults() -> dict:
+    """Steps, strength and fusion weight of configs/default.yaml: the benchmarks measure the defaults."""
+    from pipelines.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "default.yaml")
+    return dict(steps=cfg.sampling.num_inference_steps, strength=cfg.sampling.strength, weight=cfg.alignment.weight)
+
+
+DEFAULTS = project_defaults()
+
+
 def resize_to_side(frames: torch.Tensor, side: int, multiple: int) -> torch.Tensor:
     """(F, 3, H, W) -> the shorter side resized to ``side``, both sides rounded to a multiple of
     ``multiple`` (antialiased bicubic when shrinking), clamped to [-1, 1]."""

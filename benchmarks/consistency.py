@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, run from anywhere
-from common import (DEFAULT_MODEL, EWARP_UNIT, EXAMPLE_GT, ROOT, Method, Reference, command_line,  # noqa: E402
+from common import (DEFAULTS, DEFAULT_MODEL, EWARP_UNIT, EXAMPLE_GT, ROOT, Method, Reference, command_line,  # noqa: E402
                     evaluate, fmt, fusion, load_clip, load_pipeline, machine_info, machine_line,
                     markdown_table, method_dict, model_info, pick_device, pick_dtype, run_method,
                     run_record, set_threads, write_json)
@@ -193,9 +193,9 @@ def parse_args(argv):
                    help="shorter side of the ground truth after resizing (default: as read; --quick: 64)")
     p.add_argument("--scale", type=int, default=None, help="SR factor; must match the model's (default: the model's)")
     p.add_argument("--model", default=str(DEFAULT_MODEL))
-    p.add_argument("--steps", type=int, default=None, help="num_inference_steps (default 20; --quick: 4)")
-    p.add_argument("--strength", type=float, default=0.5)
-    p.add_argument("--weight", type=float, default=0.5, help="fusion weight of the default method and variants")
+    p.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: configs/default.yaml; --quick: 4)")
+    p.add_argument("--strength", type=float, default=DEFAULTS["strength"])
+    p.add_argument("--weight", type=float, default=DEFAULTS["weight"], help="fusion weight of the default method and variants")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="frames per model call where frames are independent")
     p.add_argument("--methods", default=None, help="comma list of methods to run (bicubic is always run)")
@@ -211,7 +211,7 @@ def parse_args(argv):
     quick = QUICK if args.quick else {}
     args.max_frames = args.max_frames if args.max_frames is not None else quick.get("max_frames")
     args.resize = args.resize if args.resize is not None else quick.get("resize")
-    args.steps = args.steps if args.steps is not None else quick.get("steps", 20)
+    args.steps = args.steps if args.steps is not None else quick.get("steps", DEFAULTS["steps"])
     return args
 
 

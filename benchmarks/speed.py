@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, run from anywhere
-from common import (DEFAULT_MODEL, EWARP_UNIT, EXAMPLE_GT, ROOT, SHARED_CLIPS, Method, Reference,  # noqa: E402
+from common import (DEFAULTS, DEFAULT_MODEL, EWARP_UNIT, EXAMPLE_GT, ROOT, SHARED_CLIPS, Method, Reference,  # noqa: E402
                     command_line, evaluate, fmt, fusion, load_clip, load_pipeline, machine_info, machine_line,
                     markdown_table, model_info, pick_device, pick_dtype, run_method, run_record, set_threads,
                     steps_run, sync, write_json)
@@ -377,9 +377,9 @@ def parse_args(argv):
     p.add_argument("--clip", default=None, help="ground-truth clip (default: assets/example_gt.mp4; chains: "
                    "woman-running from ../shared/clips when present)")
     p.add_argument("--resize", type=int, default=None, help="shorter side of the ground truth (--quick: 64)")
-    p.add_argument("--steps", type=int, default=None, help="num_inference_steps (default 20; --quick: 4)")
-    p.add_argument("--strength", type=float, default=0.5)
-    p.add_argument("--weight", type=float, default=0.5, help="fusion weight")
+    p.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: configs/default.yaml; --quick: 4)")
+    p.add_argument("--strength", type=float, default=DEFAULTS["strength"])
+    p.add_argument("--weight", type=float, default=DEFAULTS["weight"], help="fusion weight")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="frames per model call where frames are independent")
     p.add_argument("--limit-frames", type=int, default=None, help="frames for limit/schedulers (default 16)")
@@ -391,7 +391,7 @@ def parse_args(argv):
     p.add_argument("--child-scaling", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     quick = QUICK if args.quick else {}
-    defaults = dict(resize=None, steps=20, limit_frames=16, scaling_frames="8,16,32,64", chain_frames=32,
+    defaults = dict(resize=None, steps=DEFAULTS["steps"], limit_frames=16, scaling_frames="8,16,32,64", chain_frames=32,
                     schedulers=SCHEDULERS)
     for key, value in defaults.items():
         if getattr(args, key) is None:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, run from anywhere
-from common import (DEFAULT_MODEL, EXAMPLE_GT, ROOT, crop_to_multiple, load_pipeline, pick_device,  # noqa: E402
+from common import (DEFAULTS, DEFAULT_MODEL, EXAMPLE_GT, ROOT, crop_to_multiple, load_pipeline, pick_device,  # noqa: E402
                     set_threads)
 
 import numpy as np  # noqa: E402
@@ -115,8 +115,8 @@ def parse_args(argv):
     p.add_argument("--num-t", type=int, default=25, help="timesteps evenly spread over [0, T-1]")
     p.add_argument("--show-t", default=",".join(map(str, SHOW_T)), help="timesteps shown as images")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=20, help="for the marker of the default run's first step")
-    p.add_argument("--strength", type=float, default=0.5, help="for the marker of the default run's first step")
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="for the marker of the default run's first step")
+    p.add_argument("--strength", type=float, default=DEFAULTS["strength"], help="for the marker of the default run's first step")
     p.add_argument("--crop", type=int, default=64, help="side of the zoomed patch")
     p.add_argument("--zoom", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -26,7 +26,8 @@ def run_all(tmp_path):
     model = tiny.save_residual_sr(tmp_path / "model", scale=2)
     clip = tmp_path / "clip"
     write_frames(clip, to_uint8(tiny.textured_clip(3, 16, shift=(1.0, 0.5))))
-    common = ["--model", str(model), "--steps", "1", "--strength", "1.0", "--device", "cpu", "--threads", "1"]
+    common = ["--model", str(model), "--steps", "1", "--strength", "1.0", "--weight", "0.5", "--device", "cpu",
+              "--threads", "1"]
 
     out = tmp_path / "res" / "consistency"
     report = consistency.main(["--clips", str(clip), *common, "--out", str(out),
