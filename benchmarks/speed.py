@@ -46,7 +46,7 @@ SECTIONS = ("limit", "scaling", "schedulers", "chains")
 STAGES = ("model", "flow", "align", "scheduler", "decode", "vae")
 CHAIN_CLIP = SHARED_CLIPS / "woman-running.mp4"
 CHAIN_START = 30  # where assets/example_gt.mp4 was cut from woman-running
-SCHEDULERS = "ddpm:20,ddim:10,ddim:6,dpm++:10,dpm++:6"
+SCHEDULERS = "ddpm:20,ddpm:10,ddim:10,ddim:6,dpm++:10,dpm++:6"
 SAME_EWARP = 0.10  # "same consistency": E_warp within 10 % of DDPM's ...
 SAME_PSNR = 0.1  # ... and PSNR at most 0.1 dB below DDPM's
 QUICK = dict(resize=64, steps=4, limit_frames=4, scaling_frames="4,8", chain_frames=8,
