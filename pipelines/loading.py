@@ -41,6 +41,12 @@ def _hub_json(repo: str, name: str) -> dict:
         return {}
 
 
+def read_vsr_config(path: str | Path) -> dict:
+    """This project's ``vsr_config.json`` (scale, residual_scale, training facts); {} when absent."""
+    f = Path(path) / "vsr_config.json"
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
 def make_scheduler(config, kind: str = "auto"):
     """Build the scheduler named by ``kind`` (auto: the checkpoint's own) from a scheduler config."""
     if kind == "auto":
@@ -83,8 +89,7 @@ def load_pipeline(cls, path, *, device="cpu", dtype=torch.float32, scheduler_kin
             # the upscaler's low-res noise schedule; StableVSR ships none and uses the default DDPM one
             comps["low_res_scheduler"] = (diffusers.DDPMScheduler.from_pretrained(path, subfolder=low_res_scheduler)
                                           if _has(path, low_res_scheduler, local) else diffusers.DDPMScheduler())
-        meta = json.loads((Path(path) / "vsr_config.json").read_text()) if local and (
-            Path(path) / "vsr_config.json").exists() else ({} if local else _hub_json(path, "vsr_config.json"))
+        meta = read_vsr_config(path) if local else _hub_json(path, "vsr_config.json")
     except (OSError, EnvironmentError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"cannot load model {path!r}: {first}") from e

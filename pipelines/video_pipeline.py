@@ -11,7 +11,6 @@ Four kinds of model are recognised from their components:
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
@@ -22,6 +21,7 @@ from .align import Alignment
 from .degradation import bicubic_resize
 from .denoiser import Denoiser
 from .flow import ClipFlows, FlowConfig, compute_clip_flows
+from .loading import read_vsr_config  # noqa: F401  (re-exported for the benchmarks)
 from .sampler import StepCallback, img2img_timesteps, initial_noise, sample_frames
 from .sweep import step_directions
 from .timing import NullTimer, StageTimer
@@ -248,8 +248,3 @@ class VideoPipeline:
             out = self.decode(x, frames, o.decode_batch_size, output_uint8)
         samples = x[len(x) - keep_last:].float().cpu().clone() if keep_last else None
         return Result(out, flows, timer.report(), samples)
-
-
-def read_vsr_config(path: Path) -> dict:
-    f = Path(path) / "vsr_config.json"
-    return json.loads(f.read_text()) if f.exists() else {}
