@@ -26,7 +26,8 @@ def test_schema_defaults_without_a_file():
 
 def test_project_configs_load():
     cfg = load_config(DEFAULT)
-    assert (cfg.sampling.num_inference_steps, cfg.sampling.strength, cfg.alignment.mode) == (20, 0.5, "fusion")
+    assert (cfg.sampling.num_inference_steps, cfg.sampling.strength, cfg.alignment.mode) == (10, 1.0, "fusion")
+    assert (cfg.alignment.weight, cfg.alignment.space, cfg.schedule.chain_length) == (0.3, "frame", 0)
     indep = load_config(ROOT / "configs" / "independent.yaml")
     assert indep.alignment.mode == "none"
     assert indep.sampling == cfg.sampling and indep.flow == cfg.flow  # everything else from default.yaml
@@ -85,7 +86,7 @@ def test_missing_file(tmp_path):
 def test_translation_to_library_objects():
     cfg = load_config(DEFAULT, ["scheduler.eta=0.3", "schedule.chain_length=4", "schedule.passes=2"])
     o = sampling_options(cfg)
-    assert (o.eta, o.chain_length, o.passes, o.strength) == (0.3, 4, 2, 0.5)
+    assert (o.eta, o.chain_length, o.passes, o.strength) == (0.3, 4, 2, 1.0)
     assert sampling_options(load_config(DEFAULT)).chain_length is None  # 0 -> exact sweep
     assert flow_config(cfg) == FlowConfig(method="dis", dis_preset="medium")
 
