@@ -359,6 +359,15 @@ def _json_safe(x):
     return x
 
 
+def run_script(main) -> None:
+    """Run a benchmark's ``main``; bad flags, clips or models give one line on stderr and exit code 2."""
+    try:
+        main()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 def write_json(path: str | Path, data: dict) -> None:
     """Write ``data`` as JSON (nan/inf become null)."""
     path = Path(path)

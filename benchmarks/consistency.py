@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, run from anywhere
-from common import (DEFAULTS, DEFAULT_MODEL, EWARP_UNIT, EXAMPLE_GT, ROOT, Method, Reference, command_line,  # noqa: E402
+from common import (run_script, DEFAULTS, DEFAULT_MODEL, EWARP_UNIT, EXAMPLE_GT, ROOT, Method, Reference, command_line,  # noqa: E402
                     evaluate, fmt, fusion, load_clip, load_pipeline, machine_info, machine_line,
                     markdown_table, method_dict, model_info, pick_device, pick_dtype, run_method,
                     run_record, set_threads, write_json)
@@ -363,8 +363,4 @@ def markdown_report(report: dict, per_clip: list[dict], summary: dict, methods: 
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as err:  # bad flags, clips or models: one line, exit code 2
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

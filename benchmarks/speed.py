@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, run from anywhere
-from common import (DEFAULTS, DEFAULT_MODEL, EWARP_UNIT, EXAMPLE_GT, ROOT, SHARED_CLIPS, Method, Reference,  # noqa: E402
+from common import (run_script, DEFAULTS, DEFAULT_MODEL, EWARP_UNIT, EXAMPLE_GT, ROOT, SHARED_CLIPS, Method, Reference,  # noqa: E402
                     command_line, evaluate, fmt, fusion, load_clip, load_pipeline, machine_info, machine_line,
                     markdown_table, model_info, pick_device, pick_dtype, run_method, run_record, set_threads,
                     steps_run, sync, write_json)
@@ -465,8 +465,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as err:  # bad flags, clips or models: one line, exit code 2
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

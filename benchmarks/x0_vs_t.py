@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, run from anywhere
-from common import (DEFAULTS, DEFAULT_MODEL, EXAMPLE_GT, ROOT, crop_to_multiple, load_pipeline, pick_device,  # noqa: E402
+from common import (run_script, DEFAULTS, DEFAULT_MODEL, EXAMPLE_GT, ROOT, crop_to_multiple, load_pipeline, pick_device,  # noqa: E402
                     set_threads)
 
 import numpy as np  # noqa: E402
@@ -163,8 +163,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as err:  # bad flags, clips or models: one line, exit code 2
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)
