@@ -19,7 +19,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from schedulers import approx_x0, check_scheduler, model_output_for_x0
+from schedulers import approx_x0, check_scheduler, model_output_shift
 
 from .align import Alignment, Neighbours
 from .flow import ClipFlows
@@ -133,9 +133,9 @@ def sample_frames(
     keep_all = align and chain_length is not None and chain_length < num_frames
     x0_buf = torch.zeros_like(x, dtype=torch.float32) if keep_all else x.new_zeros((0,), dtype=torch.float32)
     # Stateless schedulers (DDPM, DDIM) step each batch as soon as it is evaluated; the others
-    # (step counters, multistep history) step all frames at once after the sweep.
+    # (step counters, multistep history) step all frames at once after the sweep, on the device
+    # the state lives on (the host with offload_state), so the accelerator only ever holds a batch.
     per_batch = isinstance(scheduler, STATELESS)
-    out_buf = None if per_batch else torch.zeros_like(x, dtype=torch.float32)
     last: dict[int, torch.Tensor] = {}  # exact sweep: the x0 of the previous position's frames
     zero = x.new_zeros(x.shape[1:], dtype=torch.float32)
 
@@ -160,6 +160,9 @@ def sample_frames(
         if chain_log is not None:
             chain_log.append(chain_starts(num_frames, chain_length or num_frames, s))
         last = {}
+        # A fresh buffer every step: multistep schedulers keep a reference to the output they are
+        # given as history, so reusing one buffer would overwrite their past steps.
+        out_buf = None if per_batch else torch.empty(x.shape, dtype=torch.float32, device=x.device)
         for position in positions:
             nb_all = None
             if align:
@@ -173,13 +176,15 @@ def sample_frames(
                 xi = x[idx].to(device)
                 with timer("align"):
                     extra = alignment.model_kwargs(nb, t)
+                with timer("condition"):
+                    cond = None if cond_of is None else cond_of(idx).to(device)
                 with timer("model"):
-                    out = denoiser(xi, t, concat=None if cond_of is None else cond_of(idx).to(device), **extra)
+                    out = denoiser(xi, t, concat=cond, **extra)
                 with timer("align"):
                     x0 = approx_x0(scheduler, out, t, xi.float())
                     fused = alignment.fuse(x0, nb, t)
-                    if fused is not x0:
-                        out = model_output_for_x0(scheduler, fused, t, xi.float())
+                    if fused is not x0:  # the shift rule: the output moves only where x0 moved
+                        out = out + model_output_shift(scheduler, fused - x0, t, xi.float())
                 if keep_all:
                     x0_buf[idx] = fused.to(x0_buf.device)
                 elif align:
@@ -198,8 +203,7 @@ def sample_frames(
         if not per_batch:
             with timer("scheduler"):
                 kw = _step_kwargs(scheduler, generators, eta)
-                x = scheduler.step(out_buf.to(device, x.dtype), t, x.to(device), **kw,
-                                   return_dict=False)[0].to(x.device)
+                x = scheduler.step(out_buf.to(x.dtype), t, x, **kw, return_dict=False)[0]
         if checkpoint is not None:
             with timer("checkpoint"):
                 checkpoint.maybe_save(s + 1, len(timesteps), x, x0_buf, generators, scheduler)

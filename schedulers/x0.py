@@ -141,6 +141,28 @@ def model_output_for_x0(scheduler, x0: torch.Tensor, t, sample: torch.Tensor) ->
     return x0
 
 
+def model_output_shift(scheduler, delta_x0: torch.Tensor, t, sample: torch.Tensor) -> torch.Tensor:
+    """How much the model output must move so that the step's x0 moves by ``delta_x0`` at fixed x_t.
+
+    :func:`model_output_for_x0` is affine in x0 with slope
+      epsilon:       d eps / d x0 = -sqrt(a_t) / sqrt(1-a_t)
+      v_prediction:  d v   / d x0 = -1 / sqrt(1-a_t)
+      sample:        1
+    so ``out' = out + slope * (x0' - x0)`` is the *shift rule* the sampler uses to hand a fused x0
+    to an unmodified step. Unlike rebuilding the output from x0' alone, it leaves the output
+    bit-identical wherever fusion leaves x0 unchanged (weight 0, masked pixels), and with DDPM/DDIM
+    ``clip_sample`` it shifts the scheduler's *raw* x0 and noise direction by the fusion's change
+    instead of replacing the raw noise direction by the one of the clamped x0.
+    """
+    c = coefficients(scheduler, t, sample)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return delta_x0 * (-c.alpha / c.sigma)
+    if kind == "v_prediction":
+        return delta_x0 * (-1.0 / c.sigma)
+    return delta_x0
+
+
 def velocity(scheduler, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
     """The v-prediction training target ``v = sqrt(a_t) * eps - sqrt(1 - a_t) * x0`` (Salimans & Ho 2022).
 
