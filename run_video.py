@@ -253,7 +253,7 @@ def load_model(cfg: DictConfig, path: str, device: torch.device, timer: StageTim
                                                  **pipeline_kwargs(cfg))
     except ModelLoadError as e:
         raise UsageError(str(e)) from e
-    pipe.lr_range = cfg.model.lr_range
+    pipe.convention = cfg.model.convention
     if pipe.vae is not None:
         if cfg.model.vae_tiling:
             pipe.vae.enable_tiling()

@@ -31,7 +31,6 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def run(model: str, frames: int, size: int, steps: int, device: str, dtype: str, flow_scale: float) -> dict:
     pipe = VideoPipeline.from_pretrained(model, device=device, dtype=DTYPES[dtype])
-    pipe.lr_range = "unit"
     import tiny
 
     lr = tiny.textured_clip(frames, size, shift=(0.8, 0.3)).to(DTYPES[dtype])

@@ -74,10 +74,14 @@ class Fusion(Alignment):
         self.weight, self.schedule, self.T, self.space = weight, schedule, num_train_timesteps, space
         self.offset = None
 
-    def bind(self, pipe, **_) -> None:
-        """Residual models sample ``x = (frame - base) / s``; fusing in ``frame`` space warps the whole
-        neighbour frame, base included, so the base's own inconsistency is aligned too."""
-        self.offset = pipe.sample_offset if self.space == "frame" and pipe.kind == "residual_sr" else None
+    def bind(self, pipe, frames: torch.Tensor | None = None, **_) -> None:
+        """Called by the pipeline once per run with the clip's input ``frames``. Residual models sample
+        ``x = (frame - base) / s``; fusing in ``frame`` space warps the whole neighbour frame, base
+        included, so the base's own inconsistency is aligned too."""
+        if self.space == "frame" and pipe.kind == "residual_sr" and frames is not None:
+            self.offset = lambda idx: pipe.sample_offset(frames, idx)  # noqa: E731
+        else:
+            self.offset = None
 
     def weight_at(self, t) -> float:
         return self.weight * (float(t) / self.T if self.schedule == "linear" else 1.0)

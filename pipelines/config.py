@@ -37,7 +37,8 @@ WeightSchedule = Literal["constant", "linear"]
 FlowMethod = Literal["dis", "farneback", "raft"]
 DisPreset = Literal["ultrafast", "fast", "medium"]
 
-LowResRange = Literal["signed", "unit"]
+Convention = Literal["auto", "stablevsr", "sd_upscaler"]
+TcmWarp = Literal["exact", "stablevsr"]
 FusionSpace = Literal["frame", "sample"]
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 BASE_KEY = "base"
@@ -63,7 +64,10 @@ class ModelConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     vae_tiling: bool = False
     vae_slicing: bool = False
-    lr_range: LowResRange = "signed"  # upscalers: low-res frame fed in [-1, 1] (SD x4) or [0, 1] (StableVSR)
+    # latent upscalers (the low-res frame is in [-1, 1] under both): stablevsr = clean low-res frame, no
+    # class labels; sd_upscaler = noised low-res frame with its noise level as class label; auto = stablevsr
+    # with a ControlNet or without a class embedding, else sd_upscaler
+    convention: Convention = "auto"
 
 
 @dataclass
@@ -75,7 +79,10 @@ class SchedulerConfig:
 @dataclass
 class SamplingConfig:
     num_inference_steps: int = 20
-    strength: float = 1.0  # run the last int(steps * strength) steps, in (0, 1]
+    # run the last int(steps * strength) steps, in (0, 1]. Below 1 the start is diffusers' img2img (the
+    # encoded/conditioning frame noised to the first timestep); at 1 it is pure noise times the scheduler's
+    # init_noise_sigma, diffusers' text-to-image start, so no trace of the input survives in the start
+    strength: float = 1.0
     seed: int = 0
     noise: NoiseMode = "independent"
     guidance_scale: float = 1.0  # > 1: classifier-free guidance (text-conditioned models)
@@ -103,6 +110,7 @@ class AlignmentConfig:
     tcm_scale: float = 1.0  # ControlNet conditioning scale
     tcm_masked: bool = False  # zero the warped condition where the flow check marks occlusions
     tcm_fusion: bool = False  # also fuse x0 estimates (weight, weight_schedule) like mode fusion
+    tcm_warp: TcmWarp = "exact"  # warp of the TCM condition: exact, or StableVSR's flow_warp convention
 
 
 @dataclass
@@ -250,6 +258,7 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.scheduler.eta >= 0, "scheduler.eta", ">= 0", cfg.scheduler.eta)
 
     _check(s.num_inference_steps >= 1, "sampling.num_inference_steps", ">= 1", s.num_inference_steps)
+    _check(0 <= s.seed < 2 ** 63 - 1000000, "sampling.seed", "in [0, 2**63 - 1e6)", s.seed)
     _check(0 < s.strength <= 1, "sampling.strength", "in (0, 1]", s.strength)
     if int(s.num_inference_steps * s.strength) < 1:
         raise ConfigError(f"sampling.strength={s.strength} x sampling.num_inference_steps={s.num_inference_steps}"
@@ -353,4 +362,4 @@ def build_alignment(cfg: DictConfig, pipe: VideoPipeline) -> Alignment:
 
     fusion = align.Fusion(a.weight, a.weight_schedule, pipe.scheduler.config.num_train_timesteps) \
         if a.tcm_fusion else None
-    return TCMAlignment(scale=a.tcm_scale, masked=a.tcm_masked, fusion=fusion)
+    return TCMAlignment(scale=a.tcm_scale, masked=a.tcm_masked, fusion=fusion, warp_mode=a.tcm_warp)

@@ -32,6 +32,9 @@ _DIS_PRESETS = {
     "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM,
 }
 _RAFT_BATCH = 4  # frame pairs per RAFT forward pass
+# Smallest side each method takes at the flow resolution (measured: OpenCV's DIS raises below 8 px
+# and crashes the process between 8 and 15 px; RAFT's 4-level correlation pyramid at 1/8 resolution).
+MIN_FLOW_SIDE = {"dis": 16, "farneback": 1, "raft": 64}
 
 
 @dataclass
@@ -103,6 +106,40 @@ def warp(x: torch.Tensor, flow: torch.Tensor, padding_mode: str = "zeros") -> to
         x.to(dtype), grid, mode="bilinear", padding_mode=padding_mode, align_corners=True
     )
     return out.to(x.dtype)
+
+
+def warp_stablevsr(x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """StableVSR's ``flow_warp`` convention (util/flow_utils.py), which the published TCM was trained on.
+
+    The target ``p + flow(p)`` is normalised by (W-1, H-1) like :func:`warp`, but sampled with
+    ``grid_sample(align_corners=False)`` and zero padding, so pixel x is read at
+    ``x * W / (W-1) - 1/2``: even a zero flow stretches the image by half a pixel towards the
+    bottom-right and darkens the first row and column. x: (N, C, H, W), flow: (N, 2, H, W).
+    """
+    if x.ndim != 4 or flow.shape != (x.shape[0], 2, *x.shape[-2:]):
+        raise ValueError(f"warp_stablevsr got x {tuple(x.shape)} and flow {tuple(flow.shape)}; "
+                         "expected (N, C, H, W) and (N, 2, H, W)")
+    h, w = x.shape[-2:]
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    flow = flow.to(x.device, dtype)
+    target = _pixel_grid(h, w, flow) + flow
+    extent = torch.tensor([max(w - 1, 1), max(h - 1, 1)], device=x.device, dtype=dtype)
+    grid = rearrange(target, "n c h w -> n h w c") / extent * 2 - 1
+    out = F.grid_sample(x.to(dtype), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.to(x.dtype)
+
+
+WARPS = {"exact": warp, "stablevsr": warp_stablevsr}
+
+
+def check_flow_size(size: tuple[int, int], cfg: "FlowConfig") -> None:
+    """Raise ValueError when ``size`` = (h, w) at ``cfg.scale`` is below what ``cfg.method`` can take."""
+    h, w = max(1, round(size[0] * cfg.scale)), max(1, round(size[1] * cfg.scale))
+    need = MIN_FLOW_SIDE[cfg.method]
+    if min(h, w) < need:
+        raise ValueError(f"frames of {size[1]}x{size[0]} give {w}x{h} at flow.scale={cfg.scale:g}, below the "
+                         f"{need} px that flow.method={cfg.method} needs; use larger frames, a larger flow.scale "
+                         "or flow.method=farneback")
 
 
 def consistency_mask(
@@ -278,15 +315,24 @@ def _load_raft(path: str, device: str) -> torch.nn.Module:
     return model.eval().to(device)
 
 
-def _raft_pair_flows(frames: torch.Tensor, size: tuple[int, int], cfg: FlowConfig, device):
+def _raft_pair_flows(frames: torch.Tensor, size: tuple[int, int], cfg: FlowConfig, device, compute_device):
     """(F, 3, H, W) in [-1, 1] -> (2(F-1), 2, h, w) on device: flows i -> i+1, then i+1 -> i, at size."""
-    model = _load_raft(str(cfg.raft_weights), str(torch.device(device)))
-    x = _resample(frames.to(device, torch.float32), size)
-    x = F.pad(x, (0, -size[1] % 8, 0, -size[0] % 8), mode="replicate")  # RAFT needs sides divisible by 8
-    src, dst = torch.cat([x[:-1], x[1:]]), torch.cat([x[1:], x[:-1]])
+    model = _load_raft(str(cfg.raft_weights), str(torch.device(compute_device)))
+    model_device = next(model.parameters()).device
+    pairs = [(i, i + 1) for i in range(len(frames) - 1)]
+    pairs += [(j, i) for i, j in pairs]
+
+    def prepare(idx: list[int]) -> torch.Tensor:  # only this batch's frames go to the device
+        x = _resample(frames[idx].to(model_device, torch.float32), size)
+        return F.pad(x, (0, -size[1] % 8, 0, -size[0] % 8), mode="replicate")  # sides divisible by 8
+
+    flows = []
     with torch.no_grad():
-        flows = [model(s, d)[-1] for s, d in zip(src.split(_RAFT_BATCH), dst.split(_RAFT_BATCH))]
-    return torch.cat(flows)[..., : size[0], : size[1]]
+        for lo in range(0, len(pairs), _RAFT_BATCH):
+            batch = pairs[lo:lo + _RAFT_BATCH]
+            src, dst = prepare([i for i, _ in batch]), prepare([j for _, j in batch])
+            flows.append(model(src, dst)[-1][..., : size[0], : size[1]].to(device))
+    return torch.cat(flows)
 
 
 def _opencv_pair_flows(frames: torch.Tensor, size: tuple[int, int], cfg: FlowConfig) -> torch.Tensor:
@@ -302,14 +348,16 @@ def _opencv_pair_flows(frames: torch.Tensor, size: tuple[int, int], cfg: FlowCon
 
 
 def compute_clip_flows(
-    frames: torch.Tensor, cfg: FlowConfig, size: tuple[int, int] | None = None, device=None
+    frames: torch.Tensor, cfg: FlowConfig, size: tuple[int, int] | None = None, device=None,
+    compute_device=None,
 ) -> ClipFlows:
     """Flows both ways between neighbouring frames of a clip, with validity masks.
 
     frames: (F, 3, H, W) RGB in [-1, 1]. The 2(F-1) flows are computed once at ``cfg.scale`` of
     (H, W); each direction's mask is the forward-backward check AND "target inside the image"
     (see ``consistency_mask``), evaluated at that resolution. The result is resized to ``size``
-    (default (H, W)) with vectors rescaled, on ``device`` (default: the frames'; RAFT runs there).
+    (default (H, W)) with vectors rescaled, on ``device`` (default: the frames'). RAFT runs on
+    ``compute_device`` (default: ``device``) a few frame pairs at a time.
     """
     cfg.validate()
     if frames.ndim != 4 or frames.shape[1] != 3 or frames.shape[0] < 1:
@@ -324,8 +372,9 @@ def compute_clip_flows(
         clip = ClipFlows(flow_zero, flow_zero.clone(), mask_zero, mask_zero.clone())
         return clip.resized(size or (height, width))
 
+    check_flow_size((height, width), cfg)
     if cfg.method == "raft":
-        pair_flows = _raft_pair_flows(frames, work, cfg, device)
+        pair_flows = _raft_pair_flows(frames, work, cfg, device, compute_device or device)
     else:
         pair_flows = _opencv_pair_flows(frames, work, cfg).to(device)
     forward, backward = pair_flows.chunk(2)  # (F-1, 2, h, w): i -> i+1 and i+1 -> i

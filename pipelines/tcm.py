@@ -7,13 +7,17 @@ paper's semantics). Options the original lacks, all off by default:
 
 * ``masked``: zero the warped condition where the forward-backward check marks occlusions;
 * ``fusion``: also fuse the x0 estimates (training-free, see :class:`pipelines.align.Fusion`).
+
+``warp_mode`` picks the warp of the condition: ``exact`` (:func:`pipelines.flow.warp`) or
+``stablevsr`` (:func:`pipelines.flow.warp_stablevsr`, the half-pixel-stretched, zero-padded warp the
+published TCM was trained on; ``configs/stablevsr.yaml`` turns it on).
 """
 from __future__ import annotations
 
 import torch
 
 from .align import Alignment, Fusion, Neighbours
-from .flow import ClipFlows, warp
+from .flow import WARPS, ClipFlows
 from .timing import NullTimer
 
 
@@ -21,20 +25,26 @@ class TCMAlignment(Alignment):
     name = "tcm"
     uses_neighbours = True
 
-    def __init__(self, scale: float = 1.0, masked: bool = False, fusion: Fusion | None = None):
-        self.scale, self.masked, self.fusion = scale, masked, fusion
+    def __init__(self, scale: float = 1.0, masked: bool = False, fusion: Fusion | None = None,
+                 warp_mode: str = "exact"):
+        if warp_mode not in WARPS:
+            raise ValueError(f"TCM warp mode must be one of {', '.join(WARPS)}, not {warp_mode!r}")
+        self.scale, self.masked, self.fusion, self.warp = scale, masked, fusion, WARPS[warp_mode]
         self.pipe = self.flows = None
         self.timer = NullTimer()
         self.decoded_frames: list[int] = []  # every frame decoded in the last run, in order (for tests)
 
-    def bind(self, pipe, flows: ClipFlows, size: tuple[int, int], timer=None) -> None:
-        """Called by the pipeline once per run: the VAE, the clip's flows (kept on the device) and the
-        pixel size the decoded x0 has (flows are resized to it per batch)."""
+    def bind(self, pipe, flows: ClipFlows | None, size: tuple[int, int], timer=None, **_) -> None:
+        """Called by the pipeline once per run: the VAE, the clip's flows (None for a one-frame clip;
+        left where they are, only each batch's flows go to the device) and the pixel size the decoded
+        x0 has (flows are resized to it per batch)."""
         if pipe.controlnet is None or pipe.vae is None:
             raise ValueError("alignment.mode=tcm needs a latent model with a controlnet/ folder (StableVSR layout)")
-        self.pipe, self.flows, self.size = pipe, flows.to(pipe.device), tuple(size)
+        self.pipe, self.flows, self.size = pipe, flows, tuple(size)
         self.timer = timer or NullTimer()
         self.decoded_frames = []
+        if self.fusion is not None:
+            self.fusion.bind(pipe, flows=flows, size=size, timer=timer, **_)
 
     def _decode(self, x0: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
@@ -48,9 +58,9 @@ class TCMAlignment(Alignment):
         rgb = self._decode(nb.x0[keep])  # each neighbour x0 is decoded exactly once
         self.decoded_frames += nb.index[keep].tolist()
         flow, mask = self.flows.pick(nb.frames[keep], nb.index[keep], self.size)
-        warped = warp(rgb.float(), flow)
+        warped = self.warp(rgb.float(), flow.to(rgb.device))
         if self.masked:
-            warped = warped * mask
+            warped = warped * mask.to(rgb.device)
         control = warped.new_zeros((len(nb.frames), *warped.shape[1:]))
         control[keep] = warped
         return dict(control=control, control_scale=nb.present.float() * self.scale)

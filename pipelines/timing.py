@@ -13,12 +13,14 @@ class StageTimer:
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
         self._stack: list[list] = []  # [stage, start of its current slice]
-        # synchronise only when timing an accelerator whose kernels run asynchronously
-        self.sync = device is not None and torch.device(device).type != "cpu" and torch.cuda.is_available()
+        # synchronise only when timing an accelerator whose kernels run asynchronously, and then
+        # that device (not whichever CUDA device happens to be current)
+        self.device = None if device is None else torch.device(device)
+        self.sync = self.device is not None and self.device.type == "cuda" and torch.cuda.is_available()
 
     def _sync(self) -> None:
         if self.sync:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
 
     @contextmanager
     def __call__(self, stage: str):

@@ -5,7 +5,11 @@ Four kinds of model are recognised from their components:
 * ``residual_sr`` - a pixel-space ``UNet2DModel`` super-resolution model (this project's shipped
   model): the UNet sees ``[x_t, bicubic]`` and x0 is the residual ``(HR - bicubic) / residual_scale``;
 * ``upscale``     - a latent upscaler (SD x4 upscaler, StableVSR): the VAE latent has the low-res
-  size and the UNet sees ``[x_t, noised low-res frame]`` with the noise level as class label;
+  size and the UNet sees ``[x_t, low-res frame in [-1, 1]]``. Two conventions (``convention``):
+  ``sd_upscaler`` noises the low-res frame and passes the noise level as class label (diffusers'
+  StableDiffusionUpscalePipeline); ``stablevsr`` passes the clean frame and no class label to the
+  UNet or the ControlNet (StableVSR's pipeline and training script). ``auto`` picks ``stablevsr``
+  for a model with a ControlNet or without a class embedding, ``sd_upscaler`` otherwise;
 * ``img2img``     - a latent model (VAE + UNet) starting from the encoded input frames;
 * ``pixel``       - a pixel-space UNet starting from the input frames.
 """
@@ -27,6 +31,7 @@ from .sweep import step_directions
 from .timing import NullTimer, StageTimer
 
 ModelKind = Literal["residual_sr", "upscale", "img2img", "pixel"]
+Convention = Literal["auto", "stablevsr", "sd_upscaler"]
 
 
 @dataclass
@@ -60,11 +65,13 @@ class Result:
 class VideoPipeline:
     def __init__(self, unet, scheduler, *, vae=None, text_encoder=None, tokenizer=None, controlnet=None,
                  low_res_scheduler=None, scale: int = 1, residual_scale: float | None = None,
-                 lr_range: Literal["signed", "unit"] = "signed"):
+                 convention: Convention = "auto"):
         self.unet, self.scheduler, self.vae = unet, scheduler, vae
         self.text_encoder, self.tokenizer, self.controlnet = text_encoder, tokenizer, controlnet
         self.low_res_scheduler, self.scale, self.residual_scale = low_res_scheduler, scale, residual_scale
-        self.lr_range = lr_range  # range of the low-res frame concatenated to the UNet input (upscalers)
+        if convention not in ("auto", "stablevsr", "sd_upscaler"):
+            raise ValueError(f"convention must be auto, stablevsr or sd_upscaler, not {convention!r}")
+        self.convention = convention
         self.kind = self._kind()
 
     # ------------------------------------------------------------------ construction
@@ -112,11 +119,23 @@ class VideoPipeline:
             return unet * 2 ** (len(self.vae.config.block_out_channels) - 1)
         return unet // gcd(unet, self.scale)
 
-    def sample_offset(self, idx: torch.Tensor) -> torch.Tensor | None:
-        """Residual models: ``base / s`` for frames ``idx`` of the current clip, so that
+    def upscale_convention(self) -> str:
+        """``stablevsr`` or ``sd_upscaler``: how an upscaler is conditioned (see the module docstring)."""
+        if self.convention != "auto":
+            return self.convention
+        has_labels = getattr(self.unet, "class_embedding", None) is not None
+        return "stablevsr" if self.controlnet is not None or not has_labels else "sd_upscaler"
+
+    def sample_offset(self, frames: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Residual models: ``base / s`` for frames ``idx`` of the input ``frames``, so that
         ``x0 + offset`` is the clean frame in sample units (the bicubic upscale is recomputed)."""
-        base = self.conditioning_frames(self._frames[idx.cpu()]).to(idx.device)
+        base = self.conditioning_frames(frames[idx.cpu()]).to(idx.device)
         return base / self.residual_scale
+
+    def unet_latent_size(self, frames: torch.Tensor) -> tuple[int, int]:
+        """(h, w) of an img2img model's latent for input ``frames`` (the VAE's downsampling factor)."""
+        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return frames.shape[-2] // f, frames.shape[-1] // f
 
     def output_size(self, frames: torch.Tensor) -> tuple[int, int]:
         h, w = frames.shape[-2:]
@@ -191,7 +210,8 @@ class VideoPipeline:
             cfg = flow or FlowConfig()
             with timer("flow"):
                 work = (max(1, round(out_size[0] * cfg.scale)), max(1, round(out_size[1] * cfg.scale)))
-                flows = compute_clip_flows(self.conditioning_frames(frames), cfg, size=work, device=state_dev)
+                flows = compute_clip_flows(self.conditioning_frames(frames), cfg, size=work, device=state_dev,
+                                           compute_device=dev)
 
         concat, init, class_labels = None, None, None
         if self.kind == "residual_sr":
@@ -199,24 +219,26 @@ class VideoPipeline:
             shape = (F, self.unet.config.out_channels, *out_size)
             init = torch.zeros((1, *shape[1:]), device=state_dev)  # the residual of the bicubic frame itself
         elif self.kind == "upscale":
-            lr = frames.to(dev, self.unet.dtype)
-            if self.lr_range == "unit":  # StableVSR feeds the low-res frame in [0, 1]
-                lr = (lr + 1) / 2
-            if getattr(self.unet, "class_embedding", None) is not None:  # SD x4 upscaler: noise-level label
+            lr = frames.to(dev, self.unet.dtype)  # in [-1, 1] under both conventions
+            if self.upscale_convention() == "sd_upscaler":  # noised low-res frame, noise level as class label
                 noise = torch.cat([torch.randn((1, *lr.shape[1:]), generator=g).to(dev, lr.dtype) for g in gens])
                 level = torch.tensor([o.noise_level], dtype=torch.long, device=dev)
                 concat = self.low_res_scheduler.add_noise(lr, noise, level)
-                class_labels = level
-            else:
+                class_labels = level if getattr(self.unet, "class_embedding", None) is not None else None
+            else:  # StableVSR: the clean low-res frame, no class labels for the UNet or the ControlNet
+                if getattr(self.unet, "class_embedding", None) is not None:
+                    raise ValueError("the StableVSR convention passes no class labels, but this UNet has a class "
+                                     "embedding that needs them; use model.convention=sd_upscaler")
                 concat = lr
             shape = (F, self.vae.config.latent_channels, *lr.shape[-2:])
             if o.strength < 1.0:
                 with timer("vae"):
                     init = self._vae_encode(frames, gens, o.decode_batch_size, upscale=True).to(state_dev)
         elif self.kind == "img2img":
-            with timer("vae"):
-                init = self._vae_encode(frames, gens, o.decode_batch_size).to(state_dev)
-            shape = tuple(init.shape)
+            shape = (F, self.vae.config.latent_channels, *(self.unet_latent_size(frames)))
+            if o.strength < 1.0:  # strength 1 starts from pure noise (text-to-image), nothing to encode
+                with timer("vae"):
+                    init = self._vae_encode(frames, gens, o.decode_batch_size).to(state_dev)
         else:
             init = frames.to(state_dev)
             shape = tuple(init.shape)
@@ -235,9 +257,8 @@ class VideoPipeline:
             latents = self.scheduler.add_noise(init.float(), latents, timesteps[:1].repeat(F).to(state_dev))
         del init
         latents = latents.to(self.unet.dtype)
-        self._frames = frames  # for sample_offset
         if hasattr(alignment, "bind"):
-            alignment.bind(self, flows=flows, size=out_size, timer=timer)
+            alignment.bind(self, flows=flows, size=out_size, timer=timer, frames=frames)
 
         x = sample_frames(
             denoiser, self.scheduler, latents, timesteps, generators=gens, concat=concat, alignment=alignment,

@@ -311,3 +311,53 @@ def test_clip_flows_container():
     gray = to_gray_uint8(torch.stack([-torch.ones(3, 2, 2), torch.ones(3, 2, 2)]))
     assert gray.dtype == np.uint8 and gray.shape == (2, 2, 2)
     assert gray[0].max() == 0 and gray[1].min() == 255
+
+
+def _bilinear_zero_padded(img: np.ndarray, x: float, y: float) -> np.ndarray:
+    """Bilinear read of img (H, W, C) at pixel (x, y); taps outside the image read 0."""
+    h, w = img.shape[:2]
+    x0, y0 = int(np.floor(x)), int(np.floor(y))
+    out = np.zeros(img.shape[2], np.float64)
+    for yy, wy in ((y0, 1 - (y - y0)), (y0 + 1, y - y0)):
+        for xx, wx in ((x0, 1 - (x - x0)), (x0 + 1, x - x0)):
+            if 0 <= xx < w and 0 <= yy < h:
+                out += wx * wy * img[yy, xx]
+    return out
+
+
+def test_stablevsr_warp_convention_restated_from_its_description():
+    """Reference kind: a re-statement written from the description of StableVSR's flow_warp (grid = pixel +
+    flow normalised by (W-1, H-1), then grid_sample with align_corners=False and zero padding), i.e. pixel p
+    reads the source at ((p + flow) * S / (S - 1) - 1/2) per axis, with zero outside."""
+    from pipelines.flow import warp_stablevsr
+
+    rng = np.random.default_rng(0)
+    h, w = 7, 9
+    img = rng.uniform(-1, 1, (h, w, 3))
+    flow = rng.uniform(-1.5, 1.5, (2, h, w))
+    got = warp_stablevsr(torch.from_numpy(img).permute(2, 0, 1)[None].float(),
+                         torch.from_numpy(flow)[None].float())[0].permute(1, 2, 0).numpy()
+    want = np.zeros_like(img)
+    for y in range(h):
+        for x in range(w):
+            sx = (x + flow[0, y, x]) * w / (w - 1) - 0.5
+            sy = (y + flow[1, y, x]) * h / (h - 1) - 0.5
+            want[y, x] = _bilinear_zero_padded(img, sx, sy)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # a zero flow is not the identity: stretched by half a pixel, first row and column darkened
+    ones = torch.ones(1, 1, h, w)
+    still = warp_stablevsr(ones, torch.zeros(1, 2, h, w))[0, 0]
+    assert still[0, 0] == pytest.approx(0.25) and still[0, 3] == pytest.approx(0.5)
+    assert torch.equal(warp(ones, torch.zeros(1, 2, h, w)), ones)  # the exact warp is
+
+
+@pytest.mark.parametrize("method,size,ok", [("dis", 15, False), ("dis", 16, True), ("farneback", 2, True)])
+def test_flow_size_check_names_the_minimum(method, size, ok):
+    from pipelines.flow import check_flow_size
+
+    cfg = FlowConfig(method=method)
+    if ok:
+        check_flow_size((size, 40), cfg)
+    else:
+        with pytest.raises(ValueError, match=f"flow.method={method} needs"):
+            check_flow_size((size, 40), cfg)

@@ -19,7 +19,7 @@ def layout(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pipe(layout):
     p = VideoPipeline.from_pretrained(layout)
-    p.lr_range = "unit"
+    assert p.upscale_convention() == "stablevsr"  # a ControlNet and no class embedding
     return p
 
 
@@ -30,63 +30,104 @@ def test_layout_loads_through_real_loading_code(pipe):
     assert pipe.unet.config.in_channels == 7
 
 
-def reference_warp(x, flow):
-    """Independent backward warp: sample x at p + flow(p) (pixel units, bilinear, zeros outside)."""
+def reference_warp(x, flow, align_corners=True):
+    """Independent backward warp: sample x at p + flow(p) (pixel units normalised by (W-1, H-1), bilinear,
+    zeros outside). ``align_corners=False`` is StableVSR's flow_warp as its util/flow_utils.py writes it."""
     n, _, h, w = x.shape
     ys, xs = torch.meshgrid(torch.arange(h, dtype=x.dtype), torch.arange(w, dtype=x.dtype), indexing="ij")
     gx = (xs + flow[:, 0]) / (w - 1) * 2 - 1
     gy = (ys + flow[:, 1]) / (h - 1) * 2 - 1
-    return F.grid_sample(x, torch.stack([gx, gy], -1), mode="bilinear", padding_mode="zeros", align_corners=True)
+    return F.grid_sample(x, torch.stack([gx, gy], -1), mode="bilinear", padding_mode="zeros",
+                         align_corners=align_corners)
 
 
-def reference_stablevsr(pipe, lr, flows, steps, seed, scale):
-    """A plain StableVSR sampler written from the paper: per-frame latents, the frame order reversed
-    every step, the previous frame's x0 (this sweep) decoded, warped and fed to the TCM."""
+def reference_stablevsr(pipe, lr, flows, steps, seed, scale, align_corners=True):
+    """A plain StableVSR sampler following the facts of the original code (claudiom4sir/StableVSR,
+    pipeline/stablevsr_pipeline.py; reference kind: a re-statement of code not written here):
+    the low-res frame in [-1, 1] (VaeImageProcessor, do_normalize=True) concatenated without noise,
+    no class labels for the UNet or the ControlNet, per-frame latents, ``scheduler.step`` right after
+    each frame, its ``pred_original_sample`` decoded, warped onto the next frame of the sweep and fed
+    to the TCM, and the frame order reversed every step."""
     sched = copy.deepcopy(pipe.scheduler)
     sched.set_timesteps(steps)
     gens = [torch.Generator().manual_seed(seed + f) for f in range(len(lr))]
     tok = pipe.tokenizer("", padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt")
     emb = pipe.text_encoder(tok.input_ids)[0]
-    lr01 = (lr + 1) / 2
     latents = [torch.randn((1, 4, *lr.shape[-2:]), generator=g) * sched.init_noise_sigma for g in gens]
     order = list(range(len(lr)))
     for t in sched.timesteps:
-        prev_x0, prev_f, outs = None, None, {}
+        prev_x0, prev_f = None, None
         for f in order:
-            inp = torch.cat([sched.scale_model_input(latents[f], t), lr01[f:f + 1]], 1)
+            inp = torch.cat([sched.scale_model_input(latents[f], t), lr[f:f + 1]], 1)
             extra = {}
             if prev_x0 is not None:
                 rgb = pipe.vae.decode(prev_x0 / pipe.vae.config.scaling_factor).sample
                 flow = flows.to_prev[f:f + 1] if prev_f < f else flows.to_next[f:f + 1]
-                down, mid = pipe.controlnet(inp, t, encoder_hidden_states=emb, controlnet_cond=reference_warp(rgb, flow),
-                                            return_dict=False)
+                down, mid = pipe.controlnet(inp, t, encoder_hidden_states=emb, return_dict=False,
+                                            controlnet_cond=reference_warp(rgb, flow, align_corners))
                 extra = dict(down_block_additional_residuals=[d * scale for d in down],
                              mid_block_additional_residual=mid * scale)
             v = pipe.unet(inp, t, encoder_hidden_states=emb, **extra).sample
-            a = sched.alphas_cumprod[t]
-            prev_x0 = a.sqrt() * latents[f] - (1 - a).sqrt() * v  # approximated x0 (v-prediction)
-            prev_f = f
-            outs[f] = v
-        for f in range(len(lr)):
-            latents[f] = sched.step(outs[f], t, latents[f], generator=gens[f]).prev_sample
+            step = sched.step(v, t, latents[f], generator=gens[f])
+            latents[f], prev_x0, prev_f = step.prev_sample, step.pred_original_sample, f
         order.reverse()
     out = [pipe.vae.decode(x / pipe.vae.config.scaling_factor).sample for x in latents]
     return torch.cat(out).clamp(-1, 1)
 
 
 @torch.no_grad()
-def test_parity_with_plain_stablevsr_sampler(pipe):
+@pytest.mark.parametrize("warp_mode", ["exact", "stablevsr"])
+def test_parity_with_plain_stablevsr_sampler(pipe, warp_mode):
     lr = tiny.textured_clip(3, 8, shift=(0.5, 0.25))
     cond = pipe.conditioning_frames(lr)
     flows = compute_clip_flows(cond, FlowConfig())
-    want = reference_stablevsr(pipe, lr, flows, steps=3, seed=4, scale=0.8)
-    got = pipe(lr, options=SamplingOptions(num_inference_steps=3, seed=4), alignment=TCMAlignment(scale=0.8),
-               flows=flows).frames
+    want = reference_stablevsr(pipe, lr, flows, steps=3, seed=4, scale=0.8, align_corners=warp_mode == "exact")
+    got = pipe(lr, options=SamplingOptions(num_inference_steps=3, seed=4), flows=flows,
+               alignment=TCMAlignment(scale=0.8, warp_mode=warp_mode)).frames
     without = pipe(lr, options=SamplingOptions(num_inference_steps=3, seed=4), flows=flows).frames
     print("parity max diff", (got - want).abs().max().item(), "tcm effect", (without - got).abs().max().item())
     # float32 round-off (x0 coefficients, batched vs per-frame steps) amplified by the VAE decoder: measured 6e-5
     torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
     assert (without - got).abs().max() > 100 * 2e-4  # the TCM really changes the result
+
+
+@torch.no_grad()
+def test_old_unit_range_would_fail_parity(pipe):
+    """The [0, 1] low-res range the old config used is far from the original's [-1, 1]: the parity
+    test above would catch it (measured max difference ~0.1 on this tiny model)."""
+    lr = tiny.textured_clip(3, 8, shift=(0.5, 0.25))
+    flows = compute_clip_flows(pipe.conditioning_frames(lr), FlowConfig())
+    want = reference_stablevsr(pipe, lr, flows, steps=3, seed=4, scale=0.8)
+    wrong = pipe((lr + 1) / 2, options=SamplingOptions(num_inference_steps=3, seed=4), flows=flows,
+                 alignment=TCMAlignment(scale=0.8)).frames
+    assert (wrong - want).abs().max() > 1e-2
+
+
+def test_stablevsr_convention_passes_no_class_labels(layout, monkeypatch):
+    """Even when the checkpoint's UNet has a class embedding, the StableVSR convention gives neither the
+    UNet nor the ControlNet class labels and does not noise the low-res frame; sd_upscaler does."""
+    unet = tiny.cond_unet(in_channels=7, class_embed=True)
+    p = VideoPipeline(unet, tiny.ddpm_v(), vae=tiny.vae(down=3), scale=4, convention="stablevsr",
+                      text_encoder=VideoPipeline.from_pretrained(layout).text_encoder,
+                      tokenizer=VideoPipeline.from_pretrained(layout).tokenizer,
+                      low_res_scheduler=tiny.ddpm_v().__class__())
+    with pytest.raises(ValueError, match="class labels"):
+        p(tiny.textured_clip(2, 8), options=SamplingOptions(num_inference_steps=1))
+    seen = []
+    real = unet.forward
+    monkeypatch.setattr(unet, "forward", lambda *a, **k: (seen.append((k.get("class_labels"), a[0][:, 4:])),
+                                                           real(*a, **k))[1])
+    p.convention = "sd_upscaler"
+    lr = tiny.textured_clip(2, 8)
+    p(lr, options=SamplingOptions(num_inference_steps=1, noise_level=20))
+    labels, concat = seen[-1]
+    assert labels is not None and int(labels[0]) == 20 and (concat - lr).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_one_frame_clip_runs_with_tcm(pipe):
+    out = pipe(tiny.textured_clip(1, 8), options=SamplingOptions(num_inference_steps=2), alignment=TCMAlignment())
+    assert out.frames.shape == (1, 3, 32, 32) and torch.isfinite(out.frames).all()
 
 
 @torch.no_grad()
@@ -154,4 +195,5 @@ def test_stablevsr_config_runs_end_to_end_on_tiny_layout(layout, tmp_path):
     assert video.frames.shape == (3, 32, 32, 3) and video.fps == 12
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["model_kind"] == "upscale" and report["config"]["alignment"]["mode"] == "tcm"
-    assert report["config"]["model"]["lr_range"] == "unit" and report["timings"]["vae"] > 0
+    assert report["config"]["model"]["convention"] == "stablevsr" and report["timings"]["vae"] > 0
+    assert report["config"]["alignment"]["tcm_warp"] == "stablevsr"
