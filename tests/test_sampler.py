@@ -137,12 +137,33 @@ def test_callback_sees_every_frame_every_step_in_sweep_order():
     assert seen[0][2] == (3, 32, 32)
 
 
-def test_strength_sets_start_and_noise_modes():
+@torch.no_grad()
+@pytest.mark.parametrize("strength", [0.3, 0.7])
+def test_strength_start_matches_diffusers_img2img(sd_parts, strength, monkeypatch):
+    """The first model call (the starting noisy sample and its timestep) equals diffusers' img2img's
+    (reference kind: diffusers' StableDiffusionImg2ImgPipeline), and so does every later timestep."""
+    frame = tiny.textured_clip(1, 32)
+    unet = sd_parts["unet"]
+    calls = []
+    real = unet.forward
+    monkeypatch.setattr(unet, "forward", lambda x, t, *a, **k: (calls.append((x.clone(), int(t))),
+                                                                 real(x, t, *a, **k))[1])
+    sched = DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    ref = StableDiffusionImg2ImgPipeline(**sd_parts, scheduler=sched, safety_checker=None, feature_extractor=None,
+                                         requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    ref(prompt="", image=to01(frame), strength=strength, num_inference_steps=10, guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(5), output_type="pt")
+    want, calls[:] = list(calls), []
+    pipe = VideoPipeline(unet, DDIMScheduler.from_config(sched.config), vae=sd_parts["vae"],
+                         text_encoder=sd_parts["text_encoder"], tokenizer=sd_parts["tokenizer"])
+    pipe(frame, options=SamplingOptions(num_inference_steps=10, strength=strength, seed=5))
+    assert [t for _, t in calls] == [t for _, t in want] and len(calls) == int(10 * strength)
+    torch.testing.assert_close(calls[0][0], want[0][0], atol=1e-6, rtol=0)
+
+
+def test_noise_modes_and_strength_errors():
     pipe = pixel_pipe()
-    ts = []
-    pipe(tiny.textured_clip(1, 16), options=SamplingOptions(num_inference_steps=10, strength=0.3),
-         callback=lambda s, t, f, x0: ts.append(int(t)))
-    assert len(ts) == 3 and ts[0] < 300
     gens = [torch.Generator().manual_seed(i) for i in range(3)]
     shared = initial_noise((3, 2, 4, 4), gens, "cpu", torch.float32, "shared")
     assert torch.equal(shared[0], shared[2])
@@ -184,15 +205,14 @@ def test_frame_space_fusion_aligns_whole_frames_of_residual_models():
 
     pipe = pixel_pipe()
     clip = tiny.textured_clip(2, 8, shift=(2.0, 0.0))
-    pipe._frames = clip
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(2, 3, 16, 16, generator=g)
     nb = Neighbours(torch.tensor([1]), torch.tensor([0]), torch.tensor([True]), x0[:1], torch.zeros(1, 2, 16, 16),
                     torch.ones(1, 1, 16, 16))
     frame = Fusion(1.0, space="frame")
-    frame.bind(pipe)
+    frame.bind(pipe, frames=clip)
     offset = pipe.conditioning_frames(clip) / pipe.residual_scale
     torch.testing.assert_close(frame.fuse(x0[1:], nb, 500), x0[:1] + offset[:1] - offset[1:])
     sample = Fusion(1.0, space="sample")
-    sample.bind(pipe)
+    sample.bind(pipe, frames=clip)
     torch.testing.assert_close(sample.fuse(x0[1:], nb, 500), x0[:1])

@@ -84,16 +84,20 @@ def test_velocity_matches_get_velocity(cls):
 
 
 def test_velocity_and_x0_are_inverse_maps():
-    """v from (x0, eps) and x0 from (x_t, v): different coefficients, consistent maths (closed form)."""
+    """x_t from diffusers' add_noise and v from its get_velocity (reference kind: code not written here);
+    our approx_x0 must recover x0 from (x_t, v) at every t, and our velocity must equal get_velocity."""
     s = make(DDPMScheduler, "v_prediction")
     g = torch.Generator().manual_seed(4)
     x0, eps = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64), torch.randn(3, 2, 4, 4, generator=g,
                                                                                      dtype=torch.float64)
     for t in (0, 400, 999):
-        a = s.alphas_cumprod[t].double()
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        v = velocity(s, x0, eps, t)
-        torch.testing.assert_close(a.sqrt() * x_t - (1 - a).sqrt() * v, x0)
+        ts = torch.tensor([t] * 3)
+        x_t, v = s.add_noise(x0, eps, ts), s.get_velocity(x0, eps, ts)
+        torch.testing.assert_close(approx_x0(s, v, t, x_t), x0)
+        torch.testing.assert_close(velocity(s, x0, eps, t), v)
+        # the step's own x0 agrees too
+        s.set_timesteps(1000)
+        torch.testing.assert_close(s.step(v, t, x_t).pred_original_sample, x0)
 
 
 def test_clip_sample_mirrors_ddpm():
