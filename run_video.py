@@ -26,19 +26,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-from omegaconf import DictConfig
-from tqdm import tqdm
+try:  # Ctrl-C while the libraries load: one line and exit 130, not a traceback
+    import torch
+    from omegaconf import DictConfig
+    from tqdm import tqdm
 
-from pipelines import metrics
-from pipelines.checkpoint import WorkdirMismatch
-from pipelines.config import (ConfigError, build_alignment, flow_config, load_config, pipeline_kwargs,
-                              sampling_options, to_dict, to_yaml)
-from pipelines.degradation import bicubic_resize
-from pipelines.flow import ClipFlows, compute_clip_flows
-from pipelines.timing import StageTimer
-from pipelines.video_io import (Clip, InputError, atomic_write_text, copy_audio, crop_to, pad_to_multiple,
-                                read_clip, side_by_side, to_tensor, to_uint8, write_frames, write_video)
+    from pipelines import metrics
+    from pipelines.checkpoint import WorkdirMismatch
+    from pipelines.config import (ConfigError, build_alignment, flow_config, load_config, pipeline_kwargs,
+                                  sampling_options, to_dict, to_yaml)
+    from pipelines.degradation import bicubic_resize
+    from pipelines.flow import ClipFlows, check_flow_size, compute_clip_flows
+    from pipelines.timing import StageTimer
+    from pipelines.video_io import (Clip, InputError, atomic_write_text, copy_audio, crop_to, pad_to_multiple,
+                                    read_clip, side_by_side, to_tensor, to_uint8, write_frames, write_video)
+except KeyboardInterrupt:
+    print("error: interrupted", file=sys.stderr, flush=True)
+    sys.exit(130)
 
 if TYPE_CHECKING:  # diffusers is imported once the cheap checks have passed, so bad input fails fast
     from pipelines.video_pipeline import VideoPipeline
@@ -62,8 +66,10 @@ def log(message: str) -> None:
 
 
 def fail(message: str) -> None:
-    """One line on stderr, however many lines the message has."""
-    print("error: " + " ".join(str(message).split()), file=sys.stderr, flush=True)
+    """One line on stderr, however many lines the message has, with one ``error:`` prefix."""
+    text = " ".join(str(message).split())
+    text = re.sub(r"^(?:(internal|config): )?(?:error: )+", lambda m: f"{m.group(1)}: " if m.group(1) else "", text)
+    print("error: " + text, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -87,7 +93,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", default=None,
                    help="checkpoint folder: a killed run restarted with the same command resumes from it")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. sampling.strength=0.6")
-    return p.parse_intermixed_args(argv)
+    args = p.parse_intermixed_args(argv)
+    for flag in ("config", "input", "output", "reference", "workdir"):
+        value = getattr(args, flag)
+        if value is not None and not value.strip():  # an unset shell variable must not mean "the default"
+            raise UsageError(f"--{flag} is empty; give a path or leave the option out")
+    return args
 
 
 def _from_root(path: Path) -> Path:
@@ -141,6 +152,13 @@ def _creatable_parent(label: str, path: Path) -> None:
         raise UsageError(f"{label} {path}: cannot create folder {folder}: {existing} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"{label} {path}: folder {existing} is not writable")
+    try:  # a real probe: some folders pass the access check but take no files (/proc, read-only mounts)
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".run_video-probe-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{label} {path}: cannot write files in {existing} ({e.strerror or e})") from e
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -219,8 +237,12 @@ def resolve_model_path(cfg: DictConfig) -> str:
     checked for the components the config needs. Raises ConfigError."""
     m = cfg.model
     path = str(_from_root(Path(m.path)))
-    # pipelines.loading's rule: what is not on disk and looks like "owner/name" is a hub id
-    if not Path(path).exists() and not path.startswith((".", "/", "~")) and path.count("/") == 1:
+    # pipelines.loading's rule: what is not on disk and looks like "owner/name" is a hub id, unless its
+    # first part is a local folder ("weights/nope" is a missing local model, not a hub repository)
+    owner = path.split("/")[0]
+    local_owner = Path(owner).is_dir() or (ROOT / owner).is_dir()
+    if not Path(path).exists() and not path.startswith((".", "/", "~")) and path.count("/") == 1 \
+            and not local_owner:
         return path  # checked when loading
     folder = Path(path)
     if not folder.is_dir():
@@ -259,6 +281,10 @@ def load_model(cfg: DictConfig, path: str, device: torch.device, timer: StageTim
             pipe.vae.enable_tiling()
         if cfg.model.vae_slicing:
             pipe.vae.enable_slicing()
+    train_steps = pipe.scheduler.config.num_train_timesteps
+    if cfg.sampling.num_inference_steps > train_steps:
+        raise ConfigError(f"sampling.num_inference_steps={cfg.sampling.num_inference_steps} exceeds the "
+                          f"{train_steps} training timesteps of {cfg.model.path}'s scheduler")
     if cfg.sampling.guidance_scale > 1 and pipe.text_encoder is None:
         raise ConfigError(f"sampling.guidance_scale={cfg.sampling.guidance_scale} needs a text-conditioned model; "
                           f"{cfg.model.path} has no text encoder (use sampling.guidance_scale=1)")
@@ -364,13 +390,14 @@ def read_inputs(cfg: DictConfig, paths: Paths, timer: StageTimer) -> Inputs:
     return Inputs(clip, frames, None if ref_clip is None else to_tensor(ref_clip.frames))
 
 
-def fingerprint(cfg: DictConfig, paths: Paths) -> str:
+def fingerprint(cfg: DictConfig, frames: torch.Tensor) -> str:
     """What makes a work folder reusable: the config that shapes sampling (all but ``output``) and the
-    input file's identity."""
-    st = paths.input.stat()
+    decoded input frames themselves (a frame overwritten in place changes it; a moved file does not)."""
     sampling = {k: v for k, v in to_dict(cfg).items() if k != "output"}
-    text = f"{json.dumps(sampling, sort_keys=True)}\n{paths.input.resolve()}\n{st.st_size}\n{st.st_mtime_ns}"
-    return hashlib.sha256(text.encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps(sampling, sort_keys=True).encode())
+    digest.update(str(tuple(frames.shape)).encode())
+    digest.update(frames.float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def sample(cfg: DictConfig, pipe: VideoPipeline, alignment, frames: torch.Tensor, flow_cfg,
@@ -445,6 +472,10 @@ def write_outputs(cfg: DictConfig, paths: Paths, inputs: Inputs, out: torch.Tens
     fps = float(cfg.output.fps or inputs.clip.fps or DEFAULT_FPS)
     out_u8 = to_uint8(out)
     log(f"writing {paths.output} ({len(out)} frames {_wxh(out)}, {fps:g} fps)")
+    if out_u8.shape[1] % 2 or out_u8.shape[2] % 2:
+        log(f"note: the codec needs even sides; {_wxh(out)} is stored padded to "
+            f"{out_u8.shape[2] + out_u8.shape[2] % 2}x{out_u8.shape[1] + out_u8.shape[1] % 2} "
+            "(last row/column repeated); PNG frames keep the exact size")
     write_video(paths.output, out_u8, fps)
     if cfg.output.audio:
         sel, rate = cfg.input, inputs.clip.fps
@@ -479,11 +510,12 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     workdir = Path(args.workdir).expanduser() if args.workdir else None
+    inputs = read_inputs(cfg, paths, timer)
+    key = fingerprint(cfg, inputs.frames) if workdir else ""
     if workdir is not None:
         from pipelines.checkpoint import Checkpointer
 
-        Checkpointer.verify(workdir, fingerprint(cfg, paths))
-    inputs = read_inputs(cfg, paths, timer)
+        Checkpointer.verify(workdir, key)
 
     log(f"loading model {model_path} on {device} ({cfg.model.dtype})")
     pipe = load_model(cfg, model_path, device, timer)
@@ -492,9 +524,13 @@ def run(args: argparse.Namespace) -> int:
     out_h, out_w = pipe.output_size(inputs.frames)
     if inputs.reference is not None and tuple(inputs.reference.shape[-2:]) != (out_h, out_w):
         raise UsageError(f"--reference frames are {_wxh(inputs.reference)}, output frames are {out_w}x{out_h}")
+    if len(inputs.frames) > 1:  # the alignment and the report's consistency metrics both need flow
+        try:
+            check_flow_size((out_h, out_w), flow_cfg)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
 
-    out, flows, steps_run = sample(cfg, pipe, alignment, inputs.frames, flow_cfg, timer, workdir,
-                                   fingerprint(cfg, paths) if workdir else "")
+    out, flows, steps_run = sample(cfg, pipe, alignment, inputs.frames, flow_cfg, timer, workdir, key)
     with timer("metrics"):
         scores = score(pipe, inputs, out, flows, flow_cfg)
     with timer("io"):
@@ -531,7 +567,10 @@ def guarded(job, args) -> int:
     except Exception as e:
         if args.debug:
             raise
-        fail(f"internal: {type(e).__name__}: {e}")
+        name = type(e).__name__
+        if name == "error":  # OpenCV's (and a few other libraries') exception class
+            name = f"{type(e).__module__.split('.')[0]}.{name}"
+        fail(f"internal: {name}: {e}")
         return 1
     return 2
 
@@ -566,8 +605,28 @@ def process_group():
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # the processes meet only at the end, possibly hours apart (one long clip against many short
+        # ones): the default timeouts (gloo 30 min, NCCL 10 min) would fail the finished ranks
+        from datetime import timedelta
+
+        hours = float(os.environ.get("RUN_VIDEO_BARRIER_HOURS", "168"))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=hours))
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def output_names(clips: list[Path]) -> list[str]:
+    """One distinct output stem per clip: the clip's stem, or ``stem_ext`` (then ``_2``, ...) where stems
+    collide (``a.mp4`` and ``a.mov`` must not write the same output or work folder)."""
+    stems = [c.stem for c in clips]
+    names, used = [], set()
+    for clip, stem in zip(clips, stems):
+        name = stem if stems.count(stem) == 1 else f"{stem}_{clip.suffix.lstrip('.').lower() or 'clip'}"
+        base, n = name, 2
+        while name in used:
+            name, n = f"{base}_{n}", n + 1
+        used.add(name)
+        names.append(name)
+    return names
 
 
 def run_many(args: argparse.Namespace, clips: list[Path]) -> int:
@@ -578,13 +637,15 @@ def run_many(args: argparse.Namespace, clips: list[Path]) -> int:
         raise UsageError(f"--output must be a folder when --input is a list of clips, got {outdir}")
     if args.reference:
         raise UsageError("--reference takes one clip; it cannot be used with a list of clips")
-    mine = clips[rank::world]
+    names = output_names(clips)
+    mine = list(range(len(clips)))[rank::world]
     log(f"[process {rank}/{world}] {len(mine)} of {len(clips)} clips")
     codes = [0]
-    for clip in mine:
+    for k in mine:
+        clip, name = clips[k], names[k]
         a = argparse.Namespace(**vars(args))
-        a.input, a.output = str(clip), str(outdir / f"{clip.stem}.mp4")
-        a.workdir = str(Path(args.workdir) / clip.stem) if args.workdir else None
+        a.input, a.output = str(clip), str(outdir / f"{name}.mp4")
+        a.workdir = str(Path(args.workdir) / name) if args.workdir else None
         if world > 1 and torch.cuda.is_available():
             a.overrides = [*args.overrides, f"model.device=cuda:{local}"]
         log(f"[process {rank}/{world}] {clip} -> {a.output}")

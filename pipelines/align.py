@@ -35,6 +35,11 @@ class Neighbours:
     flow: torch.Tensor  # (B, 2, h, w)
     mask: torch.Tensor  # (B, 1, h, w)
 
+    @classmethod
+    def absent(cls, frames: torch.Tensor) -> "Neighbours":
+        """Frames (B,) sampled without neighbours (x0, flow and mask are None)."""
+        return cls(frames, torch.full_like(frames, -1), torch.zeros_like(frames, dtype=torch.bool), None, None, None)
+
 
 class Alignment:
     """``none``: independent frame-wise sampling, the baseline."""

@@ -62,14 +62,26 @@ class Checkpointer:
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = self.dir / "run.json"
         if not meta.exists():
-            meta.write_text(json.dumps({"fingerprint": fingerprint}))
+            tmp = meta.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"fingerprint": fingerprint}))
+            os.replace(tmp, meta)
 
     @staticmethod
     def verify(workdir: str | Path, fingerprint: str) -> None:
         """Raise WorkdirMismatch if ``workdir`` (or a window folder in it) belongs to another run;
         reads only, so a command can check before doing any work."""
-        for meta in [Path(workdir) / "run.json", *Path(workdir).glob("*/run.json")]:
-            if meta.exists() and json.loads(meta.read_text()).get("fingerprint") != fingerprint:
+        workdir = Path(workdir)
+        if workdir.exists() and not workdir.is_dir():
+            raise WorkdirMismatch(f"--workdir {workdir} exists and is not a folder")
+        for meta in [workdir / "run.json", *workdir.glob("*/run.json")]:
+            if not meta.exists():
+                continue
+            try:
+                found = json.loads(meta.read_text()).get("fingerprint")
+            except (ValueError, AttributeError, OSError) as e:
+                raise WorkdirMismatch(f"work folder {workdir}: {meta.name} is unreadable ({type(e).__name__}); "
+                                      "delete the folder or use another --workdir") from e
+            if found != fingerprint:
                 raise WorkdirMismatch(f"work folder {workdir} was made by a different configuration or input; "
                                       "use another --workdir or delete it")
 
@@ -98,10 +110,14 @@ class Checkpointer:
             return None
         from safetensors import safe_open
 
-        with safe_open(self.state_file, framework="pt") as f:
-            meta = f.metadata()
-        tensors = load_file(self.state_file)
-        for i, g in enumerate(generators):
-            g.set_state(tensors[f"gen.{i}"])
-        _restore_scheduler(scheduler, tensors, json.loads(meta["scheduler"]), device)
-        return int(meta["step"]), tensors["x"].to(device), tensors["x0"].to(device)
+        try:
+            with safe_open(self.state_file, framework="pt") as f:
+                meta = f.metadata()
+            tensors = load_file(self.state_file)
+            for i, g in enumerate(generators):
+                g.set_state(tensors[f"gen.{i}"])
+            _restore_scheduler(scheduler, tensors, json.loads(meta["scheduler"]), device)
+            return int(meta["step"]), tensors["x"].to(device), tensors["x0"].to(device)
+        except Exception as e:  # truncated, foreign or damaged state: say so, never resume from it
+            raise WorkdirMismatch(f"work folder {self.dir}: {self.state_file.name} is damaged or from another "
+                                  f"run ({type(e).__name__}); delete it to start over") from e

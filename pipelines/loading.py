@@ -44,7 +44,15 @@ def _hub_json(repo: str, name: str) -> dict:
 def read_vsr_config(path: str | Path) -> dict:
     """This project's ``vsr_config.json`` (scale, residual_scale, training facts); {} when absent."""
     f = Path(path) / "vsr_config.json"
-    return json.loads(f.read_text()) if f.exists() else {}
+    if not f.exists():
+        return {}
+    try:
+        meta = json.loads(f.read_text())
+    except (ValueError, OSError) as e:
+        raise ModelLoadError(f"{f} is not valid JSON: {e}") from e
+    if not isinstance(meta, dict):
+        raise ModelLoadError(f"{f} must hold a JSON object, not {type(meta).__name__}")
+    return meta
 
 
 def make_scheduler(config, kind: str = "auto"):
@@ -90,9 +98,12 @@ def load_pipeline(cls, path, *, device="cpu", dtype=torch.float32, scheduler_kin
             comps["low_res_scheduler"] = (diffusers.DDPMScheduler.from_pretrained(path, subfolder=low_res_scheduler)
                                           if _has(path, low_res_scheduler, local) else diffusers.DDPMScheduler())
         meta = read_vsr_config(path) if local else _hub_json(path, "vsr_config.json")
-    except (OSError, EnvironmentError) as e:
+    except ModelLoadError:
+        raise
+    except (OSError, EnvironmentError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"cannot load model {path!r}: {first}") from e
+        where = "" if local else " from the Hugging Face hub (needs network access, or a local copy as model.path)"
+        raise ModelLoadError(f"cannot load model {path!r}{where}: {first}") from e
     pipe = cls(unet_model, sched, scale=int(meta.get("scale", 1)),
                residual_scale=meta.get("residual_scale"), **comps)
     for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.controlnet):

@@ -172,7 +172,10 @@ def sample_frames(
             for lo in range(0, len(position), batch_size):
                 frames = [v.frame for v in position[lo:lo + batch_size]]
                 idx = torch.tensor(frames, device=x.device)
-                nb = None if nb_all is None else Neighbours(*(f[lo:lo + batch_size] for f in vars(nb_all).values()))
+                if nb_all is None:  # independent frames: which frames these are, with no neighbour
+                    nb = Neighbours.absent(torch.tensor(frames, device=device))
+                else:
+                    nb = Neighbours(*(f[lo:lo + batch_size] for f in vars(nb_all).values()))
                 xi = x[idx].to(device)
                 with timer("align"):
                     extra = alignment.model_kwargs(nb, t)

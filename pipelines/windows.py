@@ -42,11 +42,11 @@ def plan_windows(num_frames: int, window: int, overlap: int) -> list[tuple[int, 
 class Anchored(Alignment):
     """Wrap an alignment: after it, pull the x0 of anchor frames towards fixed targets."""
 
-    uses_neighbours = True
-
     def __init__(self, base: Alignment, targets: dict[int, torch.Tensor], weight: float):
         self.base, self.targets, self.weight = base, targets, weight
         self.name = base.name
+        # anchoring itself needs no neighbours, so alignment none keeps its batched, independent sweep
+        self.uses_neighbours = base.uses_neighbours
 
     def bind(self, *args, **kwargs):
         if hasattr(self.base, "bind"):
@@ -106,7 +106,7 @@ def sample_windowed(pipe, frames: torch.Tensor, *, window: int, overlap: int, an
                 tmp = done.with_suffix(".tmp")
                 save_file(tensors, tmp)
                 tmp.replace(done)
-        if k > 0:
+        if k > 0 and a_overlap(spans, k) > 0:
             n = a_overlap(spans, k)
             ramp = torch.arange(1, n + 1, dtype=torch.float32).view(-1, 1, 1, 1) / (n + 1)
             prev = outputs[-1][-n:].float()

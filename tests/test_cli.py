@@ -213,7 +213,34 @@ BAD = [
     ("frames_dir over other files", lambda d: [f"output.frames_dir={_foreign_dir(d)}"], "holds other files"),
     ("frames_dir holding the input", lambda d: [f"output.frames_dir={d.parent / 'data'}"], "would be deleted"),
     ("bad flag", lambda d: ["--frobnicate"], "unrecognized arguments"),
+    # found by a hostile-input probe: each must fail up front with one line
+    ("frames too small for flow (resize)", lambda d: ["input.resize=0.01"], "that flow.method=dis needs"),
+    ("frames too small for flow (scale)", lambda d: ["flow.scale=0.05"], "that flow.method=dis needs"),
+    ("steps above training steps", lambda d: ["sampling.num_inference_steps=1001"],
+     "exceeds the 1000 training timesteps"),
+    ("seed out of range", lambda d: ["sampling.seed=100000000000000000000"], "sampling.seed"),
+    ("malformed vsr_config.json", lambda d: [f"model.path={_broken_model(d)}"], "is not valid JSON"),
+    ("workdir is a file", lambda d: ["--workdir", _corrupt(d)], "is not a folder"),
+    ("corrupt run.json", lambda d: ["--workdir", _bad_workdir(d)], "run.json is unreadable"),
+    ("output under /proc", lambda d: ["--output", "/proc/o.mp4"], "cannot write files in /proc"),
+    ("local-looking model path", lambda d: ["model.path=weights/nope"], "no such folder"),
+    ("empty input", lambda d: ["--input", ""], "--input is empty"),
+    ("empty output", lambda d: ["--output", ""], "--output is empty"),
 ]
+
+
+def _broken_model(d):
+    import shutil
+
+    shutil.copytree(d.parent / "data" / "model", d / "broken")
+    (d / "broken" / "vsr_config.json").write_text('{"scale": 2,')
+    return d / "broken"
+
+
+def _bad_workdir(d):
+    (d / "work").mkdir()
+    (d / "work" / "run.json").write_text("{not json")
+    return d / "work"
 
 
 @pytest.mark.parametrize("make, expected", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
@@ -260,3 +287,50 @@ def test_subprocess_bad_input_exit_code_and_single_line(data, tmp_path):
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and "cannot open video" in proc.stderr
     assert "model:" in proc.stdout  # the merged config came first
     assert not (tmp_path / "out").exists()
+
+
+def test_internal_error_names_opencv_once(data, tmp_path, capsys, monkeypatch):
+    """OpenCV's exception class is called 'error': the line must not read 'error: internal: error: ...'."""
+    def boom(*args, **kwargs):
+        raise cv2.error("bad thing")
+
+    monkeypatch.setattr(VideoPipeline, "__call__", boom)
+    rc, _, err = cli(capsys, "--input", data / "clip.mp4", "--output", tmp_path / "o.mp4",
+                     f"model.path={data / 'model'}", *FAST)
+    assert rc == 1 and err.splitlines()[-1] == "error: internal: cv2.error: bad thing"
+
+
+def test_fingerprint_follows_the_decoded_frames():
+    cfg = load_config(ROOT / "configs" / "default.yaml")
+    frames = tiny.textured_clip(3, 8)
+    same = run_video.fingerprint(cfg, frames.clone())
+    assert run_video.fingerprint(cfg, frames) == same
+    edited = frames.clone()
+    edited[1, 0, 3, 3] += 0.01  # one frame overwritten in place (a path/size/mtime check can miss this)
+    assert run_video.fingerprint(cfg, edited) != same
+
+
+def test_clips_with_the_same_stem_get_distinct_outputs():
+    names = run_video.output_names([Path("x/a.mp4"), Path("x/a.mov"), Path("x/b.mp4"), Path("y/a.mp4")])
+    assert names[2] == "b" and len(set(names)) == 4 and names[0].startswith("a_") and names[1] == "a_mov"
+
+
+def test_damaged_state_file_is_refused_not_resumed(tmp_path):
+    from pipelines.checkpoint import Checkpointer, WorkdirMismatch
+
+    ck = Checkpointer(tmp_path / "w", "key")
+    ck.state_file.write_bytes(b"\x00" * 64)
+    with pytest.raises(WorkdirMismatch, match="damaged"):
+        ck.load([torch.Generator()], tiny.ddpm_v(), "cpu")
+
+
+def test_ctrl_c_during_start_up_is_one_line_exit_130(tmp_path):
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run_video.py"), "--output", str(tmp_path / "o.mp4")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    time.sleep(0.4)  # still importing torch and diffusers
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err == "error: interrupted\n", err

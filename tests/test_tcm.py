@@ -197,3 +197,20 @@ def test_stablevsr_config_runs_end_to_end_on_tiny_layout(layout, tmp_path):
     assert report["model_kind"] == "upscale" and report["config"]["alignment"]["mode"] == "tcm"
     assert report["config"]["model"]["convention"] == "stablevsr" and report["timings"]["vae"] > 0
     assert report["config"]["alignment"]["tcm_warp"] == "stablevsr"
+
+
+@torch.no_grad()
+def test_windows_one_frame_last_window_with_tcm_and_batched_none(pipe, monkeypatch):
+    from pipelines.align import Alignment
+    from pipelines.windows import sample_windowed
+
+    lr = tiny.textured_clip(4, 8, shift=(0.5, 0.0))
+    opts = SamplingOptions(num_inference_steps=2, batch_size=8)
+    out = sample_windowed(pipe, lr, window=3, overlap=0, anchor_weight=0.8, make_alignment=TCMAlignment,
+                          options=opts)  # windows (0, 3) and (3, 4): the last one has a single frame
+    assert out.shape == (4, 32, 32, 3)
+    sizes = []
+    real = pipe.unet.forward
+    monkeypatch.setattr(pipe.unet, "forward", lambda x, *a, **k: (sizes.append(x.shape[0]), real(x, *a, **k))[1])
+    sample_windowed(pipe, lr, window=3, overlap=1, anchor_weight=0.8, make_alignment=Alignment, options=opts)
+    assert sizes == [3, 3, 2, 2]  # alignment none: each window's frames in one batch, anchors included
