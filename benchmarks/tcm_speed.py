@@ -65,7 +65,8 @@ def main(argv=None) -> int:
 
             model = str(tiny.save_stablevsr_layout(Path(tmp) / "stablevsr"))
         res = run(model, a.frames, a.size, a.steps, a.device, a.dtype, a.flow_scale)
-    res.update(model=a.model or "tiny random StableVSR layout", machine=platform.platform(),
+    card = torch.cuda.get_device_name(torch.device(a.device)) if torch.device(a.device).type == "cuda" else None
+    res.update(model=a.model or "tiny random StableVSR layout", machine=platform.platform(), card=card,
                torch=torch.__version__, threads=torch.get_num_threads())
     print(json.dumps(res, indent=2))
     a.out.parent.mkdir(parents=True, exist_ok=True)

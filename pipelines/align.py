@@ -99,5 +99,5 @@ class Fusion(Alignment):
             warped = warp(nb.x0, nb.flow)
         else:  # x0 + base / s is the frame in sample units; align whole frames, keep the residual form
             src = torch.where(nb.present, nb.index, nb.frames)
-            warped = warp(nb.x0 + self.offset(src), nb.flow) - self.offset(nb.frames)
+            warped = warp(nb.x0 + self.offset(src).to(x0), nb.flow) - self.offset(nb.frames).to(x0)
         return x0 + (w * nb.mask.to(x0.dtype)) * (warped - x0)

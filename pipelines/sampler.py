@@ -72,13 +72,15 @@ def _step_kwargs(scheduler, generators, eta: float) -> dict:
 
 
 def _neighbours(visits, x0_of: Callable[[torch.Tensor], torch.Tensor], flows: ClipFlows, size, device) -> Neighbours:
-    frames = torch.tensor([v.frame for v in visits], device=device)
-    index = torch.tensor([-1 if v.neighbour is None else v.neighbour for v in visits], device=device)
+    # frame bookkeeping stays on the host (reading it never waits for the accelerator); x0, flow and
+    # mask are on the compute device
+    frames = torch.tensor([v.frame for v in visits])
+    index = torch.tensor([-1 if v.neighbour is None else v.neighbour for v in visits])
     present = index >= 0
     flow, mask = flows.pick(frames, torch.where(present, index, frames), size)
     flow, mask = flow.to(device), mask.to(device)
     x0 = x0_of(torch.where(present, index, frames))
-    mask = mask * present.view(-1, 1, 1, 1).to(mask.dtype)
+    mask = mask * present.view(-1, 1, 1, 1).to(device, mask.dtype)
     return Neighbours(frames, index, present, x0, flow.to(x0.dtype), mask.to(x0.dtype))
 
 
@@ -173,7 +175,7 @@ def sample_frames(
                 frames = [v.frame for v in position[lo:lo + batch_size]]
                 idx = torch.tensor(frames, device=x.device)
                 if nb_all is None:  # independent frames: which frames these are, with no neighbour
-                    nb = Neighbours.absent(torch.tensor(frames, device=device))
+                    nb = Neighbours.absent(torch.tensor(frames))
                 else:
                     nb = Neighbours(*(f[lo:lo + batch_size] for f in vars(nb_all).values()))
                 xi = x[idx].to(device)

@@ -202,7 +202,8 @@ class VideoPipeline:
             raise ValueError(f"frames must be (F, 3, H, W) with F >= 1, got {tuple(frames.shape)}")
         state_dev = torch.device("cpu") if o.offload_state else dev
         gens = [torch.Generator().manual_seed(o.seed + f) for f in range(F)]
-        timesteps = img2img_timesteps(self.scheduler, o.num_inference_steps, o.strength, device=dev)
+        # timesteps stay on the host: the schedule maths per frame then never waits for the accelerator
+        timesteps = img2img_timesteps(self.scheduler, o.num_inference_steps, o.strength)
         out_size = self.output_size(frames)
 
         needs_flow = alignment.uses_neighbours and F > 1
