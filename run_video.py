@@ -38,7 +38,7 @@ try:  # Ctrl-C while the libraries load: one line and exit 130, not a traceback
     from pipelines.degradation import bicubic_resize
     from pipelines.flow import ClipFlows, check_flow_size, compute_clip_flows
     from pipelines.timing import StageTimer
-    from pipelines.video_io import (Clip, InputError, atomic_write_text, copy_audio, crop_to, pad_to_multiple,
+    from pipelines.video_io import (Clip, InputError, atomic_write_text, crop_to, pad_to_multiple,
                                     read_clip, side_by_side, to_tensor, to_uint8, write_frames, write_video)
 except KeyboardInterrupt:
     print("error: interrupted", file=sys.stderr, flush=True)
@@ -51,9 +51,17 @@ ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = Path("configs/default.yaml")
 DEFAULT_INPUT = Path("assets/example.mp4")
 DEFAULT_FPS = 20.0
-OUTPUT_EXTS = (".mp4", ".avi", ".mov", ".mkv")  # containers OpenCV's mp4v writer accepts
+OUTPUT_EXTS = (".mp4", ".mov", ".mkv", ".avi")  # containers that take the H.264 stream
 FRAME_FILE = re.compile(r"frame_\d{5}\.png")  # what write_frames puts in output.frames_dir
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class Terminated(BaseException):
+    """SIGTERM: unwinds like Ctrl-C, so every writer removes its temporary file; exit code 143."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
 
 
 class UsageError(ValueError):
@@ -374,10 +382,12 @@ def read_inputs(cfg: DictConfig, paths: Paths, timer: StageTimer) -> Inputs:
     """The input (and reference) clip with the config's frame selection; the reference's frame count
     is checked here, its size once the model's scale is known."""
     sel = cfg.input
-    select = dict(start=sel.start, end=sel.end, stride=sel.stride, max_frames=sel.max_frames)
+    select = dict(start=sel.start, end=sel.end, stride=sel.stride, max_frames=sel.max_frames, strict=sel.strict)
     with timer("io"):
         clip = read_clip(paths.input, **select)
         ref_clip = read_clip(paths.reference, **select) if paths.reference else None
+    for warning in clip.warnings:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     frames = to_tensor(clip.frames)
     rate = f"{clip.fps:g} fps" if clip.fps else "no frame rate"
     log(f"read {len(frames)} frames {_wxh(frames)} ({rate}) from {paths.input}")
@@ -466,30 +476,32 @@ def score(pipe: VideoPipeline, inputs: Inputs, out: torch.Tensor, flows: ClipFlo
     return scores
 
 
-def write_outputs(cfg: DictConfig, paths: Paths, inputs: Inputs, out: torch.Tensor) -> float:
-    """The video (with the input's audio when asked and possible), the optional comparison video and
-    PNG frames, and the merged config; returns the frame rate used."""
+def write_outputs(cfg: DictConfig, paths: Paths, inputs: Inputs, out: torch.Tensor, replace: bool) -> dict:
+    """The H.264 video (with the input's audio when asked), the optional comparison video and PNG
+    frames, and the merged config; each verified and committed atomically (no-replace unless
+    ``replace``). Returns what the report says about the written video."""
     fps = float(cfg.output.fps or inputs.clip.fps or DEFAULT_FPS)
     out_u8 = to_uint8(out)
-    log(f"writing {paths.output} ({len(out)} frames {_wxh(out)}, {fps:g} fps)")
-    if out_u8.shape[1] % 2 or out_u8.shape[2] % 2:
-        log(f"note: the codec needs even sides; {_wxh(out)} is stored padded to "
-            f"{out_u8.shape[2] + out_u8.shape[2] % 2}x{out_u8.shape[1] + out_u8.shape[1] % 2} "
-            "(last row/column repeated); PNG frames keep the exact size")
-    write_video(paths.output, out_u8, fps)
-    if cfg.output.audio:
-        sel, rate = cfg.input, inputs.clip.fps
-        reason = copy_audio(paths.input, paths.output, offset_s=sel.start / (rate * sel.stride) if rate else 0.0)
-        if reason is not None and reason != "input has no audio":
-            log(f"audio dropped: {reason.removesuffix(': audio dropped')}")
+    log(f"writing {paths.output} ({len(out)} frames {_wxh(out)}, {fps:g} fps, H.264 crf {cfg.output.crf})")
+    sel, rate = cfg.input, inputs.clip.fps
+    written = write_video(paths.output, out_u8, fps, crf=cfg.output.crf, replace=replace,
+                          audio_from=paths.input if cfg.output.audio else None,
+                          audio_start_s=sel.start / (rate * sel.stride) if rate else 0.0)
+    if written.padded:
+        log(f"note: H.264 needs even sides; {_wxh(out)} is stored as {written.size[1]}x{written.size[0]} "
+            "(last row/column repeated); output.frames_dir PNGs keep the exact size")
+    if cfg.output.audio and written.audio not in (None, "input has no audio"):
+        log(f"audio not copied: {written.audio}")
     if paths.side_by_side is not None:
         log(f"writing {paths.side_by_side} (input | output)")
-        write_video(paths.side_by_side, side_by_side(to_uint8(inputs.frames), out_u8, mode="bicubic"), fps)
+        write_video(paths.side_by_side, side_by_side(to_uint8(inputs.frames), out_u8, mode="bicubic"), fps,
+                    crf=cfg.output.crf, replace=replace)
     if paths.frames_dir is not None:
         log(f"writing {len(out)} PNG frames to {paths.frames_dir}")
         write_frames(paths.frames_dir, out_u8)
-    atomic_write_text(paths.merged_config, to_yaml(cfg))
-    return fps
+    atomic_write_text(paths.merged_config, to_yaml(cfg), replace=replace)
+    return dict(fps=fps, codec="h264", pix_fmt="yuv420p", crf=cfg.output.crf, encoded_size=list(written.size),
+                padded=written.padded, audio="copied" if written.audio is None else written.audio)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -501,6 +513,11 @@ def run(args: argparse.Namespace) -> int:
     # every check before heavy work; nothing is written until the end
     paths = plan_paths(args, cfg, config)
     check_paths(paths, args.overwrite)
+    from pipelines.video_writer import remove_stale_temps
+
+    for _, target in paths.files():
+        for stale in remove_stale_temps(target):
+            log(f"removed {stale}, left behind by an interrupted earlier run")
     device = resolve_device(cfg)
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
@@ -534,7 +551,8 @@ def run(args: argparse.Namespace) -> int:
     with timer("metrics"):
         scores = score(pipe, inputs, out, flows, flow_cfg)
     with timer("io"):
-        fps = write_outputs(cfg, paths, inputs, out)
+        video = write_outputs(cfg, paths, inputs, out, replace=args.overwrite)
+    fps = video["fps"]
 
     timings = {"total": round(time.perf_counter() - t0, 4)}
     timings.update({k: 0.0 for k in ("model", "flow", "align", "scheduler", "vae" if pipe.vae else "decode",
@@ -546,8 +564,9 @@ def run(args: argparse.Namespace) -> int:
         frames=len(out), source_size=[int(n) for n in inputs.clip.frames.shape[1:3]],
         input_size=_size(inputs.frames), output_size=_size(out), fps=fps, model_kind=pipe.kind, scale=pipe.scale,
         input_multiple=pipe.input_multiple(), device=str(device), dtype=cfg.model.dtype, steps_run=steps_run,
+        video=video, warnings=inputs.clip.warnings,
         timings=timings, peak_memory=peak_memory(device), **scores, config=to_dict(cfg))
-    atomic_write_text(paths.report, json.dumps(report, indent=2) + "\n")
+    atomic_write_text(paths.report, json.dumps(report, indent=2) + "\n", replace=args.overwrite)
     summary = f", psnr {scores['psnr']:.2f} dB" if scores.get("psnr") is not None else ""
     log(f"done in {timings['total']:.1f}s: {paths.output}{summary}")
     return 0
@@ -564,6 +583,9 @@ def guarded(job, args) -> int:
     except KeyboardInterrupt:
         fail("interrupted")
         return 130
+    except Terminated:
+        fail("terminated")
+        return 143
     except Exception as e:
         if args.debug:
             raise
@@ -660,6 +682,11 @@ def run_many(args: argparse.Namespace, clips: list[Path]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # ffmpeg's own decoder chatter off stderr
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         args = parse_args(argv)
     except SystemExit as e:  # --help

@@ -130,6 +130,7 @@ class InputConfig:
     stride: int = 1
     max_frames: Optional[int] = None
     resize: Optional[float] = None  # bicubic rescale of the input frames before sampling
+    strict: bool = False  # fail (exit 2) when a video decodes fewer frames than its container declares
 
 
 @dataclass
@@ -137,7 +138,8 @@ class OutputConfig:
     fps: Optional[float] = None  # default: the input's rate, or 20 when it has none
     frames_dir: Optional[str] = None  # also write PNG frames here
     side_by_side: Optional[str] = None  # also write an input | output comparison video here
-    audio: bool = True  # copy the input's audio with ffmpeg when available
+    audio: bool = True  # copy the input's audio stream (trimmed to the selected frames) into the output
+    crf: int = 18  # H.264 constant rate factor: 0 lossless .. 51 worst; 18 is visually near-lossless
 
 
 @dataclass
@@ -304,6 +306,7 @@ def validate(cfg: DictConfig) -> None:
     _check(r.checkpoint_every >= 1, "runtime.checkpoint_every", ">= 1", r.checkpoint_every)
 
     o = cfg.output
+    _check(0 <= o.crf <= 51, "output.crf", "in [0, 51]", o.crf)
     if o.fps is not None:
         _check(o.fps > 0, "output.fps", "null or > 0", o.fps)
     for key in ("frames_dir", "side_by_side"):

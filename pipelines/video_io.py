@@ -14,15 +14,16 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .video_writer import DEFAULT_CRF, WriteError, Written, commit, file_mode, temp_sibling, write_h264
 
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -37,13 +38,14 @@ class Clip:
     frames: np.ndarray  # uint8 (F, H, W, 3) RGB
     fps: float | None  # rate of the returned frames; None when the source has none
     source: Path
+    warnings: list[str] = field(default_factory=list)  # e.g. fewer frames decoded than the container declares
 
 
 # ----------------------------------------------------------------------------- reading
 
 
 def read_clip(path, start: int = 0, end: int | None = None, stride: int = 1,
-              max_frames: int | None = None) -> Clip:
+              max_frames: int | None = None, strict: bool = False) -> Clip:
     """Read frames ``start, start + stride, ... < end`` (at most ``max_frames``) from ``path``.
 
     ``path`` may be a video (``VIDEO_EXTS``, decoded with OpenCV), an animated ``.gif``, a
@@ -53,8 +55,12 @@ def read_clip(path, start: int = 0, end: int | None = None, stride: int = 1,
     ``Clip.fps`` is the rate of the *returned* frames: the source rate divided by ``stride``
     (so a strided clip keeps its duration). A GIF's rate is 1000 / mean frame duration (ms);
     images have no rate (``None``).
+
+    A video that decodes fewer frames than its container declares (a damaged file) gives a warning in
+    ``Clip.warnings``, or an InputError with ``strict``.
     """
     path = Path(path)
+    warnings: list[str] = []
     _check_range(path, start, end, stride, max_frames)
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
@@ -63,7 +69,7 @@ def read_clip(path, start: int = 0, end: int | None = None, stride: int = 1,
     else:
         ext = path.suffix.lower()
         if ext in VIDEO_EXTS:
-            frames, fps = _read_video(path, start, end, stride, max_frames)
+            frames, fps = _read_video(path, start, end, stride, max_frames, warnings)
         elif ext == ".gif":
             frames, fps = _read_gif(path, start, end, stride, max_frames)
         elif ext in IMAGE_EXTS:
@@ -74,7 +80,9 @@ def read_clip(path, start: int = 0, end: int | None = None, stride: int = 1,
                 f"{'/'.join(VIDEO_EXTS)}, a .gif, an image, or a folder of images)")
     if fps is not None:
         fps /= stride
-    return Clip(frames=frames, fps=fps, source=path)
+    if strict and warnings:
+        raise InputError(f"{warnings[0]} (input.strict is set)")
+    return Clip(frames=frames, fps=fps, source=path, warnings=warnings)
 
 
 def _check_range(path, start, end, stride, max_frames):
@@ -143,24 +151,29 @@ def _decode_image(path: Path) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def _read_video(path: Path, start, end, stride, max_frames):
+def _read_video(path: Path, start, end, stride, max_frames, warnings: list[str]):
     cap = cv2.VideoCapture(str(path))
     try:
         if not cap.isOpened():
             raise InputError(f"{path}: cannot open video (corrupt or unsupported format)")
         fps = cap.get(cv2.CAP_PROP_FPS)
-        frames, i = [], 0
+        declared = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        frames, i, ran_out = [], 0, False
         while not _finished(i, len(frames), end, max_frames):
             if _wanted(i, start, stride):
                 ok, frame = cap.read()
                 if not ok:
+                    ran_out = True
                     break
                 frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
             elif not cap.grab():  # decode-and-drop: nothing is kept for skipped frames
+                ran_out = True
                 break
             i += 1
     finally:
         cap.release()
+    if ran_out and declared > i and (end is None or end > i):
+        warnings.append(f"{path}: the container declares {declared} frames but only {i} decode (damaged file?)")
     if not frames:
         if i == 0:
             raise InputError(f"{path}: cannot decode any frame (corrupt or unsupported video)")
@@ -239,13 +252,8 @@ def _check_frames(frames: np.ndarray) -> None:
 
 
 def _temp_sibling(path: Path, directory: bool = False) -> Path:
-    """A fresh '.name.tmp-XXXX<ext>' next to ``path`` (created, so the name is ours)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if directory:
-        return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.tmp-", suffix=path.suffix)
-    os.close(fd)
-    return Path(tmp)
+    """A fresh '.name.tmp-<pid>-XXXX<ext>' next to ``path`` (see pipelines.video_writer)."""
+    return temp_sibling(path, directory)
 
 
 def _remove(path: Path) -> None:
@@ -255,39 +263,18 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def write_video(path, frames: np.ndarray, fps: float) -> None:
-    """Write uint8 RGB ``(F, H, W, 3)`` frames to a video (codec 'mp4v'), atomically.
-
-    The frames go to '.name.tmp-XXXX.mp4' in the same directory, which then replaces
-    ``path``. On any error the temp file is removed and an existing ``path`` is untouched.
-    An odd height/width is padded to even by repeating the last row/column (the encoder
-    works on 2x2 chroma blocks and would silently drop it).
-    """
-    path = Path(path)
+def write_video(path, frames: np.ndarray, fps: float, *, crf: int = DEFAULT_CRF, audio_from=None,
+                audio_start_s: float = 0.0, replace: bool = True) -> Written:
+    """Write uint8 RGB ``(F, H, W, 3)`` frames as H.264 (yuv420p, browser-playable), atomically and
+    verified; odd sides are padded by repeating the last row/column (``Written.padded`` says so).
+    With ``audio_from``, that clip's audio from ``audio_start_s`` on is copied in, trimmed to the video.
+    See :func:`pipelines.video_writer.write_h264`."""
     _check_frames(frames)
-    if not fps or fps <= 0:
-        raise ValueError(f"fps must be > 0, got {fps}")
-    odd = frames.shape[1] % 2, frames.shape[2] % 2
-    if any(odd):
-        frames = np.pad(frames, ((0, 0), (0, odd[0]), (0, odd[1]), (0, 0)), mode="edge")
-    h, w = frames.shape[1:3]
-    tmp = _temp_sibling(path)
     try:
-        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (w, h))
-        try:
-            if not writer.isOpened():
-                raise InputError(f"{path}: cannot open a video writer (codec mp4v, {w}x{h}, "
-                                 f"{fps} fps; is the extension a container such as .mp4?)")
-            for frame in frames:
-                writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-        finally:
-            writer.release()
-        if tmp.stat().st_size == 0:
-            raise RuntimeError(f"{path}: the video writer produced an empty file")
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
+        return write_h264(path, frames, fps, crf=crf, audio_from=audio_from, audio_start_s=audio_start_s,
+                          replace=replace)
+    except WriteError as e:
+        raise InputError(str(e)) from e
 
 
 def write_frames(folder, frames: np.ndarray) -> None:
@@ -308,6 +295,7 @@ def write_frames(folder, frames: np.ndarray) -> None:
             if not ok:
                 raise RuntimeError(f"{folder}: PNG encoding failed for frame {i}")
             (tmp / f"frame_{i:05d}.png").write_bytes(png.tobytes())
+        os.chmod(tmp, file_mode() | ((file_mode() & 0o444) >> 2))  # a folder as mkdir would make it
         if folder.exists():
             old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old-"))
             os.replace(folder, old)  # onto an empty directory: allowed on POSIX
@@ -325,16 +313,18 @@ def write_frames(folder, frames: np.ndarray) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def atomic_write_text(path, text: str) -> None:
-    """Write ``text`` (UTF-8) to a temp sibling, then ``os.replace`` it onto ``path``."""
+def atomic_write_text(path, text: str, replace: bool = True) -> None:
+    """Write ``text`` (UTF-8) to a temp sibling, fsync, then move it onto ``path`` (no-replace unless
+    ``replace``), with the permissions the umask allows."""
     path = Path(path)
     tmp = _temp_sibling(path)
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        commit(tmp, path, replace)
+    except WriteError as e:
+        _remove(tmp)
+        raise InputError(str(e)) from e
     except BaseException:
         _remove(tmp)
         raise
@@ -353,42 +343,3 @@ def side_by_side(left: np.ndarray, right: np.ndarray, mode: str = "nearest") -> 
     if left.shape[1:3] != (h, w):
         left = np.stack([cv2.resize(f, (w, h), interpolation=interp) for f in left])
     return np.concatenate([left, right], axis=2)
-
-
-# ----------------------------------------------------------------------------- audio
-
-
-def copy_audio(src, dst_video, offset_s: float = 0.0) -> str | None:
-    """Mux the audio of ``src`` (from ``offset_s`` seconds on) into ``dst_video``, atomically.
-
-    Video is stream-copied; audio is copied, or re-encoded to AAC if the container refuses
-    it; ``-shortest`` trims it to the video. Returns None on success, else a one-line reason
-    (ffmpeg missing, no audio, ffmpeg failure). Never raises for audio problems.
-    """
-    ffmpeg = shutil.which("ffmpeg")
-    if ffmpeg is None:
-        return "ffmpeg not found on PATH: audio dropped"
-    src, dst = Path(src), Path(dst_video)
-    if not src.is_file():
-        return "input has no audio"
-    try:
-        probe = subprocess.run([ffmpeg, "-hide_banner", "-i", str(src)],
-                               capture_output=True, text=True, timeout=60)
-        if not re.search(r"Stream #\S+.*: Audio:", probe.stderr):
-            return "input has no audio"
-        tmp = _temp_sibling(dst)
-        try:
-            for audio_codec in ("copy", "aac"):
-                cmd = [ffmpeg, "-y", "-v", "error", "-i", str(dst), "-ss", str(offset_s),
-                       "-i", str(src), "-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy",
-                       "-c:a", audio_codec, "-shortest", str(tmp)]
-                run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-                if run.returncode == 0:
-                    os.replace(tmp, dst)
-                    return None
-            last = (run.stderr.strip().splitlines() or ["unknown error"])[-1]
-            return f"ffmpeg could not mux the audio ({last}): audio dropped"
-        finally:
-            _remove(tmp)
-    except (OSError, subprocess.SubprocessError) as e:
-        return f"ffmpeg failed ({type(e).__name__}: {e}): audio dropped".replace("\n", " ")

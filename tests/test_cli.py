@@ -334,3 +334,20 @@ def test_ctrl_c_during_start_up_is_one_line_exit_130(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and err == "error: interrupted\n", err
+
+
+def test_sigterm_mid_run_leaves_nothing_behind(data, tmp_path):
+    import signal
+
+    out = tmp_path / "out" / "o.mp4"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run_video.py"), "--input", str(data / "clip.mp4"),
+                             "--output", str(out), f"model.path={data / 'model'}",
+                             "sampling.num_inference_steps=200", "runtime.threads=1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    for line in proc.stdout:
+        if line.startswith("sampling"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and err.splitlines()[-1] == "error: terminated", err
+    assert not out.parent.exists() or os.listdir(out.parent) == []

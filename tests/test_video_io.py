@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from pipelines import video_io
-from pipelines.video_io import (InputError, copy_audio, crop_to, pad_to_multiple, read_clip,
+from pipelines.video_io import (InputError, crop_to, pad_to_multiple, read_clip,
                                 side_by_side, to_tensor, to_uint8, write_frames, write_video,
                                 atomic_write_text)
 
@@ -174,43 +174,6 @@ def test_tensor_conversion_roundtrip():
 # ----------------------------------------------------------------------------- atomic writes
 
 
-class FailingWriter:
-    """Wraps cv2.VideoWriter and raises on the second frame."""
-
-    real = cv2.VideoWriter
-
-    def __init__(self, *args):
-        self.writer, self.count = self.real(*args), 0
-
-    def isOpened(self):
-        return self.writer.isOpened()
-
-    def write(self, frame):
-        self.count += 1
-        if self.count > 1:
-            raise RuntimeError("disk full")
-        self.writer.write(frame)
-
-    def release(self):
-        self.writer.release()
-
-
-def test_write_video_failure_keeps_old_file(tmp_path, monkeypatch):
-    out = tmp_path / "out.mp4"
-    out.write_bytes(b"old video")
-    monkeypatch.setattr(video_io.cv2, "VideoWriter", FailingWriter)
-    with pytest.raises(RuntimeError, match="disk full"):
-        write_video(out, moving_clip(), fps=10)
-    assert out.read_bytes() == b"old video"
-    assert os.listdir(tmp_path) == ["out.mp4"]
-
-
-def test_write_video_bad_writer(tmp_path):
-    with pytest.raises(InputError, match="video writer"):
-        write_video(tmp_path / "out.notavideo", moving_clip(n=1), fps=10)
-    assert os.listdir(tmp_path) == []
-
-
 def test_write_frames_replaces_folder(tmp_path, monkeypatch):
     folder = tmp_path / "frames"
     folder.mkdir()
@@ -254,41 +217,139 @@ def test_side_by_side_shapes():
     assert side_by_side(right, right).shape == (3, 40, 96, 3)
 
 
-def test_copy_audio_without_ffmpeg(tmp_path, monkeypatch):
-    monkeypatch.setattr(shutil, "which", lambda name: None)
-    reason = copy_audio(tmp_path / "in.mp4", tmp_path / "out.mp4")
-    assert isinstance(reason, str) and "ffmpeg" in reason and "\n" not in reason
+# ----------------------------------------------------------------------------- the H.264 writer
 
 
-def fake_ffmpeg(folder, probe_output, mux_status):
-    """An 'ffmpeg' script: the probe call (3 args) prints ``probe_output``; a mux call writes
-    'muxed' to its last argument and exits with ``mux_status``."""
-    script = folder / "ffmpeg"
-    script.write_text(
-        "#!/bin/sh\n"
-        f'if [ "$#" -eq 3 ]; then echo "{probe_output}" >&2; exit 1; fi\n'
-        'for last; do :; done\n'
-        f'echo muxed > "$last"; echo "mux error" >&2; exit {mux_status}\n')
-    script.chmod(0o755)
-    return str(script)
+def make_av_clip(path, frames=48, fps=24, audio_s=2.0, size=64):
+    """A clip with an H.264 video stream and (audio_s > 0) a 440 Hz AAC track, made with PyAV."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        v = out.add_stream("libx264", rate=fps)
+        v.width = v.height = size
+        v.pix_fmt = "yuv420p"
+        a = out.add_stream("aac", rate=48000) if audio_s else None
+        for i in range(frames):
+            img = np.full((size, size, 3), (i * 5) % 256, np.uint8)
+            for p in v.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(p)
+        if a is not None:
+            n = int(48000 * audio_s)
+            sig = (0.3 * np.sin(2 * np.pi * 440 * np.arange(n) / 48000)).astype(np.float32)[None]
+            for k in range(0, n, 1024):
+                f = av.AudioFrame.from_ndarray(sig[:, k:k + 1024], format="fltp", layout="mono")
+                f.sample_rate, f.pts = 48000, k
+                for p in a.encode(f):
+                    out.mux(p)
+            for p in a.encode():
+                out.mux(p)
+        for p in v.encode():
+            out.mux(p)
+    return path
 
 
-@pytest.mark.skipif(os.name != "posix", reason="fake ffmpeg is a shell script")
-def test_copy_audio_control_flow(tmp_path, monkeypatch):
-    src, dst = tmp_path / "in.mp4", tmp_path / "out.mp4"
-    src.write_bytes(b"src")
-    dst.write_bytes(b"video")
+def streams(path):
+    import av
 
-    monkeypatch.setattr(shutil, "which", lambda name: fake_ffmpeg(tmp_path, "Video: h264", 0))
-    assert copy_audio(src, dst) == "input has no audio"
+    with av.open(str(path)) as c:
+        return {s.type: (s.codec_context.name, float(s.duration * s.time_base) if s.duration else None,
+                         getattr(s.codec_context, "pix_fmt", None)) for s in c.streams}
 
-    audio = "  Stream #0:1(und): Audio: aac (LC), 44100 Hz"
-    monkeypatch.setattr(shutil, "which", lambda name: fake_ffmpeg(tmp_path, audio, 1))
-    reason = copy_audio(src, dst)
-    assert "mux error" in reason and "\n" not in reason
-    assert dst.read_bytes() == b"video"
 
-    monkeypatch.setattr(shutil, "which", lambda name: fake_ffmpeg(tmp_path, audio, 0))
-    assert copy_audio(src, dst) is None
-    assert dst.read_bytes() == b"muxed\n"
-    assert sorted(os.listdir(tmp_path)) == ["ffmpeg", "in.mp4", "out.mp4"]
+def test_h264_output_with_trimmed_audio(tmp_path):
+    src = make_av_clip(tmp_path / "in.mp4")
+    frames = moving_clip(n=12, h=64, w=64)
+    w = write_video(tmp_path / "out.mp4", frames, 24, audio_from=src, audio_start_s=0.5)
+    got = streams(tmp_path / "out.mp4")
+    assert got["video"][0] == "h264" and got["video"][2] == "yuv420p"
+    assert w.audio is None and got["audio"][0] == "aac"
+    assert abs(got["audio"][1] - 12 / 24) <= 1 / 24 + 0.025  # same duration as the frames (+-1 frame, 1 AAC packet)
+    # codec round trip: the decoded frames are the written pixels within the codec's loss
+    back = read_clip(tmp_path / "out.mp4").frames.astype(float)
+    mse = ((back - frames) ** 2).mean()
+    assert 10 * np.log10(255 ** 2 / mse) > 35
+
+
+def test_h264_without_input_audio_and_odd_sizes(tmp_path):
+    src = make_av_clip(tmp_path / "silent.mp4", audio_s=0)
+    w = write_video(tmp_path / "o.mp4", moving_clip(n=3, h=37, w=45), 10, audio_from=src)
+    assert w.audio == "input has no audio" and "audio" not in streams(tmp_path / "o.mp4")
+    assert w.padded and w.size == (38, 46)
+
+
+def test_writer_follows_the_umask_and_refuses_a_target_that_appeared(tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "o.mp4"
+        write_video(out, moving_clip(n=2), 10)
+        assert oct(out.stat().st_mode & 0o777) == oct(0o644)
+        atomic_write_text(tmp_path / "r.json", "{}")
+        assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+        out.write_bytes(b"someone else's")  # appeared while a run without --overwrite was writing
+        with pytest.raises(InputError, match="appeared while this run was writing"):
+            write_video(out, moving_clip(n=2), 10, replace=False)
+        assert out.read_bytes() == b"someone else's"
+        assert sorted(os.listdir(tmp_path)) == ["o.mp4", "r.json"]  # no temp file left
+    finally:
+        os.umask(old)
+
+
+def test_failed_write_keeps_the_old_video(tmp_path, monkeypatch):
+    """A write that fails verification (as on a full disk) leaves the earlier output and no temp file."""
+    from pipelines import video_writer
+
+    out = tmp_path / "out.mp4"
+    write_video(out, moving_clip(n=3), 10)
+    good = out.read_bytes()
+
+    def short_file(path, frames, label=None):  # the container came out short
+        raise video_writer.WriteError(f"{label}: the written file holds 1 frames, {frames} were written")
+
+    monkeypatch.setattr(video_writer, "verify", short_file)
+    with pytest.raises(InputError, match="holds 1 frames"):
+        write_video(out, moving_clip(n=3), 10)
+    assert out.read_bytes() == good and os.listdir(tmp_path) == ["out.mp4"]
+
+
+def test_verify_catches_a_truncated_file(tmp_path):
+    from pipelines.video_writer import WriteError, verify
+
+    out = tmp_path / "o.mp4"
+    write_video(out, moving_clip(n=6), 10)
+    data = out.read_bytes()
+    out.write_bytes(data[: len(data) // 2])
+    with pytest.raises(WriteError):
+        verify(out, 6)
+
+
+def test_stale_temp_files_of_dead_runs_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    from pipelines.video_writer import remove_stale_temps
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / f".o.tmp-{dead}-abcd.mp4"
+    stale.write_bytes(b"half a video")
+    mine = tmp_path / f".o.tmp-{os.getpid()}-efgh.mp4"
+    mine.write_bytes(b"being written")
+    assert remove_stale_temps(tmp_path / "o.mp4") == [stale]
+    assert not stale.exists() and mine.exists()
+
+
+def test_damaged_input_warns_or_fails_when_strict(tmp_path):
+    frames = (np.random.default_rng(0).uniform(0, 255, (24, 64, 64, 3))).astype(np.uint8)  # incompressible
+    src = tmp_path / "in.mp4"
+    write_video(src, frames, 24)
+    data = bytearray(src.read_bytes())
+    at = data.index(b"mdat")
+    size = int.from_bytes(data[at - 4:at], "big")
+    lo, hi = at + size // 3, at + size - 16  # zero most of the media data, keep the index (moov) intact
+    data[lo:hi] = bytes(hi - lo)
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(bytes(data))
+    clip = read_clip(bad)
+    assert len(clip.frames) < 24 and clip.warnings and "declares 24 frames" in clip.warnings[0]
+    with pytest.raises(InputError, match="input.strict"):
+        read_clip(bad, strict=True)

@@ -1,0 +1,249 @@
+"""Writing videos you can trust: H.264 through PyAV (FFmpeg's libraries, no external binary), the
+input's audio copied in the same pass, verified before it replaces anything.
+
+A video is encoded to a temporary sibling ``.<stem>.tmp-<pid>-XXXX<ext>``, closed, re-opened and
+checked (the container parses and holds every frame written), fsynced, given the permissions the
+umask allows, and only then committed: ``os.replace`` when replacing is allowed, otherwise a
+no-replace link (fails if the target appeared meanwhile). On any failure the temporary file is
+removed and an existing output is left as it was. Temporary files of dead processes (the pid in
+their name) are removed by :func:`remove_stale_temps`.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_CRF = 18
+VIDEO_CODEC = "libx264"
+PIX_FMT = "yuv420p"
+
+
+class WriteError(RuntimeError):
+    """The output could not be written or verified; nothing was replaced."""
+
+
+@dataclass
+class Written:
+    path: Path
+    frames: int
+    size: tuple[int, int]  # (h, w) as encoded (even sides)
+    padded: bool  # an odd side was padded by repeating the last row/column
+    audio: str | None  # None: the input's audio was copied; else why there is none
+
+
+def file_mode() -> int:
+    """0o666 less the process umask: what an ordinary ``open(..., 'w')`` would create."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def temp_sibling(path: Path, directory: bool = False) -> Path:
+    """A fresh ``.<name>.tmp-<pid>-XXXX<ext>`` next to ``path`` (created, so the name is ours)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{path.stem if not directory else path.name}.tmp-{os.getpid()}-"
+    if directory:
+        return Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=path.suffix)
+    os.close(fd)
+    return Path(tmp)
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Remove this tool's temporary siblings of ``path`` whose writing process no longer exists."""
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for p in path.parent.glob(f".{path.stem}.tmp-*"):
+        try:
+            pid = int(p.name[len(f".{path.stem}.tmp-"):].split("-")[0])
+        except ValueError:
+            continue
+        if pid == os.getpid() or _alive(pid):
+            continue
+        try:
+            if p.is_dir():
+                import shutil
+
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def commit(tmp: Path, path: Path, replace: bool) -> None:
+    """Move a finished ``tmp`` onto ``path``: fsync, ordinary permissions, then replace or no-replace."""
+    os.chmod(tmp, file_mode())
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    if replace:
+        os.replace(tmp, path)
+    else:
+        try:
+            os.link(tmp, path)  # fails if path exists, even if it appeared during the run
+        except FileExistsError:
+            raise WriteError(f"{path} appeared while this run was writing it; kept that file (use --overwrite "
+                             "to replace it)") from None
+        os.unlink(tmp)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _even(frames: np.ndarray) -> tuple[np.ndarray, bool]:
+    odd = frames.shape[1] % 2, frames.shape[2] % 2
+    if not any(odd):
+        return frames, False
+    return np.pad(frames, ((0, 0), (0, odd[0]), (0, odd[1]), (0, 0)), mode="edge"), True
+
+
+class _AudioCopy:
+    """Packets of the input's first audio stream within [start_s, start_s + duration_s), re-timed to 0."""
+
+    def __init__(self, src: Path, out, start_s: float, duration_s: float):
+        import av
+
+        self.reason = None
+        self.container = None
+        try:
+            self.container = av.open(str(src))
+        except (av.error.FFmpegError, OSError):
+            self.reason = "input has no readable container"
+            return
+        streams = self.container.streams.audio
+        if not streams:
+            self.reason = "input has no audio"
+            self.container.close()
+            self.container = None
+            return
+        self.inp = streams[0]
+        self.tb = self.inp.time_base
+        try:
+            self.out = out.add_stream_from_template(self.inp)
+        except (av.error.FFmpegError, ValueError) as e:
+            self.reason = f"the output container cannot hold the input's {self.inp.codec_context.name} audio ({e})"
+            self.container.close()
+            self.container = None
+            return
+        self.start = int(round(start_s / self.tb))
+        self.end = int(round((start_s + duration_s) / self.tb))
+        self.packets = self.container.demux(self.inp)
+        self.pending = None
+
+    def mux_until(self, out, until_s: float | None) -> None:
+        """Mux the copied packets that start before ``until_s`` (None: all that remain)."""
+        if self.container is None:
+            return
+        while True:
+            packet, self.pending = self.pending, None
+            if packet is None:
+                packet = next(self.packets, None)
+                if packet is None:
+                    return
+            if packet.pts is None:
+                continue
+            if until_s is not None and (packet.pts - self.start) * self.tb > until_s:
+                self.pending = packet
+                return
+            if packet.pts < self.start or packet.pts >= self.end:
+                continue
+            packet.pts -= self.start
+            packet.dts = None if packet.dts is None else packet.dts - self.start
+            packet.stream = self.out
+            out.mux(packet)
+
+    def close(self) -> None:
+        if self.container is not None:
+            self.container.close()
+
+
+def write_h264(path, frames: np.ndarray, fps: float, *, crf: int = DEFAULT_CRF, audio_from=None,
+               audio_start_s: float = 0.0, replace: bool = True) -> Written:
+    """Encode uint8 RGB ``(F, H, W, 3)`` frames as H.264 (yuv420p, constant rate factor ``crf``) at
+    ``fps`` into ``path`` (.mp4/.mov/.mkv/.avi), with the audio of ``audio_from`` from ``audio_start_s``
+    on, trimmed to the video's duration. Verified and committed as the module docstring says."""
+    import av
+
+    path = Path(path)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames):
+        raise ValueError(f"expected uint8 frames (F>0, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
+    if not fps or fps <= 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    if not 0 <= crf <= 51:
+        raise ValueError(f"crf must be in [0, 51], got {crf}")
+    frames, padded = _even(frames)
+    h, w = frames.shape[1:3]
+    rate = Fraction(fps).limit_denominator(1001000)
+    tmp = temp_sibling(path)
+    audio = None
+    try:
+        try:
+            out = av.open(str(tmp), mode="w")
+        except (av.error.FFmpegError, ValueError) as e:
+            raise WriteError(f"{path}: cannot open an output container ({e})") from e
+        try:
+            stream = out.add_stream(VIDEO_CODEC, rate=rate, options={"crf": str(crf), "preset": "medium"})
+            stream.width, stream.height, stream.pix_fmt = w, h, PIX_FMT
+            if audio_from is not None:
+                audio = _AudioCopy(Path(audio_from), out, audio_start_s, len(frames) / float(rate))
+            for i, frame in enumerate(frames):
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    out.mux(packet)
+                if audio is not None:
+                    audio.mux_until(out, (i + 1) / float(rate) + 0.5)
+            for packet in stream.encode():
+                out.mux(packet)
+            if audio is not None:
+                audio.mux_until(out, None)
+        except (av.error.FFmpegError, OSError) as e:
+            raise WriteError(f"{path}: writing the video failed ({e})") from e
+        finally:
+            if audio is not None:
+                audio.close()
+            try:
+                out.close()
+            except (av.error.FFmpegError, OSError) as e:
+                raise WriteError(f"{path}: closing the video failed ({e})") from e
+        verify(tmp, len(frames), label=str(path))
+        commit(tmp, path, replace)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    reason = "no audio source given" if audio is None else audio.reason
+    return Written(path, len(frames), (h, w), padded, reason)
+
+
+def verify(path: Path, frames: int, label: str | None = None) -> None:
+    """Raise WriteError unless ``path`` parses as a container with one video stream of ``frames`` packets."""
+    import av
+
+    label = label or str(path)
+    try:
+        with av.open(str(path)) as c:
+            if not c.streams.video:
+                raise WriteError(f"{label}: the written file holds no video stream")
+            n = sum(1 for p in c.demux(c.streams.video[0]) if p.size)
+    except (av.error.FFmpegError, OSError) as e:
+        raise WriteError(f"{label}: the written file does not parse ({type(e).__name__}: {e})") from e
+    if n != frames:
+        raise WriteError(f"{label}: the written file holds {n} frames, {frames} were written")
