@@ -39,6 +39,8 @@ class Clip:
     fps: float | None  # rate of the returned frames; None when the source has none
     source: Path
     warnings: list[str] = field(default_factory=list)  # e.g. fewer frames decoded than the container declares
+    pts: list[int] | None = None  # videos: presentation timestamps of the frames, in time_base units
+    time_base: object = None  # fractions.Fraction for videos
 
 
 # ----------------------------------------------------------------------------- reading
@@ -48,7 +50,7 @@ def read_clip(path, start: int = 0, end: int | None = None, stride: int = 1,
               max_frames: int | None = None, strict: bool = False) -> Clip:
     """Read frames ``start, start + stride, ... < end`` (at most ``max_frames``) from ``path``.
 
-    ``path`` may be a video (``VIDEO_EXTS``, decoded with OpenCV), an animated ``.gif``, a
+    ``path`` may be a video (``VIDEO_EXTS``, decoded with PyAV), an animated ``.gif``, a
     single image, or a folder of images (``IMAGE_EXTS``, natural sort order, hidden files
     ignored). Frames are decoded one at a time and unselected ones are dropped at once.
 
@@ -59,30 +61,12 @@ def read_clip(path, start: int = 0, end: int | None = None, stride: int = 1,
     A video that decodes fewer frames than its container declares (a damaged file) gives a warning in
     ``Clip.warnings``, or an InputError with ``strict``.
     """
-    path = Path(path)
-    warnings: list[str] = []
-    _check_range(path, start, end, stride, max_frames)
-    if not path.exists():
-        raise InputError(f"{path}: no such file or directory")
-    if path.is_dir():
-        frames, fps = _read_folder(path, start, end, stride, max_frames), None
-    else:
-        ext = path.suffix.lower()
-        if ext in VIDEO_EXTS:
-            frames, fps = _read_video(path, start, end, stride, max_frames, warnings)
-        elif ext == ".gif":
-            frames, fps = _read_gif(path, start, end, stride, max_frames)
-        elif ext in IMAGE_EXTS:
-            frames, fps = _read_images([path], path, start, end, stride, max_frames), None
-        else:
-            raise InputError(
-                f"{path}: unsupported file type '{path.suffix}' (expected a video "
-                f"{'/'.join(VIDEO_EXTS)}, a .gif, an image, or a folder of images)")
-    if fps is not None:
-        fps /= stride
-    if strict and warnings:
-        raise InputError(f"{warnings[0]} (input.strict is set)")
-    return Clip(frames=frames, fps=fps, source=path, warnings=warnings)
+    from .clip_source import ClipSource
+
+    with ClipSource(path, start, end, stride, max_frames, strict=strict) as src:
+        frames = src.read(0, len(src))
+        return Clip(frames=frames, fps=src.fps, source=Path(path), warnings=src.warnings, pts=src.pts,
+                    time_base=src.time_base)
 
 
 def _check_range(path, start, end, stride, max_frames):
@@ -114,31 +98,6 @@ def _natural_key(name: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name.lower())]
 
 
-def _read_folder(folder: Path, start, end, stride, max_frames) -> np.ndarray:
-    files = [p for p in folder.iterdir()
-             if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTS]
-    if not files:
-        raise InputError(f"{folder}: no frames selected: the folder holds no images "
-                         f"({', '.join(IMAGE_EXTS)})")
-    files.sort(key=lambda p: _natural_key(p.name))
-    return _read_images(files, folder, start, end, stride, max_frames)
-
-
-def _read_images(files: list[Path], source: Path, start, end, stride, max_frames) -> np.ndarray:
-    chosen = files[start:end:stride][:max_frames]
-    if not chosen:
-        raise _nothing_selected(source, start, len(files))
-    frames = []
-    for f in chosen:
-        img = _decode_image(f)
-        if frames and img.shape != frames[0].shape:
-            h0, w0 = frames[0].shape[:2]
-            raise InputError(f"{f}: image size {img.shape[1]}x{img.shape[0]} differs from "
-                             f"{w0}x{h0} of {chosen[0].name} (all frames must be the same size)")
-        frames.append(img)
-    return np.stack(frames)
-
-
 def _decode_image(path: Path) -> np.ndarray:
     """One image file -> uint8 (H, W, 3) RGB (alpha dropped, gray expanded, 16 bit reduced)."""
     try:
@@ -149,36 +108,6 @@ def _decode_image(path: Path) -> np.ndarray:
     if img is None:
         raise InputError(f"{path}: cannot decode image (corrupt or unsupported format)")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
-def _read_video(path: Path, start, end, stride, max_frames, warnings: list[str]):
-    cap = cv2.VideoCapture(str(path))
-    try:
-        if not cap.isOpened():
-            raise InputError(f"{path}: cannot open video (corrupt or unsupported format)")
-        fps = cap.get(cv2.CAP_PROP_FPS)
-        declared = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-        frames, i, ran_out = [], 0, False
-        while not _finished(i, len(frames), end, max_frames):
-            if _wanted(i, start, stride):
-                ok, frame = cap.read()
-                if not ok:
-                    ran_out = True
-                    break
-                frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-            elif not cap.grab():  # decode-and-drop: nothing is kept for skipped frames
-                ran_out = True
-                break
-            i += 1
-    finally:
-        cap.release()
-    if ran_out and declared > i and (end is None or end > i):
-        warnings.append(f"{path}: the container declares {declared} frames but only {i} decode (damaged file?)")
-    if not frames:
-        if i == 0:
-            raise InputError(f"{path}: cannot decode any frame (corrupt or unsupported video)")
-        raise _nothing_selected(path, start, i)
-    return np.stack(frames), (float(fps) if fps and fps > 0 else None)
 
 
 def _read_gif(path: Path, start, end, stride, max_frames):

@@ -1,0 +1,178 @@
+"""Lazy clip reading: the selected frames of a video, image folder, GIF or image, decoded on demand.
+
+A :class:`ClipSource` knows how many frames the selection (``start``, ``end``, ``stride``,
+``max_frames``) holds, their rate and, for videos, their presentation timestamps, without keeping
+any frame: :meth:`ClipSource.read` decodes the frames ``[a, b)`` of the selection when asked, so a
+job working window by window holds one window of input. Videos are decoded with PyAV (FFmpeg's
+libraries, any container FFmpeg reads); a first pass decodes the stream once without keeping
+frames, to count the frames that really decode (a damaged file declares more than that) and to
+record their timestamps (variable frame rate is kept, not assumed). Reading forwards is
+sequential; the last frames read are cached so overlapping windows do not decode twice.
+"""
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from .video_io import (IMAGE_EXTS, VIDEO_EXTS, InputError, _check_range, _decode_image, _natural_key,
+                       _nothing_selected, _read_gif)
+
+
+class ClipSource:
+    """Selected frames of ``path``; uint8 ``(n, H, W, 3)`` RGB from :meth:`read`."""
+
+    def __init__(self, path, start: int = 0, end: int | None = None, stride: int = 1,
+                 max_frames: int | None = None, strict: bool = False, cache: int = 16):
+        self.path = Path(path)
+        _check_range(self.path, start, end, stride, max_frames)
+        if not self.path.exists():
+            raise InputError(f"{self.path}: no such file or directory")
+        self.warnings: list[str] = []
+        self.time_base: Fraction | None = None
+        self.pts: list[int] | None = None  # presentation timestamps of the selected frames (videos)
+        self._cache: dict[int, np.ndarray] = {}
+        self._cache_size = cache
+        self._decoder = None
+        sel = (start, end, stride, max_frames)
+        if self.path.is_dir():
+            self._files = self._folder_files()
+            self._index = self._select(len(self._files), *sel)
+            self.fps = None
+            self._kind = "images"
+        else:
+            ext = self.path.suffix.lower()
+            if ext in VIDEO_EXTS:
+                self._kind = "video"
+                self._scan_video(*sel)
+            elif ext == ".gif":
+                self._kind = "memory"
+                frames, fps = _read_gif(self.path, start, end, stride, max_frames)
+                self._frames, self.fps = frames, (None if fps is None else fps / stride)
+                self._index = list(range(len(frames)))
+            elif ext in IMAGE_EXTS:
+                self._kind, self._files = "images", [self.path]
+                self._index = self._select(1, *sel)
+                self.fps = None
+            else:
+                raise InputError(
+                    f"{self.path}: unsupported file type '{self.path.suffix}' (expected a video "
+                    f"{'/'.join(VIDEO_EXTS)}, a .gif, an image, or a folder of images)")
+        if strict and self.warnings:
+            raise InputError(f"{self.warnings[0]} (input.strict is set)")
+        first = self.read(0, 1)[0]
+        self.size = first.shape[:2]
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    # ------------------------------------------------------------------ selection
+    def _select(self, n: int, start, end, stride, max_frames) -> list[int]:
+        chosen = list(range(n))[start:end:stride][:max_frames]
+        if not chosen:
+            raise _nothing_selected(self.path, start, n)
+        return chosen
+
+    def _folder_files(self) -> list[Path]:
+        files = [p for p in self.path.iterdir()
+                 if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTS]
+        if not files:
+            raise InputError(f"{self.path}: no frames selected: the folder holds no images ({', '.join(IMAGE_EXTS)})")
+        return sorted(files, key=lambda p: _natural_key(p.name))
+
+    # ------------------------------------------------------------------ videos
+    def _open(self):
+        import av
+
+        try:
+            container = av.open(str(self.path))
+        except (av.error.FFmpegError, OSError, UnicodeDecodeError) as e:
+            raise InputError(f"{self.path}: cannot open video (corrupt or unsupported format)") from e
+        if not container.streams.video:
+            container.close()
+            raise InputError(f"{self.path}: cannot open video: no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        return container, stream
+
+    def _frames_of(self, container, stream):
+        """Decoded frames in presentation order, stopping quietly at the first undecodable data."""
+        import av
+
+        try:
+            for frame in container.decode(stream):
+                yield frame
+        except (av.error.FFmpegError, OSError):
+            return
+
+    def _scan_video(self, start, end, stride, max_frames) -> None:
+        container, stream = self._open()
+        try:
+            declared = stream.frames or 0
+            self.time_base = stream.time_base
+            rate = stream.average_rate or stream.guessed_rate
+            pts, n = [], 0
+            for frame in self._frames_of(container, stream):
+                pts.append(frame.pts)
+                n += 1
+                if end is not None and n >= end:
+                    break
+        finally:
+            container.close()
+        if n == 0:
+            raise InputError(f"{self.path}: cannot decode any frame (corrupt or unsupported video)")
+        if declared > n and (end is None or end > n):
+            self.warnings.append(f"{self.path}: the container declares {declared} frames but only {n} decode "
+                                 "(damaged file?)")
+        self._index = self._select(n, start, end, stride, max_frames)
+        self.pts = [pts[i] for i in self._index] if all(p is not None for p in pts) else None
+        self.fps = float(rate) / stride if rate else None
+
+    def _decode_to(self, source_index: int) -> np.ndarray:
+        """The frame at ``source_index`` (in decode order of presentation), decoding forwards."""
+        if self._decoder is None or self._decoder[2] > source_index:
+            if self._decoder is not None:
+                self._decoder[0].close()
+            container, stream = self._open()
+            self._decoder = [container, self._frames_of(container, stream), 0]
+        container, frames, position = self._decoder
+        for frame in frames:
+            self._decoder[2] = position = position + 1
+            if position - 1 == source_index:
+                return frame.to_ndarray(format="rgb24")
+        raise InputError(f"{self.path}: frame {source_index} no longer decodes (file changed while reading?)")
+
+    # ------------------------------------------------------------------ reading
+    def read(self, a: int, b: int) -> np.ndarray:
+        """Frames ``[a, b)`` of the selection as uint8 ``(b - a, H, W, 3)``."""
+        if not 0 <= a < b <= len(self):
+            raise IndexError(f"frames [{a}, {b}) are outside the selection of {len(self)}")
+        if self._kind == "memory":
+            return self._frames[a:b]
+        out = []
+        for k in range(a, b):
+            if k not in self._cache:
+                i = self._index[k]
+                img = self._decode_to(i) if self._kind == "video" else _decode_image(self._files[i])
+                size = getattr(self, "size", img.shape[:2])
+                if img.shape[:2] != size:
+                    name = self._files[i] if self._kind == "images" else f"{self.path} frame {i}"
+                    raise InputError(f"{name}: image size {img.shape[1]}x{img.shape[0]} differs from {size[1]}x{size[0]} "
+                                     "of the first frame (all frames must be the same size)")
+                self._cache[k] = img
+                for old in [j for j in self._cache if j < k - self._cache_size]:
+                    del self._cache[old]
+            out.append(self._cache[k])
+        return np.stack(out)
+
+    def close(self) -> None:
+        if self._decoder is not None:
+            self._decoder[0].close()
+            self._decoder = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
