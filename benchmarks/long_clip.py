@@ -67,16 +67,63 @@ def growth(rows: list[dict]) -> list[dict]:
     return rows
 
 
+def make_clip(path: Path, frames: int, size: int) -> Path:
+    """A translating-texture H.264 clip of ``frames`` frames, ``size`` x ``size``, made with PyAV."""
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+    import tiny
+    from pipelines.video_io import to_uint8
+    from pipelines.video_writer import VideoWriter
+
+    with VideoWriter(path, 20.0, crf=18) as w:
+        for a in range(0, frames, 50):  # never the whole clip in memory
+            n = min(50, frames - a)
+            big = tiny.textured_clip(a + n, size, shift=(0.7, 0.3))[a:]
+            w.append(to_uint8(big))
+        w.close()
+    return path
+
+
+def cli_measure(frames: int, size: int, mode: str, model: str | None = None, steps: int = 1,
+                tmp: Path | None = None, extra: tuple = ()) -> dict:
+    """Run ``run_video.py`` (a fresh process) on a ``frames``-frame clip; its report's peak RSS.
+
+    ``mode``: ``default`` (the default config: auto = windows beyond runtime.one_pass_max),
+    ``one-pass`` or ``windows``."""
+    import tempfile as _tf
+
+    tmp = Path(tmp or _tf.mkdtemp())
+    clip = tmp / f"clip{frames}_{size}.mp4"
+    if not clip.exists():
+        make_clip(clip, frames, size)
+    out = tmp / f"out_{mode}_{frames}.mp4"
+    args = [sys.executable, str(ROOT / "run_video.py"), "--input", str(clip), "--output", str(out), "--overwrite",
+            f"sampling.num_inference_steps={steps}", "runtime.threads=1", *extra]
+    if model:
+        args.append(f"model.path={model}")
+    if mode != "default":
+        args.append(f"runtime.mode={mode.replace('-', '_')}")
+    run = subprocess.run(args, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"run_video.py failed ({run.returncode}): {run.stderr.strip().splitlines()[-1:]}")
+    rep = json.loads(out.with_suffix(".json").read_text())
+    return dict(frames=frames, mode=mode, run_mode=rep["mode"], out_size=rep["output_size"],
+                rss_peak_mb=rep["peak_memory"]["host_max_rss_mb"], seconds=rep["timings"]["total"])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--frames", type=int, nargs="+", default=[30, 100, 300])
     p.add_argument("--size", type=int, default=64, help="input side (the tiny model upscales x2)")
     p.add_argument("--modes", nargs="+", default=["one-pass", "windows"])
+    p.add_argument("--cli", action="store_true",
+                   help="measure through run_video.py with the shipped model (default config, 1 step)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "long_clip.json")
     a = p.parse_args(argv)
     sys.path.insert(0, str(ROOT / "tests"))
     import tiny
 
+    if a.cli:
+        return cli_main(a)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         model = str(tiny.save_residual_sr(Path(tmp) / "model", scale=2))
@@ -91,6 +138,40 @@ def main(argv=None) -> int:
                       f"{r.get('growth_latents_per_frame', 0):.2f}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(dict(machine=platform.platform(), results=results), indent=2))
+    return 0
+
+
+def cli_main(a) -> int:
+    """Peak RSS of run_video.py against clip length, per mode, with a plot (benchmarks/results/long_clip_cli.*)."""
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in a.modes:
+            rows = [cli_measure(n, a.size, mode, tmp=Path(tmp)) for n in sorted(a.frames)]
+            for r in rows:
+                r["ratio_to_shortest"] = r["rss_peak_mb"] / rows[0]["rss_peak_mb"]
+            results[mode] = rows
+            print(f"\n{mode}: input {a.size}x{a.size}, output {rows[0]['out_size']}")
+            print("frames | run mode | peak RSS MB | x shortest | seconds")
+            for r in rows:
+                print(f"{r['frames']:6d} | {r['run_mode']:8s} | {r['rss_peak_mb']:11.1f} | {r['ratio_to_shortest']:10.3f} | "
+                      f"{r['seconds']:.1f}")
+    out = a.out.with_name("long_clip_cli.json") if a.out.name == "long_clip.json" else a.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(machine=platform.platform(), input_size=a.size, model="weights/vsr-x4 (x4)",
+                                   steps=1, results=results), indent=2))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for mode, rows in results.items():
+        ax.plot([r["frames"] for r in rows], [r["rss_peak_mb"] for r in rows], "o-", label=mode)
+    ax.set(xlabel="frames", ylabel="peak RSS (MB)", xscale="log", ylim=(0, None),
+           title=f"run_video.py peak memory, {a.size}x{a.size} input x4")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=100)
+    print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 
 

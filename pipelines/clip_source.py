@@ -32,6 +32,7 @@ class ClipSource:
         self.warnings: list[str] = []
         self.time_base: Fraction | None = None
         self.pts: list[int] | None = None  # presentation timestamps of the selected frames (videos)
+        self.start_pts: int | None = None
         self._cache: dict[int, np.ndarray] = {}
         self._cache_size = cache
         self._decoder = None
@@ -59,6 +60,8 @@ class ClipSource:
                 raise InputError(
                     f"{self.path}: unsupported file type '{self.path.suffix}' (expected a video "
                     f"{'/'.join(VIDEO_EXTS)}, a .gif, an image, or a folder of images)")
+        if self._kind == "images" and len(self._index) > 1:
+            self._check_image_sizes()
         if strict and self.warnings:
             raise InputError(f"{self.warnings[0]} (input.strict is set)")
         first = self.read(0, 1)[0]
@@ -80,6 +83,23 @@ class ClipSource:
         if not files:
             raise InputError(f"{self.path}: no frames selected: the folder holds no images ({', '.join(IMAGE_EXTS)})")
         return sorted(files, key=lambda p: _natural_key(p.name))
+
+    def _check_image_sizes(self) -> None:
+        """All selected images the size of the first, from their headers (nothing decoded), up front."""
+        from PIL import Image
+
+        first = None
+        for i in self._index:
+            try:
+                with Image.open(self._files[i]) as im:
+                    size = im.size
+            except (OSError, ValueError):
+                continue  # undecodable: reported with its name when read
+            if first is None:
+                first = (size, self._files[i])
+            elif size != first[0]:
+                raise InputError(f"{self._files[i]}: image size {size[0]}x{size[1]} differs from "
+                                 f"{first[0][0]}x{first[0][1]} of {first[1].name} (all frames must be the same size)")
 
     # ------------------------------------------------------------------ videos
     def _open(self):
@@ -127,6 +147,7 @@ class ClipSource:
                                  "(damaged file?)")
         self._index = self._select(n, start, end, stride, max_frames)
         self.pts = [pts[i] for i in self._index] if all(p is not None for p in pts) else None
+        self.start_pts = pts[0] if self.pts is not None else None  # the stream's first frame
         self.fps = float(rate) / stride if rate else None
 
     def _decode_to(self, source_index: int) -> np.ndarray:

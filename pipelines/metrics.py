@@ -93,6 +93,28 @@ def sharpness(x: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+def warp_errors(frames: torch.Tensor, flows_to_prev: torch.Tensor, valid_prev: torch.Tensor) -> list[float]:
+    """The per-pair terms E_t of :func:`warp_error` for t = 1..F-1 (nan where the mask is empty)."""
+    from pipelines.flow import warp
+
+    n = frames.shape[0]
+    if flows_to_prev.shape != (n, 2, *frames.shape[-2:]) or valid_prev.shape[0] != n:
+        raise ValueError(f"shape mismatch: frames {tuple(frames.shape)}, flows "
+                         f"{tuple(flows_to_prev.shape)}, mask {tuple(valid_prev.shape)}")
+    out = []
+    for t in range(1, n):
+        m = valid_prev[t : t + 1].float()
+        total = m.sum()
+        if total == 0:
+            out.append(math.nan)
+            continue
+        warped = warp(frames[t - 1 : t].float(), flows_to_prev[t : t + 1].float())
+        sq = (frames[t : t + 1].float() - warped) ** 2
+        out.append(((m * sq).sum() / (frames.shape[1] * total)).item())
+    return out
+
+
+@torch.no_grad()
 def warp_error(frames: torch.Tensor, flows_to_prev: torch.Tensor,
                valid_prev: torch.Tensor) -> float:
     """Warping error E_warp (Lai et al. 2018), on the [-1, 1] values as given:

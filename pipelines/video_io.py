@@ -206,40 +206,66 @@ def write_video(path, frames: np.ndarray, fps: float, *, crf: int = DEFAULT_CRF,
         raise InputError(str(e)) from e
 
 
-def write_frames(folder, frames: np.ndarray) -> None:
-    """Write uint8 RGB ``(F, H, W, 3)`` frames as ``folder/frame_00000.png, ...``, atomically.
+class FrameFolderWriter:
+    """PNG frames ``folder/frame_00000.png, ...`` appended chunk by chunk into a temporary sibling folder,
+    which takes the place of ``folder`` only on :meth:`close` (an old ``folder`` is moved aside first and
+    deleted last); :meth:`abort` leaves ``folder`` as it was."""
 
-    The PNGs go to a temp sibling directory; only once it is complete does it take the place
-    of ``folder`` (an old ``folder`` is moved aside first and deleted last).
-    """
-    folder = Path(folder)
-    _check_frames(frames)
-    if folder.exists() and not folder.is_dir():
-        raise InputError(f"{folder}: exists and is not a directory")
-    tmp = _temp_sibling(folder, directory=True)
-    old = None
-    try:
-        for i, frame in enumerate(frames):
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise InputError(f"{self.folder}: exists and is not a directory")
+        self.tmp = _temp_sibling(self.folder, directory=True)
+        self.count = 0
+        self.done = False
+
+    def append(self, frames: np.ndarray) -> None:
+        _check_frames(frames)
+        for frame in frames:
             ok, png = cv2.imencode(".png", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
             if not ok:
-                raise RuntimeError(f"{folder}: PNG encoding failed for frame {i}")
-            (tmp / f"frame_{i:05d}.png").write_bytes(png.tobytes())
-        os.chmod(tmp, file_mode() | ((file_mode() & 0o444) >> 2))  # a folder as mkdir would make it
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old-"))
-            os.replace(folder, old)  # onto an empty directory: allowed on POSIX
+                raise RuntimeError(f"{self.folder}: PNG encoding failed for frame {self.count}")
+            (self.tmp / f"frame_{self.count:05d}.png").write_bytes(png.tobytes())
+            self.count += 1
+
+    def close(self) -> None:
+        folder, old = self.folder, None
         try:
-            os.replace(tmp, folder)
+            os.chmod(self.tmp, file_mode() | ((file_mode() & 0o444) >> 2))  # a folder as mkdir would make it
+            if folder.exists():
+                old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old-"))
+                os.replace(folder, old)  # onto an empty directory: allowed on POSIX
+            try:
+                os.replace(self.tmp, folder)
+            except BaseException:
+                if old is not None:
+                    os.replace(old, folder)
+                    old = None
+                raise
         except BaseException:
-            if old is not None:
-                os.replace(old, folder)
-                old = None
+            self.abort()
             raise
+        self.done = True
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def abort(self) -> None:
+        if not self.done:
+            _remove(self.tmp)
+        self.done = True
+
+
+def write_frames(folder, frames: np.ndarray) -> None:
+    """Write uint8 RGB ``(F, H, W, 3)`` frames as ``folder/frame_00000.png, ...``, atomically
+    (see :class:`FrameFolderWriter`)."""
+    _check_frames(frames)
+    writer = FrameFolderWriter(folder)
+    try:
+        writer.append(frames)
     except BaseException:
-        _remove(tmp)
+        writer.abort()
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    writer.close()
 
 
 def atomic_write_text(path, text: str, replace: bool = True) -> None:

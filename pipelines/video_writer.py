@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_CRF = 18
+DEFAULT_CRF = 12
 VIDEO_CODEC = "libx264"
 PIX_FMT = "yuv420p"
 
@@ -146,7 +146,7 @@ class _AudioCopy:
             self.container = None
             return
         self.start = int(round(start_s / self.tb))
-        self.end = int(round((start_s + duration_s) / self.tb))
+        self.end = None if duration_s is None else int(round((start_s + duration_s) / self.tb))
         self.packets = self.container.demux(self.inp)
         self.pending = None
 
@@ -165,72 +165,163 @@ class _AudioCopy:
             if until_s is not None and (packet.pts - self.start) * self.tb > until_s:
                 self.pending = packet
                 return
-            if packet.pts < self.start or packet.pts >= self.end:
+            if packet.pts < self.start or (self.end is not None and packet.pts >= self.end):
                 continue
             packet.pts -= self.start
             packet.dts = None if packet.dts is None else packet.dts - self.start
             packet.stream = self.out
             out.mux(packet)
 
+    def end_at(self, duration_s: float) -> None:
+        """Trim the copy to ``duration_s`` seconds (the video's duration, known when it closes)."""
+        if self.container is not None:
+            self.end = self.start + int(round(duration_s / self.tb))
+
     def close(self) -> None:
         if self.container is not None:
             self.container.close()
+            self.container = None
+
+
+class VideoWriter:
+    """A streaming H.264 writer: :meth:`append` frames as they are finished, :meth:`close` to verify and
+    commit (see the module docstring). Used as a context manager, an exception aborts: the temporary
+    file is removed and ``path`` is left as it was.
+
+    ``pts`` (optional, per appended frame, in ``time_base`` units) keeps the input's timestamps, so a
+    variable-frame-rate input stays variable; otherwise frame k is shown at k / fps. The audio of
+    ``audio_from`` from ``audio_start_s`` on is interleaved as the video advances and trimmed to the
+    video's duration when it closes.
+    """
+
+    def __init__(self, path, fps: float, *, crf: int = DEFAULT_CRF, audio_from=None, audio_start_s: float = 0.0,
+                 replace: bool = True, time_base: Fraction | None = None):
+        if not fps or fps <= 0:
+            raise ValueError(f"fps must be > 0, got {fps}")
+        if not 0 <= crf <= 51:
+            raise ValueError(f"crf must be in [0, 51], got {crf}")
+        self.path, self.crf, self.replace = Path(path), crf, replace
+        self.rate = Fraction(fps).limit_denominator(1001000)
+        self.time_base = time_base
+        self.audio_from, self.audio_start_s = audio_from, audio_start_s
+        self.tmp = temp_sibling(self.path)
+        self.out = self.stream = self.audio = None
+        self.count, self.size, self.padded = 0, None, False
+        self.first_pts = self.last_s = None
+        self.closed = False
+
+    def _start(self, h: int, w: int) -> None:
+        import av
+
+        try:
+            self.out = av.open(str(self.tmp), mode="w")
+            self.stream = self.out.add_stream(VIDEO_CODEC, rate=self.rate,
+                                              options={"crf": str(self.crf), "preset": "medium"})
+        except (av.error.FFmpegError, ValueError) as e:
+            raise WriteError(f"{self.path}: cannot open an output container ({e})") from e
+        self.stream.width, self.stream.height, self.stream.pix_fmt = w, h, PIX_FMT
+        if self.time_base is not None:
+            self.stream.codec_context.time_base = self.time_base
+            self.stream.time_base = self.time_base
+        if self.audio_from is not None:
+            self.audio = _AudioCopy(Path(self.audio_from), self.out, self.audio_start_s, None)
+
+    def append(self, frames: np.ndarray, pts: list[int] | None = None) -> None:
+        """Encode uint8 RGB ``(n, H, W, 3)`` frames (odd sides padded by repeating the last row/column)."""
+        import av
+
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames):
+            raise ValueError(f"expected uint8 frames (n>0, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
+        if pts is not None and (self.time_base is None or len(pts) != len(frames)):
+            raise ValueError("pts need a time_base and one value per frame")
+        frames, padded = _even(frames)
+        if self.out is None:
+            self.size, self.padded = frames.shape[1:3], padded
+            self._start(*self.size)
+        elif frames.shape[1:3] != self.size:
+            raise ValueError(f"frame size {frames.shape[1:3]} differs from the first frames' {self.size}")
+        try:
+            for k, img in enumerate(frames):
+                frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+                if pts is not None:
+                    self.first_pts = pts[k] if self.first_pts is None else self.first_pts
+                    frame.pts = pts[k] - self.first_pts
+                    self.last_s = float(frame.pts * self.time_base)
+                else:
+                    frame.pts = self.count if self.time_base is None else int(self.count / self.rate / self.time_base)
+                    self.last_s = self.count / float(self.rate)
+                for packet in self.stream.encode(frame):
+                    self.out.mux(packet)
+                self.count += 1
+                if self.audio is not None:
+                    self.audio.mux_until(self.out, self.last_s)
+        except (av.error.FFmpegError, OSError) as e:
+            raise WriteError(f"{self.path}: writing the video failed ({e})") from e
+
+    def duration_s(self) -> float:
+        """Seconds of video written: the last frame's start plus one nominal frame."""
+        return (self.last_s or 0.0) + 1 / float(self.rate)
+
+    def close(self) -> Written:
+        """Flush, close, verify, fsync and commit; returns what was written."""
+        import av
+
+        if self.out is None:
+            raise WriteError(f"{self.path}: no frames were written")
+        try:
+            try:
+                for packet in self.stream.encode():
+                    self.out.mux(packet)
+                if self.audio is not None:
+                    self.audio.end_at(self.duration_s())
+                    self.audio.mux_until(self.out, None)
+            except (av.error.FFmpegError, OSError) as e:
+                raise WriteError(f"{self.path}: writing the video failed ({e})") from e
+            finally:
+                if self.audio is not None:
+                    self.audio.close()
+                try:
+                    self.out.close()
+                except (av.error.FFmpegError, OSError) as e:
+                    raise WriteError(f"{self.path}: closing the video failed ({e})") from e
+            verify(self.tmp, self.count, label=str(self.path))
+            commit(self.tmp, self.path, self.replace)
+        except BaseException:
+            self.abort()
+            raise
+        self.closed = True
+        reason = "no audio source given" if self.audio is None else self.audio.reason
+        return Written(self.path, self.count, tuple(self.size), self.padded, reason)
+
+    def abort(self) -> None:
+        """Drop everything written so far (the temporary file); ``path`` is untouched."""
+        if self.out is not None and not self.closed:
+            try:
+                self.out.close()
+            except Exception:  # noqa: BLE001  (closing a broken container: nothing left to save)
+                pass
+        self.closed = True
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+        return False
 
 
 def write_h264(path, frames: np.ndarray, fps: float, *, crf: int = DEFAULT_CRF, audio_from=None,
-               audio_start_s: float = 0.0, replace: bool = True) -> Written:
+               audio_start_s: float = 0.0, replace: bool = True, pts: list[int] | None = None,
+               time_base: Fraction | None = None) -> Written:
     """Encode uint8 RGB ``(F, H, W, 3)`` frames as H.264 (yuv420p, constant rate factor ``crf``) at
     ``fps`` into ``path`` (.mp4/.mov/.mkv/.avi), with the audio of ``audio_from`` from ``audio_start_s``
-    on, trimmed to the video's duration. Verified and committed as the module docstring says."""
-    import av
-
-    path = Path(path)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames):
-        raise ValueError(f"expected uint8 frames (F>0, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
-    if not fps or fps <= 0:
-        raise ValueError(f"fps must be > 0, got {fps}")
-    if not 0 <= crf <= 51:
-        raise ValueError(f"crf must be in [0, 51], got {crf}")
-    frames, padded = _even(frames)
-    h, w = frames.shape[1:3]
-    rate = Fraction(fps).limit_denominator(1001000)
-    tmp = temp_sibling(path)
-    audio = None
-    try:
-        try:
-            out = av.open(str(tmp), mode="w")
-        except (av.error.FFmpegError, ValueError) as e:
-            raise WriteError(f"{path}: cannot open an output container ({e})") from e
-        try:
-            stream = out.add_stream(VIDEO_CODEC, rate=rate, options={"crf": str(crf), "preset": "medium"})
-            stream.width, stream.height, stream.pix_fmt = w, h, PIX_FMT
-            if audio_from is not None:
-                audio = _AudioCopy(Path(audio_from), out, audio_start_s, len(frames) / float(rate))
-            for i, frame in enumerate(frames):
-                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                    out.mux(packet)
-                if audio is not None:
-                    audio.mux_until(out, (i + 1) / float(rate) + 0.5)
-            for packet in stream.encode():
-                out.mux(packet)
-            if audio is not None:
-                audio.mux_until(out, None)
-        except (av.error.FFmpegError, OSError) as e:
-            raise WriteError(f"{path}: writing the video failed ({e})") from e
-        finally:
-            if audio is not None:
-                audio.close()
-            try:
-                out.close()
-            except (av.error.FFmpegError, OSError) as e:
-                raise WriteError(f"{path}: closing the video failed ({e})") from e
-        verify(tmp, len(frames), label=str(path))
-        commit(tmp, path, replace)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    reason = "no audio source given" if audio is None else audio.reason
-    return Written(path, len(frames), (h, w), padded, reason)
+    on, trimmed to the video's duration: one :class:`VideoWriter` call."""
+    with VideoWriter(path, fps, crf=crf, audio_from=audio_from, audio_start_s=audio_start_s, replace=replace,
+                     time_base=time_base) as w:
+        w.append(frames, pts)
+        return w.close()
 
 
 def verify(path: Path, frames: int, label: str | None = None) -> None:

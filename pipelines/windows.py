@@ -68,27 +68,33 @@ class Anchored(Alignment):
         return x0
 
 
-def sample_windowed(pipe, frames: torch.Tensor, *, window: int, overlap: int, anchor_weight: float,
-                    make_alignment, options, flow=None, progress=None, timer=None, workdir: Path | None = None,
-                    fingerprint: str = "", checkpoint_every: int = 1, seam_log: list | None = None):
-    """Run ``pipe`` over overlapping windows; returns uint8 frames (F, H, W, 3).
+def iter_windows(pipe, num_frames: int, read, *, window: int, overlap: int, anchor_weight: float,
+                 make_alignment, options, flow=None, progress=None, timer=None, workdir: Path | None = None,
+                 fingerprint: str = "", checkpoint_every: int = 1, seam_log: list | None = None,
+                 crop: tuple[int, int] | None = None):
+    """Sample a clip window by window and yield ``(first frame index, uint8 frames (n, H, W, 3))`` in
+    order, each frame exactly once, as soon as no later window can change it.
 
-    ``make_alignment()`` builds a fresh alignment per window. With ``workdir``, each finished
-    window is stored (its output frames and final samples of the overlap) and each running window
+    ``read(a, b)`` returns the model's input frames ``[a, b)`` (float ``(n, 3, h, w)`` in [-1, 1]), so
+    only one window of input is ever held; ``crop`` = (H, W) crops each output (padding removed).
+    ``make_alignment()`` builds a fresh alignment per window. With ``workdir``, each finished window is
+    stored (its output frames and the final samples of the overlap) and each running window
     checkpoints its sampling state, so a restarted run continues where it stopped.
     """
     from dataclasses import replace
 
     from .checkpoint import Checkpointer
 
-    spans = plan_windows(len(frames), window, overlap)
-    outputs: list[torch.Tensor] = []
-    tail: torch.Tensor | None = None  # previous window's final samples of the next overlap
+    spans = plan_windows(num_frames, window, overlap)
+    held: torch.Tensor | None = None  # the previous window's output frames of the overlap, not yet yielded
+    tail: torch.Tensor | None = None  # the previous window's final samples of the overlap (anchors)
     for k, (a, b) in enumerate(spans):
         done = None if workdir is None else Path(workdir) / f"window{k:04d}.safetensors"
         if done is not None and done.exists():
             saved = load_file(done)
             out, tail = saved["frames"], saved.get("tail")
+            if progress is not None:
+                progress(0)
         else:
             n_anchor = 0 if k == 0 else a_overlap(spans, k)
             targets = {} if tail is None else {j: tail[j] for j in range(n_anchor)}
@@ -96,9 +102,11 @@ def sample_windowed(pipe, frames: torch.Tensor, *, window: int, overlap: int, an
             ckpt = None if workdir is None else Checkpointer(Path(workdir) / f"window{k:04d}", fingerprint,
                                                              checkpoint_every)
             keep = overlap if k + 1 < len(spans) else 0
-            res = pipe(frames[a:b], options=replace(options, seed=options.seed + a), alignment=align, flow=flow,
+            res = pipe(read(a, b), options=replace(options, seed=options.seed + a), alignment=align, flow=flow,
                        progress=progress, timer=timer, checkpoint=ckpt, output_uint8=True, keep_last=keep)
             out, tail = res.frames, res.samples
+            if crop is not None:
+                out = out[:, :crop[0], :crop[1]].contiguous()
             if done is not None:
                 tensors = {"frames": out.contiguous()}
                 if tail is not None:
@@ -106,17 +114,21 @@ def sample_windowed(pipe, frames: torch.Tensor, *, window: int, overlap: int, an
                 tmp = done.with_suffix(".tmp")
                 save_file(tensors, tmp)
                 tmp.replace(done)
-        if k > 0 and a_overlap(spans, k) > 0:
-            n = a_overlap(spans, k)
+        n = a_overlap(spans, k) if k > 0 else 0
+        if n > 0:  # cross-fade the overlap from the previous window's frames to this one's
             ramp = torch.arange(1, n + 1, dtype=torch.float32).view(-1, 1, 1, 1) / (n + 1)
-            prev = outputs[-1][-n:].float()
-            outputs[-1] = outputs[-1][:-n]
             out = out.clone()
-            out[:n] = (prev * (1 - ramp) + out[:n].float() * ramp).round().to(torch.uint8)
+            out[:n] = (held.float() * (1 - ramp) + out[:n].float() * ramp).round().to(torch.uint8)
         if seam_log is not None and k > 0:
-            seam_log.append(a + a_overlap(spans, k))  # first frame that only the new window made
-        outputs.append(out)
-    return torch.cat(outputs)
+            seam_log.append(a + n)  # first frame that only the new window made
+        nxt = a_overlap(spans, k + 1) if k + 1 < len(spans) else 0
+        held = out[len(out) - nxt:] if nxt else None
+        yield a, out[:len(out) - nxt]
+
+
+def sample_windowed(pipe, frames: torch.Tensor, **kwargs) -> torch.Tensor:
+    """:func:`iter_windows` over frames held in memory; returns all uint8 frames (F, H, W, 3)."""
+    return torch.cat([out for _, out in iter_windows(pipe, len(frames), lambda a, b: frames[a:b], **kwargs)])
 
 
 def a_overlap(spans, k: int) -> int:

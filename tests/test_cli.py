@@ -130,16 +130,6 @@ def test_odd_sizes_are_padded_and_cropped_back(data, tmp_path, capsys, monkeypat
     assert rep["timings"]["flow"] > 0 and 0 <= rep["warp_error_noref"] < 1  # the sampler's flows, cropped
 
 
-def test_crop_flows_invalidates_targets_in_the_padding():
-    flow = torch.zeros(2, 2, 8, 8)
-    flow[1, 0] = 3.0  # frame 1 -> 0: everything moves 3 px right
-    mask = torch.ones(2, 1, 8, 8)
-    cropped = run_video.crop_flows(ClipFlows(flow, flow.clone(), mask, mask.clone()), (8, 6))
-    assert cropped.size == (8, 6)
-    assert cropped.valid_prev[1, 0, :, :3].all() and not cropped.valid_prev[1, 0, :, 3:].any()
-    assert cropped.valid_prev[0].all()
-
-
 def test_overwrite(data, tmp_path, capsys):
     out = tmp_path / "o.mp4"
     base = ["--config", "configs/independent.yaml", "--input", data / "clip.mp4", "--output", out,
@@ -301,17 +291,21 @@ def test_internal_error_names_opencv_once(data, tmp_path, capsys, monkeypatch):
 
 
 def test_fingerprint_follows_the_decoded_frames():
+    from pipelines.job import fingerprint
+
     cfg = load_config(ROOT / "configs" / "default.yaml")
     frames = tiny.textured_clip(3, 8)
-    same = run_video.fingerprint(cfg, frames.clone())
-    assert run_video.fingerprint(cfg, frames) == same
     edited = frames.clone()
     edited[1, 0, 3, 3] += 0.01  # one frame overwritten in place (a path/size/mtime check can miss this)
-    assert run_video.fingerprint(cfg, edited) != same
+    same = fingerprint(cfg, lambda a, b: frames[a:b].clone(), 3)
+    assert fingerprint(cfg, lambda a, b: frames[a:b], 3) == same
+    assert fingerprint(cfg, lambda a, b: edited[a:b], 3) != same
 
 
 def test_clips_with_the_same_stem_get_distinct_outputs():
-    names = run_video.output_names([Path("x/a.mp4"), Path("x/a.mov"), Path("x/b.mp4"), Path("y/a.mp4")])
+    from pipelines.job import output_names
+
+    names = output_names([Path("x/a.mp4"), Path("x/a.mov"), Path("x/b.mp4"), Path("y/a.mp4")])
     assert names[2] == "b" and len(set(names)) == 4 and names[0].startswith("a_") and names[1] == "a_mov"
 
 

@@ -1,0 +1,586 @@
+"""The clip job: everything between "config + paths" and "files written".
+
+    from pipelines.config import load_config
+    from pipelines.job import run_clip
+
+    report = run_clip(load_config("configs/default.yaml"), "assets/example.mp4", "outputs/example.mp4")
+    print(report["psnr"], report["warp_error_noref"], report["peak_memory"])
+
+It reads the clip lazily, pads it to the model's multiple, chooses one pass or windows
+(``runtime.mode``), samples, crops, scores and writes. Memory is bounded by the window, not the
+clip: frames are decoded per window from the container, each finished window goes straight to the
+streaming H.264 writer (and the optional PNG folder and comparison video), and the report's metrics
+are accumulated per chunk with flows only for the frames in hand. One pass holds what it needs by
+definition (every frame's sample, flows at ``flow.scale``, the outputs until sampling ends).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from . import metrics
+from .config import ConfigError, build_alignment, flow_config, pipeline_kwargs, sampling_options, to_dict, to_yaml
+from .degradation import bicubic_resize
+from .flow import check_flow_size, compute_clip_flows
+from .timing import StageTimer
+from .video_io import (FrameFolderWriter, InputError, atomic_write_text, pad_to_multiple, side_by_side, to_tensor,
+                       to_uint8)
+from .video_writer import VideoWriter, remove_stale_temps
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = Path("configs/default.yaml")
+DEFAULT_INPUT = Path("assets/example.mp4")
+DEFAULT_FPS = 20.0
+OUTPUT_EXTS = (".mp4", ".mov", ".mkv", ".avi")  # containers that take the H.264 stream
+FRAME_FILE = re.compile(r"frame_\d{5}\.png")  # what the PNG writer puts in output.frames_dir
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CHUNK = 16  # frames per scoring/writing chunk in one-pass mode
+
+
+class UsageError(ValueError):
+    """A bad command line or path: printed as ``error: <message>``, exit code 2."""
+
+
+def from_root(path: Path) -> Path:
+    """``path`` as given, or under the repo root when it is relative and missing from the cwd."""
+    path = Path(path).expanduser()
+    if not path.is_absolute() and not path.exists() and (ROOT / path).exists():
+        return ROOT / path
+    return path
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+@dataclass
+class Paths:
+    config: Path
+    input: Path
+    output: Path
+    report: Path  # <stem>.json
+    merged_config: Path  # <stem>.yaml
+    reference: Path | None
+    frames_dir: Path | None
+    side_by_side: Path | None
+
+    def files(self) -> list[tuple[str, Path]]:
+        """(label, path) of every file this run writes."""
+        out = [("--output", self.output), ("report", self.report), ("config copy", self.merged_config)]
+        if self.side_by_side is not None:
+            out.append(("output.side_by_side", self.side_by_side))
+        return out
+
+
+def plan_paths(cfg: DictConfig, input, output, config: Path, reference=None) -> Paths:
+    inp = Path(input).expanduser() if input else from_root(DEFAULT_INPUT)
+    out = Path(output).expanduser() if output else Path("outputs") / f"{inp.stem}_{Path(config).stem}.mp4"
+    o = cfg.output
+    return Paths(config=Path(config), input=inp, output=out, report=out.with_suffix(".json"),
+                 merged_config=out.with_suffix(".yaml"),
+                 reference=Path(reference).expanduser() if reference else None,
+                 frames_dir=Path(o.frames_dir).expanduser() if o.frames_dir else None,
+                 side_by_side=Path(o.side_by_side).expanduser() if o.side_by_side else None)
+
+
+def _creatable_parent(label: str, path: Path) -> None:
+    """Raise UsageError unless ``path``'s folder exists or can be created, and takes files."""
+    folder = path.absolute().parent
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{label} {path}: cannot create folder {folder}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{label} {path}: folder {existing} is not writable")
+    try:  # a real probe: some folders pass the access check but take no files (/proc, read-only mounts)
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".run_video-probe-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{label} {path}: cannot write files in {existing} ({e.strerror or e})") from e
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_paths(paths: Paths, overwrite: bool) -> None:
+    """Refuse outputs that would clobber an input, each other, or an existing file (without
+    ``--overwrite``), and outputs whose folder cannot be created. Writes nothing."""
+    protected = {"--input": paths.input.resolve(), "--config": paths.config.resolve()}
+    if paths.reference is not None:
+        protected["--reference"] = paths.reference.resolve()
+    for label, path in (("--output", paths.output), ("output.side_by_side", paths.side_by_side)):
+        if path is not None and path.suffix.lower() not in OUTPUT_EXTS:
+            raise UsageError(f"{label} {path}: unsupported video type '{path.suffix}' "
+                             f"(expected {'/'.join(OUTPUT_EXTS)})")
+    targets = paths.files() + ([("output.frames_dir", paths.frames_dir)] if paths.frames_dir else [])
+    seen: dict[Path, str] = {}
+    for label, path in targets:
+        real = path.resolve()
+        for what, other in protected.items():
+            if real == other:
+                raise UsageError(f"{label} {path} is the same file as {what}; choose another output path")
+        if real in seen:
+            raise UsageError(f"{label} {path} is also {seen[real]}; choose another path")
+        seen[real] = label
+        _creatable_parent(label, path)
+    for label, path in paths.files():
+        if path.is_dir():
+            raise UsageError(f"{label} {path} is a directory")
+        if path.exists() and not overwrite:
+            raise UsageError(f"{label} {path} exists (use --overwrite to replace it)")
+    if paths.frames_dir is not None:
+        _check_frames_dir(paths.frames_dir, overwrite, [*protected.values(), *seen])
+
+
+def _check_frames_dir(folder: Path, overwrite: bool, others: list[Path]) -> None:
+    """output.frames_dir is replaced as a whole: only ever a folder of our own frames."""
+    real = folder.resolve()
+    for other in others:
+        if other != real and _inside(other, real):
+            raise UsageError(f"output.frames_dir {folder} contains {other}, which would be deleted")
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise UsageError(f"output.frames_dir {folder} exists and is not a directory")
+    entries = [p.name for p in folder.iterdir()]
+    strangers = [n for n in entries if not FRAME_FILE.fullmatch(n)]
+    if strangers:
+        raise UsageError(f"output.frames_dir {folder} holds other files ({strangers[0]}, ...); "
+                         "refusing to replace it: choose an empty or new folder")
+    if entries and not overwrite:
+        raise UsageError(f"output.frames_dir {folder} exists (use --overwrite to replace it)")
+
+
+# ----------------------------------------------------------------------------- model and device
+
+
+def resolve_device(cfg: DictConfig) -> torch.device:
+    name, dtype = cfg.model.device, cfg.model.dtype
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"model.device={name} but CUDA is not available here; use model.device=cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"model.device={name} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif dtype != "float32":
+        raise ConfigError(f"model.dtype={dtype} needs a CUDA device (model.device is {name}); use model.dtype=float32")
+    return device
+
+
+def resolve_model_path(cfg: DictConfig) -> str:
+    """The model folder (relative paths fall back to the repo root) or hub id; local folders are
+    checked for the components the config needs. Raises ConfigError."""
+    m = cfg.model
+    path = str(from_root(Path(m.path)))
+    # pipelines.loading's rule: what is not on disk and looks like "owner/name" is a hub id, unless its
+    # first part is a local folder ("weights/nope" is a missing local model, not a hub repository)
+    owner = path.split("/")[0]
+    local_owner = Path(owner).is_dir() or (ROOT / owner).is_dir()
+    if not Path(path).exists() and not path.startswith((".", "/", "~")) and path.count("/") == 1 \
+            and not local_owner:
+        return path  # checked when loading
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ConfigError(f"model.path={m.path}: no such folder (nor under the repo root {ROOT})")
+    if not (folder / m.unet_subfolder).is_dir():
+        raise ConfigError(f"model.path={m.path}: no {m.unet_subfolder}/ subfolder (diffusers layout expected)")
+    if cfg.alignment.mode == "tcm" and not (folder / m.controlnet_subfolder).is_dir():
+        raise ConfigError(f"alignment.mode=tcm needs a model with a {m.controlnet_subfolder}/ folder "
+                          f"(model.controlnet_subfolder); {m.path} has none")
+    return path
+
+
+def load_model(cfg: DictConfig, path: str, device: torch.device, timer: StageTimer):
+    """The pipeline, timed under "load" (not counting the first import of diffusers)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from .loading import ModelLoadError
+    from .video_pipeline import VideoPipeline
+
+    diffusers_logging.set_verbosity_error()  # library chatter would break the one-line-error contract
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:
+        pass
+    try:
+        with timer("load"):
+            pipe = VideoPipeline.from_pretrained(path, device=device, dtype=DTYPES[cfg.model.dtype],
+                                                 **pipeline_kwargs(cfg))
+    except ModelLoadError as e:
+        raise UsageError(str(e)) from e
+    pipe.convention = cfg.model.convention
+    if pipe.vae is not None:
+        if cfg.model.vae_tiling:
+            pipe.vae.enable_tiling()
+        if cfg.model.vae_slicing:
+            pipe.vae.enable_slicing()
+    train_steps = pipe.scheduler.config.num_train_timesteps
+    if cfg.sampling.num_inference_steps > train_steps:
+        raise ConfigError(f"sampling.num_inference_steps={cfg.sampling.num_inference_steps} exceeds the "
+                          f"{train_steps} training timesteps of {cfg.model.path}'s scheduler")
+    if cfg.sampling.guidance_scale > 1 and pipe.text_encoder is None:
+        raise ConfigError(f"sampling.guidance_scale={cfg.sampling.guidance_scale} needs a text-conditioned model; "
+                          f"{cfg.model.path} has no text encoder (use sampling.guidance_scale=1)")
+    return pipe
+
+
+def peak_memory(device: torch.device) -> dict:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    mem = {"host_max_rss_mb": round(rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), 1)}
+    if device.type == "cuda":
+        mem["device_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+    return mem
+
+
+# ----------------------------------------------------------------------------- input
+
+
+class FrameReader:
+    """The model's input frames ``[a, b)`` as float ``(n, 3, h, w)`` in [-1, 1], decoded on demand from a
+    :class:`pipelines.clip_source.ClipSource` (``input.resize`` applied per chunk)."""
+
+    def __init__(self, source, resize: float | None):
+        self.source, self.resize = source, resize
+        h, w = source.size
+        self.size = (h, w) if not resize or resize == 1 else (max(1, round(h * resize)), max(1, round(w * resize)))
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __call__(self, a: int, b: int) -> torch.Tensor:
+        x = to_tensor(self.source.read(a, b))
+        return x if tuple(x.shape[-2:]) == self.size else bicubic_resize(x, self.size).clamp(-1, 1)
+
+
+def fingerprint(cfg: DictConfig, read: Callable[[int, int], torch.Tensor], n: int) -> str:
+    """What makes a work folder reusable: the config that shapes sampling (all but ``output``) and the
+    decoded input frames themselves (a frame overwritten in place changes it; a moved file does not).
+    Hashed chunk by chunk, so the clip is never held."""
+    sampling = {k: v for k, v in to_dict(cfg).items() if k != "output"}
+    digest = hashlib.sha256(json.dumps(sampling, sort_keys=True).encode())
+    digest.update(str(n).encode())
+    for a in range(0, n, CHUNK):
+        digest.update(read(a, min(n, a + CHUNK)).float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- scores
+
+
+def _number(x: float | None) -> float | None:
+    """JSON-safe: nan/inf -> None."""
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+class Scores:
+    """The report's metrics, accumulated chunk by chunk (frames arrive in order; the pair across a chunk
+    boundary is scored with the previous chunk's last frame): the no-reference warp error of the output
+    and of the conditioning frames under the input's flow, sharpness, and with a reference PSNR, SSIM,
+    the warp error under the reference's flow and the sharpness ratio."""
+
+    def __init__(self, flow_cfg):
+        self.flow_cfg = flow_cfg
+        self.sums: dict[str, list[float]] = {}
+        self.prev: tuple | None = None
+
+    def _add(self, key: str, values) -> None:
+        self.sums.setdefault(key, []).extend(v for v in values if v is not None and math.isfinite(v))
+
+    def add(self, out: torch.Tensor, cond: torch.Tensor, gt: torch.Tensor | None = None) -> None:
+        """Float chunks ``(n, 3, H, W)`` in [-1, 1]: output, conditioning (bicubic) frames, reference."""
+        n = len(out)
+        if min(out.shape[-2:]) >= 3:
+            self._add("sharpness", [metrics.sharpness(out)] * n)
+        if gt is not None:
+            self._add("psnr", [metrics.psnr(out[i:i + 1], gt[i:i + 1]) for i in range(n)])
+            self._add("psnr_bicubic", [metrics.psnr(cond[i:i + 1], gt[i:i + 1]) for i in range(n)])
+            if min(out.shape[-2:]) >= 11:
+                self._add("ssim", [metrics.ssim(out[i:i + 1], gt[i:i + 1]) for i in range(n)])
+                self._add("ssim_bicubic", [metrics.ssim(cond[i:i + 1], gt[i:i + 1]) for i in range(n)])
+            if min(gt.shape[-2:]) >= 3:
+                self._add("sharpness_gt", [metrics.sharpness(gt)] * n)
+        chunks = (out, cond, gt)
+        if self.prev is not None:
+            chunks = tuple(None if c is None else torch.cat([p, c]) for p, c in zip(self.prev, chunks))
+        self.prev = tuple(None if c is None else c[-1:] for c in (out, cond, gt))
+        o, c, g = chunks
+        if len(o) < 2:
+            return
+        flows = compute_clip_flows(c, self.flow_cfg)
+        self._add("warp_error_noref", metrics.warp_errors(o, flows.to_prev, flows.valid_prev))
+        self._add("warp_error_noref_input", metrics.warp_errors(c, flows.to_prev, flows.valid_prev))
+        if g is not None:
+            ref = compute_clip_flows(g, self.flow_cfg)
+            self._add("warp_error_ref", metrics.warp_errors(o, ref.to_prev, ref.valid_prev))
+            self._add("warp_error_ref_gt", metrics.warp_errors(g, ref.to_prev, ref.valid_prev))
+
+    def report(self, scale: int) -> dict:
+        mean = {k: float(np.mean(v)) if v else None for k, v in self.sums.items()}
+        rep = {k: _number(mean.get(k)) for k in ("warp_error_noref", "warp_error_noref_input", "sharpness")}
+        if "psnr" in mean:
+            rep.update(psnr=_number(mean["psnr"]), ssim=_number(mean.get("ssim")),
+                       warp_error_ref=_number(mean.get("warp_error_ref")),
+                       warp_error_ref_gt=_number(mean.get("warp_error_ref_gt")),
+                       sharpness_ratio=_number(mean["sharpness"] / mean["sharpness_gt"])
+                       if mean.get("sharpness") is not None and mean.get("sharpness_gt") else None)
+            if scale > 1:
+                rep.update(psnr_bicubic=_number(mean["psnr_bicubic"]), ssim_bicubic=_number(mean.get("ssim_bicubic")))
+        return rep
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def _wxh(size) -> str:
+    return f"{size[1]}x{size[0]}"
+
+
+def _choose_mode(cfg: DictConfig, n: int) -> str:
+    r = cfg.runtime
+    if r.mode != "auto":
+        return r.mode
+    return "one_pass" if n <= r.one_pass_max else "windows"
+
+
+def run_clip(cfg: DictConfig, input=None, output=None, *, config_path=DEFAULT_CONFIG, reference=None,
+             overwrite: bool = False, workdir=None, log: Callable[[str], None] = print,
+             progress: bool = True) -> dict:
+    """Run the job ``cfg`` on one clip and write ``output`` (H.264), ``<stem>.json`` (the report, also
+    returned) and ``<stem>.yaml`` (the merged config). Raises ConfigError / UsageError / InputError /
+    WorkdirMismatch for bad input (checked before heavy work where it can be known up front)."""
+    from tqdm import tqdm
+
+    from .clip_source import ClipSource
+
+    t0 = time.perf_counter()
+    paths = plan_paths(cfg, input, output, config_path, reference)
+    check_paths(paths, overwrite)
+    for _, target in paths.files():
+        for stale in remove_stale_temps(target):
+            log(f"removed {stale}, left behind by an interrupted earlier run")
+    device = resolve_device(cfg)
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
+    model_path = resolve_model_path(cfg)
+    flow_cfg = flow_config(cfg)
+    timer = StageTimer(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    workdir = Path(workdir).expanduser() if workdir else None
+
+    sel, r = cfg.input, cfg.runtime
+    select = dict(start=sel.start, end=sel.end, stride=sel.stride, max_frames=sel.max_frames, strict=sel.strict,
+                  cache=max(r.overlap, 1) + 1)
+    with timer("io"):
+        source = ClipSource(paths.input, **select)
+        ref_source = ClipSource(paths.reference, **select) if paths.reference else None
+    for warning in source.warnings:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    n = len(source)
+    rate = f"{source.fps:g} fps" if source.fps else "no frame rate"
+    log(f"read {n} frames {_wxh(source.size)} ({rate}) from {paths.input}")
+    read = FrameReader(source, sel.resize)
+    if read.size != tuple(source.size):
+        log(f"resizing the input to {_wxh(read.size)}")
+    if ref_source is not None and len(ref_source) != n:
+        raise UsageError(f"--reference has {len(ref_source)} frames, output has {n}")
+    key = ""
+    if workdir is not None:
+        from .checkpoint import Checkpointer
+
+        key = fingerprint(cfg, read, n)
+        Checkpointer.verify(workdir, key)
+
+    log(f"loading model {model_path} on {device} ({cfg.model.dtype})")
+    pipe = load_model(cfg, model_path, device, timer)
+    log(f"model: {pipe.kind}, x{pipe.scale}")
+    alignment = build_alignment(cfg, pipe)
+    out_size = (read.size[0] * pipe.scale, read.size[1] * pipe.scale)
+    if ref_source is not None and tuple(ref_source.size) != out_size:
+        raise UsageError(f"--reference frames are {_wxh(ref_source.size)}, output frames are {_wxh(out_size)}")
+    if n > 1:  # the alignment and the report's consistency metrics both need flow
+        try:
+            check_flow_size(out_size, flow_cfg)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+    mode = _choose_mode(cfg, n)
+
+    # sampling, as a stream of finished output chunks (first index, uint8 (k, H, W, 3))
+    multiple = pipe.input_multiple()
+    padded_size = tuple(s + (-s % multiple) for s in read.size)
+    if padded_size != read.size:
+        log(f"padding {_wxh(read.size)} to {_wxh(padded_size)} (the model needs multiples of {multiple})")
+
+    def model_input(a: int, b: int) -> torch.Tensor:
+        return pad_to_multiple(read(a, b), multiple)[0]
+
+    s = cfg.sampling
+    from .sampler import img2img_timesteps
+
+    steps_run = len(img2img_timesteps(pipe.scheduler, s.num_inference_steps, s.strength))
+    log(f"sampling {n} frames ({mode.replace('_', ' ')}): {steps_run} of {s.num_inference_steps} steps, "
+        f"alignment {cfg.alignment.mode}, {cfg.schedule.direction}")
+    if workdir is not None:
+        log(f"checkpointing to {workdir} every {r.checkpoint_every} step(s)")
+    windows = mode == "windows" and n > r.window
+    if windows:
+        from .windows import plan_windows
+
+        spans = plan_windows(n, r.window, r.overlap)
+        log(f"{len(spans)} windows of {r.window} frames overlapping by {r.overlap}")
+        total = steps_run * sum(b - a for a, b in spans)
+    else:
+        total = steps_run * n
+    bar = tqdm(total=total, desc="denoising", unit="frame-step", file=sys.stderr, dynamic_ncols=True,
+               disable=not progress)
+
+    def chunks():
+        if windows:
+            from .windows import iter_windows
+
+            yield from iter_windows(pipe, n, model_input, window=r.window, overlap=r.overlap,
+                                    anchor_weight=r.anchor_weight, make_alignment=lambda: build_alignment(cfg, pipe),
+                                    options=sampling_options(cfg), flow=flow_cfg, progress=bar.update, timer=timer,
+                                    workdir=workdir, fingerprint=key, checkpoint_every=r.checkpoint_every,
+                                    crop=out_size)
+            return
+        from .checkpoint import Checkpointer
+
+        ckpt = None if workdir is None else Checkpointer(workdir, key, r.checkpoint_every)
+        result = pipe(model_input(0, n), options=sampling_options(cfg), alignment=alignment, flow=flow_cfg,
+                      progress=bar.update, timer=timer, checkpoint=ckpt, output_uint8=True)
+        frames = result.frames[:, :out_size[0], :out_size[1]]
+        del result
+        for a in range(0, n, CHUNK):
+            yield a, frames[a:a + CHUNK]
+
+    # the writers and the scores, fed chunk by chunk
+    o = cfg.output
+    fps = float(o.fps or source.fps or DEFAULT_FPS)
+    keep_times = o.fps is None and source.pts is not None
+    audio_start = 0.0
+    if keep_times:
+        audio_start = float((source.pts[0] - source.start_pts) * source.time_base)
+    elif source.fps:
+        audio_start = sel.start / (source.fps * sel.stride)
+    log(f"writing {paths.output} ({n} frames {_wxh(out_size)}, {fps:g} fps, H.264 crf {o.crf})")
+    writer = VideoWriter(paths.output, fps, crf=o.crf, replace=overwrite, audio_from=paths.input if o.audio else None,
+                         audio_start_s=audio_start, time_base=source.time_base if keep_times else None)
+    sbs = None if paths.side_by_side is None else VideoWriter(paths.side_by_side, fps, crf=o.crf, replace=overwrite)
+    pngs = None if paths.frames_dir is None else FrameFolderWriter(paths.frames_dir)
+    scores = Scores(flow_cfg)
+    try:
+        for a, out_u8 in chunks():
+            k = len(out_u8)
+            with timer("io"):
+                u8 = out_u8.numpy() if torch.is_tensor(out_u8) else out_u8
+                writer.append(u8, source.pts[a:a + k] if keep_times else None)
+                inp = read(a, a + k)
+                if sbs is not None:
+                    sbs.append(side_by_side(to_uint8(inp), u8, mode="bicubic"))
+                if pngs is not None:
+                    pngs.append(u8)
+            with timer("metrics"):
+                gt = None if ref_source is None else to_tensor(ref_source.read(a, a + k))
+                scores.add(to_tensor(u8), pipe.conditioning_frames(inp).float(), gt)
+        bar.close()
+        with timer("io"):
+            written = writer.close()
+            if sbs is not None:
+                log(f"wrote {paths.side_by_side} (input | output)")
+                sbs.close()
+            if pngs is not None:
+                log(f"wrote {n} PNG frames to {paths.frames_dir}")
+                pngs.close()
+            atomic_write_text(paths.merged_config, to_yaml(cfg), replace=overwrite)
+    except BaseException:
+        bar.close()
+        for w in (writer, sbs, pngs):
+            if w is not None:
+                w.abort()
+        raise
+    finally:
+        source.close()
+        if ref_source is not None:
+            ref_source.close()
+    if written.padded:
+        log(f"note: H.264 needs even sides; {_wxh(out_size)} is stored as {_wxh(written.size)} "
+            "(last row/column repeated); output.frames_dir PNGs keep the exact size")
+    if o.audio and written.audio not in (None, "input has no audio"):
+        log(f"audio not copied: {written.audio}")
+
+    timings = {"total": round(time.perf_counter() - t0, 4)}
+    timings.update({k: 0.0 for k in ("model", "flow", "align", "scheduler", "vae" if pipe.vae else "decode",
+                                      "io", "load", "metrics")})
+    timings.update(timer.report())
+    video = dict(fps=fps, codec="h264", pix_fmt="yuv420p", crf=o.crf, encoded_size=list(written.size),
+                 padded=written.padded, audio="copied" if written.audio is None else written.audio,
+                 timestamps="kept from the input" if keep_times else "constant rate")
+    report = dict(
+        input=str(paths.input), output=str(paths.output),
+        reference=str(paths.reference) if paths.reference else None, model_path=model_path,
+        frames=n, source_size=list(source.size), input_size=list(read.size), output_size=list(out_size),
+        fps=fps, model_kind=pipe.kind, scale=pipe.scale, input_multiple=multiple, device=str(device),
+        dtype=cfg.model.dtype, steps_run=steps_run, mode=mode, video=video, warnings=source.warnings,
+        timings=timings, peak_memory=peak_memory(device), **scores.report(pipe.scale), config=to_dict(cfg))
+    atomic_write_text(paths.report, json.dumps(report, indent=2) + "\n", replace=overwrite)
+    summary = f", psnr {report['psnr']:.2f} dB" if report.get("psnr") is not None else ""
+    log(f"done in {timings['total']:.1f}s: {paths.output}{summary}")
+    return report
+
+
+# ----------------------------------------------------------------------------- many clips
+
+
+def clip_list(inp: Path) -> list[Path] | None:
+    """A ``.txt`` list of clips (relative to the list) or a folder of videos; None for a single clip."""
+    from .video_io import IMAGE_EXTS, VIDEO_EXTS
+
+    clip_exts = (*VIDEO_EXTS, ".gif")
+    if inp.suffix.lower() == ".txt" and inp.is_file():
+        lines = [ln.strip() for ln in inp.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        return [p if p.is_absolute() else inp.parent / p for p in map(Path, lines)]
+    if inp.is_dir():
+        files = [p for p in inp.iterdir() if p.is_file() and not p.name.startswith(".")]
+        videos = sorted(p for p in files if p.suffix.lower() in clip_exts)
+        if videos and not any(p.suffix.lower() in IMAGE_EXTS for p in files):
+            return videos
+    return None
+
+
+def output_names(clips: list[Path]) -> list[str]:
+    """A distinct output stem per clip: its stem, or ``stem_ext`` (then ``_2``...) where stems collide."""
+    stems = [c.stem for c in clips]
+    names, used = [], set()
+    for clip, stem in zip(clips, stems):
+        name = stem if stems.count(stem) == 1 else f"{stem}_{clip.suffix.lstrip('.').lower() or 'clip'}"
+        base, n = name, 2
+        while name in used:
+            name, n = f"{base}_{n}", n + 1
+        used.add(name)
+        names.append(name)
+    return names
+
+
+__all__ = ["run_clip", "UsageError", "Paths", "plan_paths", "check_paths", "fingerprint", "Scores", "InputError",
+           "clip_list", "output_names"]

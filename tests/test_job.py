@@ -1,0 +1,108 @@
+"""The streaming clip job (pipelines.job.run_clip) through run_video.py: bounded memory, streaming equals
+the in-memory library call bit for bit, audio kept and trimmed, timestamps kept."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tiny
+from pipelines.align import Fusion
+from pipelines.config import load_config, sampling_options
+from pipelines.flow import FlowConfig
+from pipelines.job import run_clip
+from pipelines.video_io import read_clip, to_tensor, to_uint8, write_video
+from pipelines.video_pipeline import VideoPipeline
+from pipelines.windows import sample_windowed
+from test_video_io import make_av_clip, streams
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny.save_residual_sr(tmp_path_factory.mktemp("model") / "m", scale=2)
+
+
+def job_cfg(model, *overrides):
+    return load_config(ROOT / "configs" / "default.yaml",
+                       [f"model.path={model}", "sampling.num_inference_steps=2", "runtime.threads=1", *overrides])
+
+
+def pngs(folder):
+    import cv2
+
+    return np.stack([cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted(Path(folder).glob("*.png"))])
+
+
+@pytest.mark.parametrize("mode", ["one_pass", "windows"])
+def test_streaming_job_equals_the_library_call_bit_for_bit(model, tmp_path, mode):
+    clip = tmp_path / "in.mp4"
+    write_video(clip, to_uint8(tiny.textured_clip(9, 16, shift=(0.8, 0.4))), 10)
+    cfg = job_cfg(model, f"runtime.mode={mode}", "runtime.window=4", "runtime.overlap=2",
+                  f"output.frames_dir={tmp_path / 'png'}")
+    run_clip(cfg, clip, tmp_path / "out.mp4", log=lambda m: None, progress=False)
+    got = pngs(tmp_path / "png")
+    frames = to_tensor(read_clip(clip).frames)
+    pipe = VideoPipeline.from_pretrained(model)
+    align = lambda: Fusion(0.3, num_train_timesteps=1000)  # noqa: E731  (the default config's fusion)
+    if mode == "one_pass":
+        want = pipe(frames, options=sampling_options(cfg), alignment=align(), flow=FlowConfig(),
+                    output_uint8=True).frames.numpy()
+    else:
+        want = sample_windowed(pipe, frames, window=4, overlap=2, anchor_weight=0.8, make_alignment=align,
+                               options=sampling_options(cfg), flow=FlowConfig()).numpy()
+    assert got.shape == want.shape == (9, 32, 32, 3)
+    assert np.array_equal(got, want)
+
+
+def test_cli_memory_is_bounded_by_the_window(model, tmp_path):
+    """Through run_video.py: 200 frames peak no higher than 20 frames plus a little. Holding the clip's
+    float outputs, conditioning frames and flows (the old CLI) would add ~0.6 MB per frame here (>100 MB)."""
+    import long_clip
+
+    rows = [long_clip.cli_measure(n, 48, "windows", model=str(model), tmp=tmp_path,
+                                  extra=("runtime.window=8", "runtime.overlap=2")) for n in (20, 200)]
+    growth = rows[1]["rss_peak_mb"] - rows[0]["rss_peak_mb"]
+    assert rows[1]["run_mode"] == "windows" and growth < 40, rows
+
+
+def test_audio_is_kept_trimmed_and_absent_audio_is_handled(model, tmp_path):
+    src = make_av_clip(tmp_path / "in.mp4", frames=48, fps=24, audio_s=2.0, size=32)
+    cfg = job_cfg(model, "input.start=12", "input.end=36")
+    rep = run_clip(cfg, src, tmp_path / "out.mp4", log=lambda m: None, progress=False)
+    got = streams(tmp_path / "out.mp4")
+    assert rep["video"]["audio"] == "copied" and got["video"][0] == "h264" and got["audio"][0] == "aac"
+    assert abs(got["audio"][1] - 24 / 24) <= 1 / 24 + 0.025  # 24 frames at 24 fps: 1 s of audio, +-1 frame
+    silent = make_av_clip(tmp_path / "silent.mp4", frames=6, fps=24, audio_s=0, size=32)
+    rep = run_clip(job_cfg(model), silent, tmp_path / "s.mp4", log=lambda m: None, progress=False)
+    assert rep["video"]["audio"] == "input has no audio" and "audio" not in streams(tmp_path / "s.mp4")
+
+
+def test_variable_frame_rate_input_keeps_its_timestamps(model, tmp_path):
+    import av
+    from fractions import Fraction
+
+    pts = [0, 40, 80, 200, 240, 400]  # ms: a stall in the middle
+    src = tmp_path / "vfr.mp4"
+    with av.open(str(src), "w") as out:
+        s = out.add_stream("libx264", rate=25)
+        s.width = s.height = 32
+        s.pix_fmt = "yuv420p"
+        s.codec_context.time_base = s.time_base = Fraction(1, 1000)
+        for i, (p, img) in enumerate(zip(pts, to_uint8(tiny.textured_clip(6, 32)))):
+            f = av.VideoFrame.from_ndarray(img, format="rgb24")
+            f.pts = p
+            for pk in s.encode(f):
+                out.mux(pk)
+        for pk in s.encode():
+            out.mux(pk)
+    rep = run_clip(job_cfg(model, "flow.method=farneback"), src, tmp_path / "o.mp4", log=lambda m: None,
+                   progress=False)
+    assert rep["video"]["timestamps"] == "kept from the input"
+    back = read_clip(tmp_path / "o.mp4")
+    assert [round(float(p * back.time_base), 3) for p in back.pts] == [p / 1000 for p in pts]
