@@ -1,43 +1,44 @@
 """Cut the shipped example clip from ../shared/clips/woman-running.mp4 (run once, by a developer).
 
-Writes assets/example_gt.mp4 (16 frames, 256x256: the clip downscaled x2, the ground truth) and
-assets/example.mp4 (64x64: the ground truth downscaled x4, bicubic antialiased: the input). Both
-are H.264 at near-lossless quality (ffmpeg from the imageio-ffmpeg wheel, a developer-only tool),
-and the low-res clip is made from the *decoded* ground truth so the pair is consistent.
+Writes the ground truth losslessly, as PNG frames in assets/example_gt/ (16 frames, 256x256: the clip
+downscaled x2), so fidelity figures measure the model and not a codec, and assets/example.mp4 (64x64:
+the ground truth downscaled x4, bicubic antialiased: the input), also lossless (H.264 RGB, libx264rgb
+at crf 0, through PyAV). woman-running.mp4 is the evaluation clip: no training script reads it.
 """
-import subprocess
 import sys
 from pathlib import Path
-
-import cv2
-import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pipelines.degradation import bicubic_resize, downscale  # noqa: E402
-from pipelines.video_io import read_clip, to_tensor, to_uint8  # noqa: E402
+from pipelines.video_io import read_clip, to_tensor, to_uint8, write_frames  # noqa: E402
 
 START, FRAMES, FPS = 30, 16, 20
 
 
-def encode(frames: np.ndarray, path: Path) -> None:
-    import imageio_ffmpeg
+def encode_lossless(frames, path: Path) -> None:
+    import av
 
-    h, w = frames.shape[1:3]
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
-           "-s", f"{w}x{h}", "-r", str(FPS), "-i", "-", "-c:v", "libx264", "-crf", "6", "-pix_fmt", "yuv444p",
-           str(path)]
-    subprocess.run(cmd, input=frames.tobytes(), check=True)
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("libx264rgb", rate=FPS, options={"crf": "0", "preset": "veryslow"})
+        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "rgb24"
+        for f in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
 
 
 def main() -> None:
     src = ROOT.parent / "shared" / "clips" / "woman-running.mp4"
     clip = read_clip(src, start=START, max_frames=FRAMES)
-    gt = bicubic_resize(to_tensor(clip.frames), (256, 256)).clamp(-1, 1)
-    encode(to_uint8(gt), ROOT / "assets" / "example_gt.mp4")
-    decoded = to_tensor(read_clip(ROOT / "assets" / "example_gt.mp4").frames)
-    encode(to_uint8(downscale(decoded, 4).clamp(-1, 1)), ROOT / "assets" / "example.mp4")
+    gt = to_uint8(bicubic_resize(to_tensor(clip.frames), (256, 256)).clamp(-1, 1))
+    write_frames(ROOT / "assets" / "example_gt", gt)
+    lr = to_uint8(downscale(to_tensor(gt), 4).clamp(-1, 1))
+    encode_lossless(lr, ROOT / "assets" / "example.mp4")
+    back = read_clip(ROOT / "assets" / "example.mp4").frames
+    assert (back == lr).all(), "the input clip must decode to exactly the frames written"
+    print(f"wrote {len(gt)} ground-truth PNG frames and the lossless 64x64 input")
 
 
 if __name__ == "__main__":

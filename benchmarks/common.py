@@ -37,7 +37,7 @@ from pipelines.timing import StageTimer  # noqa: E402
 from pipelines.video_io import read_clip, to_tensor  # noqa: E402
 from pipelines.video_pipeline import SamplingOptions, VideoPipeline, read_vsr_config  # noqa: E402
 
-EXAMPLE_GT = ROOT / "assets" / "example_gt.mp4"
+EXAMPLE_GT = ROOT / "assets" / "example_gt"
 SHARED_CLIPS = ROOT.parent / "shared" / "clips"
 DEFAULT_MODEL = ROOT / "weights" / "vsr-x4"
 EWARP_UNIT = 1e3  # E_warp is reported x 1000 in tables and plots

@@ -1,6 +1,6 @@
 """Temporal consistency vs fidelity of the sampling methods on ground-truth clips.
 
-    python benchmarks/consistency.py                       # assets/example_gt.mp4, all methods
+    python benchmarks/consistency.py                       # assets/example_gt, all methods
     python benchmarks/consistency.py --quick               # smoke run: 4 frames at 64x64, 4 steps
     python benchmarks/consistency.py --clips ../shared/clips/woman-running.mp4 --resize 256 \\
         --max-frames 16 --start 30

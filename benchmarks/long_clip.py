@@ -87,8 +87,8 @@ def cli_measure(frames: int, size: int, mode: str, model: str | None = None, ste
                 tmp: Path | None = None, extra: tuple = ()) -> dict:
     """Run ``run_video.py`` (a fresh process) on a ``frames``-frame clip; its report's peak RSS.
 
-    ``mode``: ``default`` (the default config: auto = windows beyond runtime.one_pass_max),
-    ``one-pass`` or ``windows``."""
+    ``mode``: ``default`` (the default config: auto = windows beyond runtime.one_pass_max), ``windows``,
+    ``one-pass`` (state in files beyond runtime.files_above), ``one-pass-memory``, ``one-pass-files``."""
     import tempfile as _tf
 
     tmp = Path(tmp or _tf.mkdtemp())
@@ -100,8 +100,10 @@ def cli_measure(frames: int, size: int, mode: str, model: str | None = None, ste
             f"sampling.num_inference_steps={steps}", "runtime.threads=1", *extra]
     if model:
         args.append(f"model.path={model}")
-    if mode != "default":
-        args.append(f"runtime.mode={mode.replace('-', '_')}")
+    args += {"default": [], "windows": ["runtime.mode=windows"],
+             "one-pass": ["runtime.mode=one_pass"],
+             "one-pass-memory": ["runtime.mode=one_pass", "runtime.files_above=1000000"],
+             "one-pass-files": ["runtime.mode=one_pass", "runtime.files_above=0"]}[mode]
     run = subprocess.run(args, capture_output=True, text=True)
     if run.returncode != 0:
         raise RuntimeError(f"run_video.py failed ({run.returncode}): {run.stderr.strip().splitlines()[-1:]}")

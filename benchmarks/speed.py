@@ -45,7 +45,7 @@ from pipelines.video_pipeline import SamplingOptions  # noqa: E402
 SECTIONS = ("limit", "scaling", "schedulers", "chains")
 STAGES = ("model", "flow", "align", "scheduler", "decode", "vae")
 CHAIN_CLIP = SHARED_CLIPS / "woman-running.mp4"
-CHAIN_START = 30  # where assets/example_gt.mp4 was cut from woman-running
+CHAIN_START = 30  # where assets/example_gt was cut from woman-running
 SCHEDULERS = "ddpm:20,ddpm:10,ddim:10,ddim:6,dpm++:10,dpm++:6"
 SAME_EWARP = 0.10  # "same consistency": E_warp within 10 % of DDPM's ...
 SAME_PSNR = 0.1  # ... and PSNR at most 0.1 dB below DDPM's
@@ -374,7 +374,7 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="half precision needs CUDA")
-    p.add_argument("--clip", default=None, help="ground-truth clip (default: assets/example_gt.mp4; chains: "
+    p.add_argument("--clip", default=None, help="ground-truth clip (default: assets/example_gt; chains: "
                    "woman-running from ../shared/clips when present)")
     p.add_argument("--resize", type=int, default=None, help="shorter side of the ground truth (--quick: 64)")
     p.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: configs/default.yaml; --quick: 4)")

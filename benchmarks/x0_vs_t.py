@@ -2,7 +2,7 @@
 
     python benchmarks/x0_vs_t.py          # writes docs/x0_vs_t.png and docs/x0_vs_t_frames.png
 
-On one real frame (the first of assets/example_gt.mp4; its input is the x4 antialiased bicubic
+On one real frame (the first of assets/example_gt; its input is the x4 antialiased bicubic
 downscale), the ground-truth residual ``x0 = (GT - bicubic) / residual_scale`` is noised to
 ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps`` (the scheduler's ``add_noise``, one fixed eps) for ~25
 timesteps across [0, T-1]; the model is evaluated once at each, and the approximated x0

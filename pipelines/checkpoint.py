@@ -89,10 +89,18 @@ class Checkpointer:
     def state_file(self) -> Path:
         return self.dir / "state.safetensors"
 
+    def has_state(self) -> bool:
+        return self.state_file.exists()
+
     def save(self, step: int, x, x0_buf, generators, scheduler) -> None:
-        """``step``: number of completed denoising steps."""
+        """``step``: number of completed denoising steps. Samples kept in files (a SteppedState) are
+        flushed there, not copied: they must then be saved after every step (see ``maybe_save``)."""
         tensors, plain = _scheduler_state(scheduler)
-        tensors.update({"x": x.detach().cpu().contiguous(), "x0": x0_buf.detach().cpu().contiguous()})
+        tensors["x0"] = x0_buf.detach().cpu().contiguous()
+        if hasattr(x, "flush"):
+            x.flush()
+        else:
+            tensors["x"] = x.detach().cpu().contiguous()
         for i, g in enumerate(generators):
             tensors[f"gen.{i}"] = g.get_state()
         meta = {"step": str(step), "scheduler": json.dumps(plain)}
@@ -101,7 +109,8 @@ class Checkpointer:
         os.replace(tmp, self.state_file)
 
     def maybe_save(self, step: int, total: int, *state) -> None:
-        if step % self.every == 0 or step == total:
+        # double-buffered file state is overwritten two steps later: it is only resumable step by step
+        if step % self.every == 0 or step == total or hasattr(state[0], "flush"):
             self.save(step, *state)
 
     def load(self, generators, scheduler, device):
@@ -117,7 +126,8 @@ class Checkpointer:
             for i, g in enumerate(generators):
                 g.set_state(tensors[f"gen.{i}"])
             _restore_scheduler(scheduler, tensors, json.loads(meta["scheduler"]), device)
-            return int(meta["step"]), tensors["x"].to(device), tensors["x0"].to(device)
+            x = tensors["x"].to(device) if "x" in tensors else None  # None: the samples are in their files
+            return int(meta["step"]), x, tensors["x0"].to(device)
         except Exception as e:  # truncated, foreign or damaged state: say so, never resume from it
             raise WorkdirMismatch(f"work folder {self.dir}: {self.state_file.name} is damaged or from another "
                                   f"run ({type(e).__name__}); delete it to start over") from e

@@ -152,6 +152,7 @@ class RuntimeConfig:
     mode: RunMode = "auto"
     one_pass_max: int = 48
     window: int = 24  # frames per window
+    files_above: int = 200  # one pass over more frames keeps samples and flows in files (flat memory)
     overlap: int = 4  # frames shared by consecutive windows
     anchor_weight: float = 0.8  # pull of the previous window's finished frames on the overlap, in [0, 1]
     checkpoint_every: int = 1  # with --workdir: save the sampling state every N steps
@@ -306,6 +307,7 @@ def validate(cfg: DictConfig) -> None:
     _check(r.threads >= 0, "runtime.threads", ">= 0 (0 = torch default)", r.threads)
     _check(r.window >= 2, "runtime.window", ">= 2", r.window)
     _check(r.one_pass_max >= 1, "runtime.one_pass_max", ">= 1", r.one_pass_max)
+    _check(r.files_above >= 0, "runtime.files_above", ">= 0", r.files_above)
     _check(0 <= r.overlap < r.window, "runtime.overlap", f"in [0, runtime.window) (window is {r.window})", r.overlap)
     _check(0 <= r.anchor_weight <= 1, "runtime.anchor_weight", "in [0, 1]", r.anchor_weight)
     _check(r.checkpoint_every >= 1, "runtime.checkpoint_every", ">= 1", r.checkpoint_every)

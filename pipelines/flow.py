@@ -387,3 +387,32 @@ def compute_clip_flows(
         valid_next=torch.cat([valid_forward, mask_zero]),
     )
     return clip.resized(size or (height, width))
+
+
+def compute_clip_flows_chunked(read: Callable[[int, int], torch.Tensor], n: int, cfg: FlowConfig,
+                               size: tuple[int, int], folder, chunk: int = 16, compute_device=None) -> ClipFlows:
+    """:func:`compute_clip_flows` for a clip too long to hold: ``read(a, b)`` gives frames ``[a, b)``
+    (float ``(k, 3, H, W)`` in [-1, 1]); flows and masks at ``size`` go to files in ``folder``
+    (:class:`pipelines.filestore.FileTensor`), computed ``chunk`` frames at a time with one frame of
+    overlap, so each neighbouring pair is seen once. The result indexes like an in-memory ClipFlows."""
+    from pathlib import Path
+
+    from .filestore import FileTensor
+
+    folder = Path(folder)
+    h, w = size
+    out = ClipFlows(FileTensor(folder / "to_prev.bin", (n, 2, h, w)), FileTensor(folder / "to_next.bin", (n, 2, h, w)),
+                    FileTensor(folder / "valid_prev.bin", (n, 1, h, w)),
+                    FileTensor(folder / "valid_next.bin", (n, 1, h, w)))
+    if n == 1:
+        return out  # zero-filled: no neighbours
+    for a in range(0, n - 1, chunk):
+        b = min(n, a + chunk + 1)  # frames a..b-1: pairs (a, a+1) .. (b-2, b-1)
+        part = compute_clip_flows(read(a, b), cfg, size=size, device="cpu", compute_device=compute_device)
+        idx = torch.arange(a, b)
+        # the chunk's first frame has no "previous" inside it and its last no "next": keep what neighbours wrote
+        out.to_next[idx[:-1]] = part.to_next[:-1]
+        out.valid_next[idx[:-1]] = part.valid_next[:-1]
+        out.to_prev[idx[1:]] = part.to_prev[1:]
+        out.valid_prev[idx[1:]] = part.valid_prev[1:]
+    return out

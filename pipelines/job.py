@@ -451,6 +451,14 @@ def run_clip(cfg: DictConfig, input=None, output=None, *, config_path=DEFAULT_CO
         total = steps_run * sum(b - a for a, b in spans)
     else:
         total = steps_run * n
+    in_files = not windows and n > r.files_above
+    state_dir = None
+    if in_files:
+        from .video_writer import temp_sibling
+
+        state_dir = workdir / "state" if workdir is not None else temp_sibling(paths.output, directory=True)
+        log(f"one pass over {n} frames > runtime.files_above={r.files_above}: samples and flows kept in files "
+            f"in {state_dir}")
     bar = tqdm(total=total, desc="denoising", unit="frame-step", file=sys.stderr, dynamic_ncols=True,
                disable=not progress)
 
@@ -467,12 +475,27 @@ def run_clip(cfg: DictConfig, input=None, output=None, *, config_path=DEFAULT_CO
         from .checkpoint import Checkpointer
 
         ckpt = None if workdir is None else Checkpointer(workdir, key, r.checkpoint_every)
-        result = pipe(model_input(0, n), options=sampling_options(cfg), alignment=alignment, flow=flow_cfg,
-                      progress=bar.update, timer=timer, checkpoint=ckpt, output_uint8=True)
-        frames = result.frames[:, :out_size[0], :out_size[1]]
-        del result
+        if not in_files:
+            result = pipe(model_input(0, n), options=sampling_options(cfg), alignment=alignment, flow=flow_cfg,
+                          progress=bar.update, timer=timer, checkpoint=ckpt, output_uint8=True)
+            frames = result.frames[:, :out_size[0], :out_size[1]]
+            del result
+            for a in range(0, n, CHUNK):
+                yield a, frames[a:a + CHUNK]
+            return
+        # one pass over a long clip: input, samples and flows in files, decoded chunk by chunk
+        from .filestore import FileTensor
+
+        inputs = FileTensor(state_dir / "input.bin", (n, 3, *padded_size))
         for a in range(0, n, CHUNK):
-            yield a, frames[a:a + CHUNK]
+            inputs[torch.arange(a, min(n, a + CHUNK))] = model_input(a, min(n, a + CHUNK))
+        result = pipe(inputs, options=sampling_options(cfg), alignment=alignment, flow=flow_cfg, progress=bar.update,
+                      timer=timer, checkpoint=ckpt, state_dir=state_dir)
+        for a in range(0, n, CHUNK):
+            b = min(n, a + CHUNK)
+            with timer("vae" if pipe.vae is not None else "decode"):
+                u8 = pipe.decode(result.state[a:b], inputs[a:b], s.decode_batch_size, as_uint8=True)
+            yield a, u8[:, :out_size[0], :out_size[1]]
 
     # the writers and the scores, fed chunk by chunk
     o = cfg.output
@@ -523,6 +546,10 @@ def run_clip(cfg: DictConfig, input=None, output=None, *, config_path=DEFAULT_CO
         source.close()
         if ref_source is not None:
             ref_source.close()
+        if state_dir is not None and workdir is None:
+            import shutil
+
+            shutil.rmtree(state_dir, ignore_errors=True)
     if written.padded:
         log(f"note: H.264 needs even sides; {_wxh(out_size)} is stored as {_wxh(written.size)} "
             "(last row/column repeated); output.frames_dir PNGs keep the exact size")
@@ -541,7 +568,8 @@ def run_clip(cfg: DictConfig, input=None, output=None, *, config_path=DEFAULT_CO
         reference=str(paths.reference) if paths.reference else None, model_path=model_path,
         frames=n, source_size=list(source.size), input_size=list(read.size), output_size=list(out_size),
         fps=fps, model_kind=pipe.kind, scale=pipe.scale, input_multiple=multiple, device=str(device),
-        dtype=cfg.model.dtype, steps_run=steps_run, mode=mode, video=video, warnings=source.warnings,
+        dtype=cfg.model.dtype, steps_run=steps_run, mode=mode, state_in_files=in_files, video=video,
+        warnings=source.warnings,
         timings=timings, peak_memory=peak_memory(device), **scores.report(pipe.scale), config=to_dict(cfg))
     atomic_write_text(paths.report, json.dumps(report, indent=2) + "\n", replace=overwrite)
     summary = f", psnr {report['psnr']:.2f} dB" if report.get("psnr") is not None else ""

@@ -133,13 +133,16 @@ def sample_frames(
     # Neighbour x0s: the exact sweep only ever needs the previous position's; chains also read the
     # previous step's x0 at chain starts, so then every frame's x0 is kept.
     keep_all = align and chain_length is not None and chain_length < num_frames
-    x0_buf = torch.zeros_like(x, dtype=torch.float32) if keep_all else x.new_zeros((0,), dtype=torch.float32)
+    x0_buf = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if keep_all else torch.zeros(0)
+    in_files = hasattr(x, "begin_step")  # pipelines.filestore.SteppedState: samples double-buffered in files
+    if in_files and not isinstance(scheduler, STATELESS):
+        raise ValueError("samples kept in files need a stateless scheduler (DDPM or DDIM)")
     # Stateless schedulers (DDPM, DDIM) step each batch as soon as it is evaluated; the others
     # (step counters, multistep history) step all frames at once after the sweep, on the device
     # the state lives on (the host with offload_state), so the accelerator only ever holds a batch.
     per_batch = isinstance(scheduler, STATELESS)
     last: dict[int, torch.Tensor] = {}  # exact sweep: the x0 of the previous position's frames
-    zero = x.new_zeros(x.shape[1:], dtype=torch.float32)
+    zero = torch.zeros(x.shape[1:], dtype=torch.float32)
 
     def neighbour_x0(index: torch.Tensor) -> torch.Tensor:
         """(B,) neighbour frames -> their current x0 (B, C, h, w) on the compute device."""
@@ -151,13 +154,16 @@ def sample_frames(
     if checkpoint is not None:
         resumed = checkpoint.load(generators, scheduler, x.device)
         if resumed is not None:
-            first, x = resumed[0], resumed[1].to(x.dtype)
+            first = resumed[0]
+            x = x if resumed[1] is None else resumed[1].to(x.dtype)
             x0_buf = resumed[2] if keep_all else x0_buf
             if progress is not None:
                 progress(first * num_frames)
     for s, t in enumerate(timesteps):
         if s < first:
             continue
+        if in_files:
+            x.begin_step(s)
         positions = plan_sweep(num_frames, directions[s], chain_length, s, align=align)
         if chain_log is not None:
             chain_log.append(chain_starts(num_frames, chain_length or num_frames, s))
@@ -197,7 +203,8 @@ def sample_frames(
                 if per_batch:
                     with timer("scheduler"):
                         kw = _step_kwargs(scheduler, [generators[f] for f in frames], eta)
-                        x[idx] = scheduler.step(out.to(xi.dtype), t, xi, **kw, return_dict=False)[0].to(x)
+                        new = scheduler.step(out.to(xi.dtype), t, xi, **kw, return_dict=False)[0]
+                        x[idx] = new if in_files else new.to(x)
                 else:
                     out_buf[idx] = out.to(out_buf)
                 if callback is not None:
@@ -212,4 +219,6 @@ def sample_frames(
         if checkpoint is not None:
             with timer("checkpoint"):
                 checkpoint.maybe_save(s + 1, len(timesteps), x, x0_buf, generators, scheduler)
+    if in_files:
+        x.begin_step(len(timesteps))  # x.final() is the finished state
     return x

@@ -24,7 +24,7 @@ import torch
 from .align import Alignment
 from .degradation import bicubic_resize
 from .denoiser import Denoiser
-from .flow import ClipFlows, FlowConfig, compute_clip_flows
+from .flow import ClipFlows, FlowConfig, compute_clip_flows, compute_clip_flows_chunked
 from .loading import read_vsr_config  # noqa: F401  (re-exported for the benchmarks)
 from .sampler import StepCallback, img2img_timesteps, initial_noise, sample_frames
 from .sweep import step_directions
@@ -60,6 +60,7 @@ class Result:
     flows: ClipFlows | None
     timings: dict[str, float] = field(default_factory=dict)
     samples: torch.Tensor | None = None  # final samples of the last ``keep_last`` frames (window anchors)
+    state: object = None  # with state_dir: the final samples (a FileTensor), for decoding chunk by chunk
 
 
 class VideoPipeline:
@@ -185,7 +186,7 @@ class VideoPipeline:
                  flows: ClipFlows | None = None, callback: StepCallback | None = None,
                  progress: Callable[[int], None] | None = None, timer: StageTimer | None = None,
                  chain_log: list | None = None, checkpoint=None, output_uint8: bool = False,
-                 keep_last: int = 0) -> Result:
+                 keep_last: int = 0, state_dir=None) -> Result:
         """Sample a clip. ``frames``: (F, 3, h, w) input frames in [-1, 1] (low-res for SR models).
 
         Memory: besides the small input frames, only the samples (one latent per frame, on the host
@@ -193,6 +194,11 @@ class VideoPipeline:
         chains, one x0 per frame are held for the whole clip; conditioning frames are recomputed
         per batch. ``output_uint8`` returns (F, H, W, 3) uint8 frames instead of floats;
         ``keep_last`` also returns the final samples of the last frames (anchors for the next window).
+
+        ``state_dir``: keep the samples and the flows in files there instead of memory (one pass over a
+        long clip with flat memory; DDPM/DDIM, exact sweep). ``frames`` may then be a
+        :class:`pipelines.filestore.FileTensor`; the result has no frames but ``state`` (the final
+        samples, a FileTensor) for :meth:`decode` chunk by chunk.
         """
         o = options or SamplingOptions()
         alignment = alignment or Alignment()
@@ -200,6 +206,14 @@ class VideoPipeline:
         dev, F = self.device, frames.shape[0]
         if frames.dim() != 4 or frames.shape[1] != 3 or F < 1:
             raise ValueError(f"frames must be (F, 3, H, W) with F >= 1, got {tuple(frames.shape)}")
+        if state_dir is not None:
+            from .sampler import STATELESS
+
+            if not isinstance(self.scheduler, STATELESS) or (o.chain_length or F) < F:
+                raise ValueError("file-backed one-pass state needs a DDPM or DDIM scheduler and the exact sweep "
+                                 "(schedule.chain_length 0)")
+            if self.kind == "upscale" and self.upscale_convention() == "sd_upscaler":
+                raise ValueError("file-backed one-pass state does not support the sd_upscaler convention")
         state_dev = torch.device("cpu") if o.offload_state else dev
         gens = [torch.Generator().manual_seed(o.seed + f) for f in range(F)]
         # timesteps stay on the host: the schedule maths per frame then never waits for the accelerator
@@ -211,38 +225,56 @@ class VideoPipeline:
             cfg = flow or FlowConfig()
             with timer("flow"):
                 work = (max(1, round(out_size[0] * cfg.scale)), max(1, round(out_size[1] * cfg.scale)))
-                flows = compute_clip_flows(self.conditioning_frames(frames), cfg, size=work, device=state_dev,
-                                           compute_device=dev)
+                if state_dir is None:
+                    flows = compute_clip_flows(self.conditioning_frames(frames), cfg, size=work, device=state_dev,
+                                               compute_device=dev)
+                else:  # chunk by chunk into files: never the whole clip at full resolution
+                    flows = compute_clip_flows_chunked(lambda a, b: self.conditioning_frames(frames[a:b]), F, cfg,
+                                                       work, Path(state_dir) / "flows", compute_device=dev)
 
-        concat, init, class_labels = None, None, None
+        concat, class_labels = None, None
         if self.kind == "residual_sr":
             concat = lambda idx: self.conditioning_frames(frames[idx.cpu()])  # noqa: E731  (recomputed per batch)
             shape = (F, self.unet.config.out_channels, *out_size)
-            init = torch.zeros((1, *shape[1:]), device=state_dev)  # the residual of the bicubic frame itself
         elif self.kind == "upscale":
-            lr = frames.to(dev, self.unet.dtype)  # in [-1, 1] under both conventions
             if self.upscale_convention() == "sd_upscaler":  # noised low-res frame, noise level as class label
+                lr = frames[:].to(dev, self.unet.dtype)
                 noise = torch.cat([torch.randn((1, *lr.shape[1:]), generator=g).to(dev, lr.dtype) for g in gens])
                 level = torch.tensor([o.noise_level], dtype=torch.long, device=dev)
                 concat = self.low_res_scheduler.add_noise(lr, noise, level)
                 class_labels = level if getattr(self.unet, "class_embedding", None) is not None else None
-            else:  # StableVSR: the clean low-res frame, no class labels for the UNet or the ControlNet
+            else:  # StableVSR: the clean low-res frame (in [-1, 1]), no class labels for the UNet or the ControlNet
                 if getattr(self.unet, "class_embedding", None) is not None:
                     raise ValueError("the StableVSR convention passes no class labels, but this UNet has a class "
                                      "embedding that needs them; use model.convention=sd_upscaler")
-                concat = lr
-            shape = (F, self.vae.config.latent_channels, *lr.shape[-2:])
-            if o.strength < 1.0:
-                with timer("vae"):
-                    init = self._vae_encode(frames, gens, o.decode_batch_size, upscale=True).to(state_dev)
+                concat = lambda idx: frames[idx.cpu()].to(dev, self.unet.dtype)  # noqa: E731
+            shape = (F, self.vae.config.latent_channels, *frames.shape[-2:])
         elif self.kind == "img2img":
             shape = (F, self.vae.config.latent_channels, *(self.unet_latent_size(frames)))
-            if o.strength < 1.0:  # strength 1 starts from pure noise (text-to-image), nothing to encode
-                with timer("vae"):
-                    init = self._vae_encode(frames, gens, o.decode_batch_size).to(state_dev)
         else:
-            init = frames.to(state_dev)
-            shape = tuple(init.shape)
+            shape = tuple(frames.shape)
+        shared = initial_noise(shape, gens[:1], state_dev, torch.float32, "shared")[:1] if o.noise == "shared" \
+            else None
+
+        def start(a: int, b: int) -> torch.Tensor:
+            """The starting samples of frames [a, b): pure noise at strength 1 (text-to-image), else the
+            frame's clean sample (encoded for latent models) noised to the first timestep (img2img)."""
+            init = None
+            if o.strength < 1.0:
+                if self.kind == "residual_sr":
+                    init = torch.zeros((1, *shape[1:]), device=state_dev)  # the residual of the bicubic frame
+                elif self.kind in ("upscale", "img2img"):
+                    with timer("vae"):
+                        init = self._vae_encode(frames[a:b], gens[a:b], o.decode_batch_size,
+                                                upscale=self.kind == "upscale").to(state_dev)
+                else:
+                    init = frames[a:b].to(state_dev)
+            noise = (shared.expand(b - a, *shape[1:]).clone() if shared is not None
+                     else initial_noise((b - a, *shape[1:]), gens[a:b], state_dev, torch.float32))
+            if init is None:
+                return (noise * self.scheduler.init_noise_sigma).to(self.unet.dtype)
+            return self.scheduler.add_noise(init.float(), noise, timesteps[:1].repeat(b - a).to(state_dev)
+                                            ).to(self.unet.dtype)
 
         prompt = negative = None
         if self.text_encoder is not None:
@@ -251,13 +283,15 @@ class VideoPipeline:
         denoiser = Denoiser(self.unet, self.scheduler, prompt_embeds=prompt, negative_embeds=negative,
                             guidance_scale=o.guidance_scale, class_labels=class_labels, controlnet=self.controlnet)
 
-        latents = initial_noise(shape, gens, state_dev, torch.float32, o.noise)
-        if o.strength >= 1.0 or init is None:
-            latents *= self.scheduler.init_noise_sigma
-        else:
-            latents = self.scheduler.add_noise(init.float(), latents, timesteps[:1].repeat(F).to(state_dev))
-        del init
-        latents = latents.to(self.unet.dtype)
+        if state_dir is None:
+            latents = start(0, F)
+        else:  # long one-pass clips: the samples live in two files in state_dir (see pipelines.filestore)
+            from .filestore import SteppedState
+
+            latents = SteppedState(state_dir, shape, self.unet.dtype)
+            if checkpoint is None or not checkpoint.has_state():
+                for a in range(0, F, o.batch_size):
+                    latents.init(torch.arange(a, min(F, a + o.batch_size)), start(a, min(F, a + o.batch_size)))
         if hasattr(alignment, "bind"):
             alignment.bind(self, flows=flows, size=out_size, timer=timer, frames=frames)
 
@@ -266,6 +300,8 @@ class VideoPipeline:
             flows=flows, directions=step_directions(len(timesteps), o.direction, o.passes, o.start),
             chain_length=o.chain_length, batch_size=o.batch_size, eta=o.eta, callback=callback,
             progress=progress, timer=timer, chain_log=chain_log, checkpoint=checkpoint, device=dev)
+        if state_dir is not None:  # the caller decodes chunk by chunk: pipe.decode(state[a:b], frames[a:b], ...)
+            return Result(None, flows, timer.report(), None, state=x.final())
         with timer("vae" if self.vae is not None else "decode"):
             out = self.decode(x, frames, o.decode_batch_size, output_uint8)
         samples = x[len(x) - keep_last:].float().cpu().clone() if keep_last else None

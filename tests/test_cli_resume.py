@@ -40,21 +40,28 @@ def command(tmp, model, clip, name, *extra):
             f"output.frames_dir={tmp / (name + '_frames')}", *extra]
 
 
-def test_killed_run_resumes_to_identical_output(job):
+@pytest.mark.parametrize("mode", ["memory", "files", "windows"])
+def test_killed_run_resumes_to_identical_output(job, mode):
+    """One pass with the state in memory, one pass with it in files (runtime.files_above=0), windows."""
     tmp, model, clip = job
+    extra = {"memory": [], "files": ["runtime.files_above=0"],
+             "windows": ["runtime.mode=windows", "runtime.window=4", "runtime.overlap=2"]}[mode]
+    tmp = tmp / mode
+    tmp.mkdir()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    assert subprocess.run(command(tmp, model, clip, "straight"), env=env, capture_output=True).returncode == 0
+    assert subprocess.run(command(tmp, model, clip, "straight", *extra), env=env, capture_output=True).returncode == 0
 
     work = tmp / "work"
-    cmd = command(tmp, model, clip, "resumed", "--workdir", str(work))
+    cmd = command(tmp, model, clip, "resumed", "--workdir", str(work), *extra)
+    state = work / ("window0000" if mode == "windows" else "") / "state.safetensors"
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while completed_steps(work / "state.safetensors") < 3 and proc.poll() is None and time.time() < deadline:
+    while completed_steps(state) < 3 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None, "the run finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    killed_at = completed_steps(work / "state.safetensors")
+    killed_at = completed_steps(state)
     assert 3 <= killed_at < 30 and not (tmp / "resumed.mp4").exists()
 
     again = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -39,12 +39,16 @@ def pngs(folder):
     return np.stack([cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted(Path(folder).glob("*.png"))])
 
 
-@pytest.mark.parametrize("mode", ["one_pass", "windows"])
+@pytest.mark.parametrize("mode", ["one_pass", "one_pass_files", "windows"])
 def test_streaming_job_equals_the_library_call_bit_for_bit(model, tmp_path, mode):
+    """The job (lazy reading, chunked writing and scoring; for one_pass_files also the samples, flows and
+    input in files) gives exactly the frames of the in-memory library call, before encoding."""
     clip = tmp_path / "in.mp4"
     write_video(clip, to_uint8(tiny.textured_clip(9, 16, shift=(0.8, 0.4))), 10)
+    files = ["runtime.files_above=0"] if mode == "one_pass_files" else []
+    mode = mode.replace("_files", "")
     cfg = job_cfg(model, f"runtime.mode={mode}", "runtime.window=4", "runtime.overlap=2",
-                  f"output.frames_dir={tmp_path / 'png'}")
+                  f"output.frames_dir={tmp_path / 'png'}", *files)
     run_clip(cfg, clip, tmp_path / "out.mp4", log=lambda m: None, progress=False)
     got = pngs(tmp_path / "png")
     frames = to_tensor(read_clip(clip).frames)

@@ -23,7 +23,7 @@ from pipelines.video_pipeline import SamplingOptions, VideoPipeline  # noqa: E40
 def regression_run():
     """4 frames of the example clip's ground truth (64x64 crop), degraded x4, sampled with the defaults."""
     pipe = VideoPipeline.from_pretrained(ROOT / "weights" / "vsr-x4")
-    gt = to_tensor(read_clip(ROOT / "assets" / "example_gt.mp4", max_frames=4).frames)[:, :, 96:160, 96:160]
+    gt = to_tensor(read_clip(ROOT / "assets" / "example_gt", max_frames=4).frames)[:, :, 96:160, 96:160]
     lr = downscale(gt, 4).clamp(-1, 1)
     out = pipe(lr, options=SamplingOptions(num_inference_steps=10, strength=1.0, seed=0), alignment=Fusion(0.3)).frames
     return pipe, gt, lr, out
