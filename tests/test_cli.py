@@ -345,3 +345,17 @@ def test_sigterm_mid_run_leaves_nothing_behind(data, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143 and err.splitlines()[-1] == "error: terminated", err
     assert not out.parent.exists() or os.listdir(out.parent) == []
+
+
+def test_hub_model_without_network_is_one_line_naming_the_hub(data, tmp_path, capsys, monkeypatch):
+    """A hub id whose download fails (as with no network) gives one line that says where it looked."""
+    import diffusers
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files\nmore detail")
+
+    monkeypatch.setattr(diffusers.AutoModel, "from_pretrained", offline)
+    rc, _, err = cli(capsys, "--input", data / "clip.mp4", "--output", tmp_path / "o.mp4",
+                     "model.path=someone/some-model", *FAST)
+    assert rc == 2 and err.count("\n") == 1 and "Hugging Face hub" in err and "network" in err, err
+    assert not (tmp_path / "o.mp4").exists()
