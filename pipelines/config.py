@@ -112,6 +112,8 @@ class AlignmentConfig:
     tcm_masked: bool = False  # zero the warped condition where the flow check marks occlusions
     tcm_fusion: bool = False  # also fuse x0 estimates (weight, weight_schedule) like mode fusion
     tcm_warp: TcmWarp = "exact"  # warp of the TCM condition: exact, or StableVSR's flow_warp convention
+    tcm_start: float = 0.0  # fraction of the steps before which the TCM is skipped (ControlNet guidance start)
+    tcm_end: float = 1.0  # fraction of the steps after which the TCM is skipped (ControlNet guidance end)
 
 
 @dataclass
@@ -282,6 +284,8 @@ def validate(cfg: DictConfig) -> None:
     a = cfg.alignment
     _check(0 <= a.weight <= 1, "alignment.weight", "in [0, 1]", a.weight)
     _check(a.tcm_scale >= 0, "alignment.tcm_scale", ">= 0", a.tcm_scale)
+    _check(0 <= a.tcm_start < a.tcm_end <= 1, "alignment.tcm_start/tcm_end", "0 <= start < end <= 1",
+           (a.tcm_start, a.tcm_end))
 
     f = cfg.flow
     _check(0 < f.scale <= 1, "flow.scale", "in (0, 1]", f.scale)
@@ -372,4 +376,5 @@ def build_alignment(cfg: DictConfig, pipe: VideoPipeline) -> Alignment:
 
     fusion = align.Fusion(a.weight, a.weight_schedule, pipe.scheduler.config.num_train_timesteps) \
         if a.tcm_fusion else None
-    return TCMAlignment(scale=a.tcm_scale, masked=a.tcm_masked, fusion=fusion, warp_mode=a.tcm_warp)
+    return TCMAlignment(scale=a.tcm_scale, masked=a.tcm_masked, fusion=fusion, warp_mode=a.tcm_warp,
+                        start=a.tcm_start, end=a.tcm_end)

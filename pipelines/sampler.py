@@ -164,6 +164,8 @@ def sample_frames(
             continue
         if in_files:
             x.begin_step(s)
+        if hasattr(alignment, "begin_step"):
+            alignment.begin_step(s, len(timesteps))
         positions = plan_sweep(num_frames, directions[s], chain_length, s, align=align)
         if chain_log is not None:
             chain_log.append(chain_starts(num_frames, chain_length or num_frames, s))

@@ -26,10 +26,13 @@ class TCMAlignment(Alignment):
     uses_neighbours = True
 
     def __init__(self, scale: float = 1.0, masked: bool = False, fusion: Fusion | None = None,
-                 warp_mode: str = "exact"):
+                 warp_mode: str = "exact", start: float = 0.0, end: float = 1.0):
         if warp_mode not in WARPS:
             raise ValueError(f"TCM warp mode must be one of {', '.join(WARPS)}, not {warp_mode!r}")
+        if not 0.0 <= start < end <= 1.0:
+            raise ValueError(f"need 0 <= tcm start < end <= 1, got start={start}, end={end}")
         self.scale, self.masked, self.fusion, self.warp = scale, masked, fusion, WARPS[warp_mode]
+        self.start, self.end, self.active = start, end, True
         self.pipe = self.flows = None
         self.timer = NullTimer()
         self.decoded_frames: list[int] = []  # every frame decoded in the last run, in order (for tests)
@@ -51,9 +54,14 @@ class TCMAlignment(Alignment):
         with self.timer("vae"):
             return vae.decode(x0.to(vae.dtype) / vae.config.scaling_factor).sample
 
+    def begin_step(self, step: int, num_steps: int) -> None:
+        """StableVSR's ControlNet guidance window: step i uses the TCM unless i / N < start or
+        (i + 1) / N > end; skipped steps decode nothing."""
+        self.active = not (step / num_steps < self.start or (step + 1) / num_steps > self.end)
+
     def model_kwargs(self, nb: Neighbours | None, t) -> dict:
-        if nb is None or not bool(nb.present.any()):
-            return {}  # first frame of the sweep: no temporal conditioning
+        if nb is None or not bool(nb.present.any()) or not self.active:
+            return {}  # first frame of the sweep, or a step outside [start, end]: no temporal conditioning
         keep = nb.present.nonzero().flatten()
         rgb = self._decode(nb.x0[keep])  # each neighbour x0 is decoded exactly once
         self.decoded_frames += nb.index[keep].tolist()

@@ -52,6 +52,10 @@ class Anchored(Alignment):
         if hasattr(self.base, "bind"):
             self.base.bind(*args, **kwargs)
 
+    def begin_step(self, step: int, num_steps: int) -> None:
+        if hasattr(self.base, "begin_step"):
+            self.base.begin_step(step, num_steps)
+
     def model_kwargs(self, nb, t):
         return self.base.model_kwargs(nb, t) if self.base.uses_neighbours else {}
 

@@ -214,3 +214,21 @@ def test_windows_one_frame_last_window_with_tcm_and_batched_none(pipe, monkeypat
     monkeypatch.setattr(pipe.unet, "forward", lambda x, *a, **k: (sizes.append(x.shape[0]), real(x, *a, **k))[1])
     sample_windowed(pipe, lr, window=3, overlap=1, anchor_weight=0.8, make_alignment=Alignment, options=opts)
     assert sizes == [3, 3, 2, 2]  # alignment none: each window's frames in one batch, anchors included
+
+
+@torch.no_grad()
+def test_tcm_guidance_window_skips_steps_like_stablevsr(pipe, monkeypatch):
+    """tcm_start/tcm_end follow the original's controlnet_keep: step i of N keeps the TCM unless
+    i / N < start or (i + 1) / N > end; skipped steps decode nothing."""
+    calls = []
+    real = pipe.controlnet.forward
+    monkeypatch.setattr(pipe.controlnet, "forward", lambda *a, **k: (calls.append(int(a[1])), real(*a, **k))[1])
+    seen_t = []
+    tcm = TCMAlignment(end=0.5)
+    pipe(tiny.textured_clip(3, 8), options=SamplingOptions(num_inference_steps=4), alignment=tcm,
+         callback=lambda s, t, f, x0: seen_t.append(int(t)))
+    first_two = sorted(set(seen_t[:6]), reverse=True)  # the timesteps of steps 0 and 1
+    assert sorted(set(calls), reverse=True) == first_two and len(calls) == 4  # 2 frames x 2 steps
+    assert tcm.decoded_frames == [0, 1, 2, 1]
+    with pytest.raises(ValueError, match="start < end"):
+        TCMAlignment(start=0.6, end=0.5)

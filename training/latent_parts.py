@@ -1,0 +1,70 @@
+"""Pieces shared by the latent x4 model's training scripts (StableVSR layout, trained in-project).
+
+* :func:`tiny_text_encoder`: a small CLIP text encoder and a byte-level tokenizer. StableVSR's prompt is
+  always '', so the text embedding is a fixed input; the encoder only has to exist in the layout.
+* :func:`unet_config`: the latent UNet (``UNet2DConditionModel``, 7 input channels = 4 latents + the
+  low-res frame in [-1, 1], at the low-res size, no class embedding).
+* :func:`scheduler`: DDPM, v-prediction, cosine schedule, trailing spacing.
+* :func:`hr_lr_batch`: ground-truth crops and their x4 low-res frames from the training pool.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler
+
+SCALE = 4
+
+
+def tiny_text_encoder(folder: Path, hidden: int = 64, seed: int = 0):
+    """A seeded 2-layer CLIP text encoder and a byte-level CLIP tokenizer (files written to ``folder``)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = [chr(b) for b in printable] + [chr(256 + k) for k in range(256 - len(printable))]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=8)
+    torch.manual_seed(seed)
+    enc = CLIPTextModel(CLIPTextConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4,
+                                       num_hidden_layers=2, vocab_size=len(vocab), max_position_embeddings=8,
+                                       bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+    return enc, tok
+
+
+@torch.no_grad()
+def empty_prompt_embedding(enc, tok) -> torch.Tensor:
+    """(1, L, D): the embedding of '' the pipeline computes (padding to the tokenizer's max length)."""
+    ids = tok("", padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    return enc(ids.input_ids.to(enc.device))[0]
+
+
+def unet_config(blocks=(64, 128, 192), cross_attention_dim: int = 64) -> dict:
+    return dict(
+        sample_size=64, in_channels=7, out_channels=4, layers_per_block=2, block_out_channels=tuple(blocks),
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=32,
+    )
+
+
+def scheduler() -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                         prediction_type="v_prediction", clip_sample=False, timestep_spacing="trailing")
+
+
+def hr_lr_batch(pool, rng: np.random.Generator, batch: int, crop: int):
+    """(hr, lr): ground-truth crops (B, 3, crop, crop) and their antialiased bicubic x4 downscales, in [-1, 1]."""
+    from pipelines.degradation import downscale
+    from training.train_vae import sample_crops
+
+    hr = sample_crops(pool, rng, batch, crop)
+    return hr, downscale(hr, SCALE).clamp(-1, 1)

@@ -1,0 +1,214 @@
+"""Stage 2 of the latent x4 model: the latent UNet on the frozen VAE's latents (StableVSR layout).
+
+The UNet (``UNet2DConditionModel``, see ``training/latent_parts.py``) sees ``[x_t, low-res frame]``
+(4 + 3 channels at the low-res size; the frame in [-1, 1], not noised, no class labels: StableVSR's
+convention) and the fixed embedding of the empty prompt, and predicts the velocity
+``v = sqrt(a_t) eps - sqrt(1 - a_t) x0`` of ``x0 = vae.encode(hr).mean * scaling_factor``.
+
+Data as ``training/train_vae.py`` (woman-running.mp4 is never read). Seeded, resumable from
+``--run``, tqdm progress, a CSV log, a loss plot, CUDA when present. Every ``--every`` steps the EMA
+weights are exported with the VAE, text encoder, tokenizer and scheduler as a complete model folder
+(``--out``) that ``configs/stablevsr.yaml`` runs unchanged:
+
+    nohup python training/train_latent_unet.py --vae training/checkpoints/vae-x4/export --threads 2 \\
+        > runs/unet.log 2>&1 &
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from pipelines.degradation import bicubic_resize, downscale, upscale  # noqa: E402
+from training.latent_parts import (SCALE, empty_prompt_embedding, hr_lr_batch, scheduler,  # noqa: E402
+                                   tiny_text_encoder, unet_config)
+from training.train_vae import image_pool, load_optimizer, psnr, save_optimizer, shared_pool  # noqa: E402
+
+
+def export(ema: UNet2DConditionModel, vae_dir: Path, enc, tok, out: Path, meta: dict) -> None:
+    """The complete model folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/ vsr_config.json), atomically."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ema.save_pretrained(tmp / "unet", safe_serialization=True)
+    shutil.copytree(vae_dir, tmp / "vae")
+    enc.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+    tok.save_pretrained(tmp / "tokenizer")
+    scheduler().save_pretrained(tmp / "scheduler")
+    (tmp / "vsr_config.json").write_text(json.dumps(meta, indent=2))
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@torch.no_grad()
+def validate(unet, vae, emb, sched, hr, lr, device) -> tuple[float, float]:
+    """PSNR of bicubic and of the one-call x0 at the largest t, decoded, on held-out frames."""
+    sf = vae.config.scaling_factor
+    t = torch.full((len(hr),), sched.config.num_train_timesteps - 1, device=device)
+    g = torch.Generator().manual_seed(0)
+    shape = (len(hr), vae.config.latent_channels, *lr.shape[-2:])
+    xt = torch.randn(shape, generator=g).to(device)
+    a = sched.alphas_cumprod[-1].to(device)
+    v = unet(torch.cat([xt, lr.to(device)], 1), t, encoder_hidden_states=emb.expand(len(hr), -1, -1)).sample
+    x0 = a.sqrt() * xt - (1 - a).sqrt() * v
+    out = vae.decode(x0 / sf).sample.clamp(-1, 1).cpu()
+    return psnr(upscale(lr, SCALE).clamp(-1, 1), hr), psnr(out, hr)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vae", type=Path, default=ROOT / "training" / "checkpoints" / "vae-x4" / "export")
+    p.add_argument("--run", type=Path, default=ROOT / "training" / "checkpoints" / "unet-x4")
+    p.add_argument("--out", type=Path, default=ROOT / "training" / "checkpoints" / "latent-x4")
+    p.add_argument("--steps", type=int, default=200_000)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--crop", type=int, default=128, help="ground-truth crop (the latent is crop / 4)")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--blocks", default="64,128,192")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--every", type=int, default=250)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-shared", action="store_true", help="skip ../shared/clips/train (tests)")
+    args = p.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    args.run.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKL.from_pretrained(args.vae).to(device).eval().requires_grad_(False)
+    sf = vae.config.scaling_factor
+    enc, tok = tiny_text_encoder(args.run / "_tokenizer_files")
+    enc = enc.to(device).requires_grad_(False)
+    emb = empty_prompt_embedding(enc, tok)
+    blocks = tuple(int(b) for b in args.blocks.split(","))
+    cfg = unet_config(blocks, cross_attention_dim=enc.config.hidden_size)
+    unet = UNet2DConditionModel(**cfg).to(device)
+    ema = UNet2DConditionModel(**cfg).to(device).requires_grad_(False)
+    ema.load_state_dict(unet.state_dict())
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
+    sched = scheduler()
+    alphas = sched.alphas_cumprod.to(device)
+
+    base, val = image_pool()
+    extra, used = ([], []) if args.no_shared else shared_pool()
+    pool = base + extra
+    print(f"data: {len(base)} skimage/wolf images, {len(extra)} from ../shared/clips/train "
+          f"({len(used)} files), procedural textures; validation: {len(val)} held-out wolf frames", flush=True)
+    val_hr = torch.stack([bicubic_resize(v, (256, 448))[:, 64:192, 160:288] for v in val]).clamp(-1, 1)
+    val_lr = downscale(val_hr, SCALE).clamp(-1, 1)
+
+    meta_path, log_csv = args.run / "state.json", args.run / "log.csv"
+    step, meta = 0, {}
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        step = meta["step"]
+        unet.load_state_dict(load_file(args.run / "last_model.safetensors"))
+        ema.load_state_dict(load_file(args.run / "last_ema.safetensors"))
+        load_optimizer(opt, args.run)
+        print(f"resumed from step {step}", flush=True)
+    print(f"unet params={sum(x.numel() for x in unet.parameters()) / 1e6:.2f}M device={device} "
+          f"vae scaling_factor={sf:.4f}", flush=True)
+    new_log = not log_csv.exists()
+    logf = log_csv.open("a", newline="")
+    writer = csv.writer(logf)
+    if new_log:
+        writer.writerow(["step", "loss", "seconds", "val_bicubic_db", "val_psnr_db", "latent_std"])
+
+    bar = tqdm(total=args.steps, initial=step, desc="unet", mininterval=10, file=sys.stdout)
+    t_start = time.time() - meta.get("seconds", 0.0)
+    while step < args.steps:
+        rng = np.random.default_rng([args.seed, step])
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        hr, lr = hr_lr_batch(pool, rng, args.batch, args.crop)
+        with torch.no_grad():
+            x0 = vae.encode(hr.to(device)).latent_dist.mean * sf
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(x0),), generator=gen).to(device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        target = a.sqrt() * noise - (1 - a).sqrt() * x0  # v
+        for g in opt.param_groups:
+            g["lr"] = args.lr * min(1.0, (step + 1) / 200)
+        pred = unet(torch.cat([xt, lr.to(device)], 1), t, encoder_hidden_states=emb.expand(len(x0), -1, -1)).sample
+        loss = F.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(pm, 1 - decay)
+        step += 1
+        bar.update(1)
+        row = [step, f"{loss.item():.5f}", f"{time.time() - t_start:.1f}", "", "", f"{x0.std().item():.4f}"]
+        if step % args.every == 0 or step == args.steps:
+            b_db, x_db = validate(ema, vae, emb, sched, val_hr, val_lr, device)
+            row[3:5] = [f"{b_db:.3f}", f"{x_db:.3f}"]
+            bar.write(f"step {step} loss {loss.item():.4f} val: bicubic {b_db:.2f} dB, x0(T) decoded {x_db:.2f} dB")
+            meta.update(step=step, seconds=time.time() - t_start)
+            save_file(unet.state_dict(), args.run / "last_model.safetensors")
+            save_file(ema.state_dict(), args.run / "last_ema.safetensors")
+            save_optimizer(opt, args.run / "last_opt.safetensors")
+            meta_path.write_text(json.dumps(meta))
+            export(ema, args.vae, enc, tok, args.out, dict(
+                task="super_resolution", scale=SCALE, layout="stablevsr", train_steps=step, train_batch=args.batch,
+                train_crop=args.crop, train_seconds=round(meta["seconds"]), train_device=str(device)))
+            writer.writerow(row)
+            logf.flush()
+            plot_log_unet(log_csv, args.run / "unet-loss.png")
+            continue
+        writer.writerow(row)
+    logf.close()
+
+
+def plot_log_unet(log_csv: Path, png: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted({r["step"]: r for r in csv.DictReader(log_csv.open())}.values(), key=lambda r: int(r["step"]))
+    steps = [int(r["step"]) for r in rows]
+    loss = np.array([float(r["loss"]) for r in rows])
+    k = 50
+    smooth = np.convolve(loss, np.ones(k) / k, mode="valid") if len(loss) > k else loss
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax[0].plot(steps, loss, alpha=0.25, lw=0.5)
+    ax[0].plot(steps[len(steps) - len(smooth):], smooth)
+    ax[0].set(xlabel="step", ylabel="v-prediction MSE", yscale="log", title="latent UNet training loss")
+    val = [r for r in rows if r.get("val_psnr_db")]
+    if val:
+        x = [int(r["step"]) for r in val]
+        ax[1].plot(x, [float(r["val_psnr_db"]) for r in val], "o-", label="one-call x0 at t=T, decoded")
+        ax[1].plot(x, [float(r["val_bicubic_db"]) for r in val], "--", label="bicubic")
+        ax[1].legend()
+    ax[1].set(xlabel="step", ylabel="PSNR (dB)", title="held-out wolf frames (EMA)")
+    fig.tight_layout()
+    fig.savefig(png.with_suffix(".tmp.png"), dpi=100)
+    plt.close(fig)
+    os.replace(png.with_suffix(".tmp.png"), png)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Train StableVSR's Temporal Conditioning Module (a ControlNet) for the in-project latent x4 model.
+
+The UNet and the VAE stay frozen; the ControlNet starts as ``ControlNetModel.from_unet(unet)`` with a
+conditioning embedding that takes the RGB condition at the output size down x4 to the latent size.
+Each sample is a pair of neighbouring frames (previous, current), the previous one taken at random
+from either side so the module works in both sweep directions. Both are noised to the same t with
+independent noise; then
+
+1. the frozen UNet predicts on the previous frame, and its approximated x0
+   ``sqrt(a_t) x_t - sqrt(1 - a_t) v`` is decoded to RGB (``--decoder vae``, or a preview decoder);
+2. that RGB frame is warped onto the current frame with the flow of the bicubic-upscaled low-res
+   frames (the project's own flow code, as at sampling time);
+3. the warped frame is the ControlNet's condition for the current frame;
+4. the loss is the v-prediction MSE on the current frame.
+
+Pairs: consecutive frames of ../shared/clips/train and wolf.mp4 (flow estimated), plus photographs
+moved by random smooth warps whose flow is known exactly. woman-running.mp4 is never read. Seeded,
+resumable, logged (CSV + plot), CUDA when present. ``--out`` receives the model folder with the
+trained ``controlnet/`` beside its other components.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from pipelines.degradation import bicubic_resize, downscale, upscale  # noqa: E402
+from pipelines.flow import FlowConfig, compute_clip_flows, warp  # noqa: E402
+from training.latent_parts import SCALE, empty_prompt_embedding  # noqa: E402
+from training.train_vae import (SHARED_TRAIN, EVAL_CLIP_NAME, image_pool, load_optimizer, save_optimizer,  # noqa: E402
+                                to_tensor)
+
+
+# ----------------------------------------------------------------------------- pairs
+
+
+def clip_pairs(every: int = 8, max_side: int = 480) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(frame i, frame i+1) every ``every`` frames of the training clips (and wolf.mp4), long side <= max_side."""
+    import cv2
+
+    from training.train_vsr import read_wolf
+
+    def shrink(img):
+        s = max_side / max(img.shape[:2])
+        return cv2.resize(img, None, fx=s, fy=s, interpolation=cv2.INTER_AREA) if s < 1 else img
+
+    pairs = []
+    wolf = read_wolf()[:-4]  # the last wolf frames are validation for the other scripts
+    pairs += [(to_tensor(shrink(a)), to_tensor(shrink(b))) for a, b in zip(wolf[::every], wolf[1::every])]
+    if SHARED_TRAIN.is_dir():
+        for clip in sorted(SHARED_TRAIN.glob("*.mp4")):
+            if EVAL_CLIP_NAME in clip.name:
+                continue
+            cap, prev, i = cv2.VideoCapture(str(clip)), None, 0
+            while True:
+                ok, f = cap.read()
+                if not ok:
+                    break
+                f = cv2.cvtColor(f, cv2.COLOR_BGR2RGB)
+                if prev is not None and (i - 1) % every == 0:
+                    pairs.append((to_tensor(shrink(prev)), to_tensor(shrink(f))))
+                prev, i = f, i + 1
+    return pairs
+
+
+def smooth_flow(rng: np.random.Generator, size: int, amplitude: float) -> torch.Tensor:
+    """(2, size, size) random smooth flow in pixels: a 4x4 grid of displacements, bicubic-upsampled."""
+    coarse = torch.from_numpy(rng.normal(0, amplitude, (1, 2, 4, 4)).astype(np.float32))
+    shift = torch.from_numpy(rng.normal(0, amplitude, (1, 2, 1, 1)).astype(np.float32))
+    return (F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=True) + shift)[0]
+
+
+def sample_pairs(pairs, photos, rng: np.random.Generator, batch: int, crop: int, flow_cfg: FlowConfig):
+    """(prev_hr, cur_hr, prev_lr, cur_lr, flow cur -> prev at crop size): real pairs with estimated flow
+    and photographs with a known smooth warp (``cur(p) = prev(p + flow(p))``)."""
+    prev_hr, cur_hr, flows = [], [], []
+    for _ in range(batch):
+        if pairs and rng.random() < 0.6:
+            a, b = pairs[rng.integers(len(pairs))]
+            s = rng.uniform(0.4, 1.0)
+            h, w = a.shape[-2:]
+            sh, sw = max(crop, int(h * s)), max(crop, int(w * s))
+            a, b = (bicubic_resize(x, (sh, sw)).clamp(-1, 1) for x in (a, b))
+            y, x = rng.integers(0, sh - crop + 1), rng.integers(0, sw - crop + 1)
+            a, b = a[:, y:y + crop, x:x + crop], b[:, y:y + crop, x:x + crop]
+            if rng.random() < 0.5:  # the previous frame from either side: both sweep directions
+                a, b = b, a
+            prev_hr.append(a)
+            cur_hr.append(b)
+            flows.append(None)
+        else:
+            img = photos[rng.integers(len(photos))]
+            h, w = img.shape[-2:]
+            s = rng.uniform(0.3, 1.0)
+            sh, sw = max(crop, int(h * s)), max(crop, int(w * s))
+            img = bicubic_resize(img, (sh, sw)).clamp(-1, 1)
+            y, x = rng.integers(0, sh - crop + 1), rng.integers(0, sw - crop + 1)
+            a = img[:, y:y + crop, x:x + crop]
+            f = smooth_flow(rng, crop, rng.uniform(0.5, 4.0))
+            prev_hr.append(a)
+            cur_hr.append(warp(a[None], f[None], padding_mode="border")[0])
+            flows.append(f)
+    prev_hr, cur_hr = torch.stack(prev_hr), torch.stack(cur_hr)
+    prev_lr, cur_lr = downscale(prev_hr, SCALE).clamp(-1, 1), downscale(cur_hr, SCALE).clamp(-1, 1)
+    for k, f in enumerate(flows):
+        if f is None:  # estimated on the bicubic upscale of the low-res frames, as the sampler does
+            cond = upscale(torch.stack([prev_lr[k], cur_lr[k]]), SCALE).clamp(-1, 1)
+            flows[k] = compute_clip_flows(cond, flow_cfg).to_prev[1]
+    return prev_hr, cur_hr, prev_lr, cur_lr, torch.stack(flows)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def export(cn: ControlNetModel, model: Path, out: Path) -> None:
+    """``out`` = the model folder with ``controlnet/`` added (atomically)."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(model, tmp, ignore=shutil.ignore_patterns("controlnet"))
+    cn.save_pretrained(tmp / "controlnet", safe_serialization=True)
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=ROOT / "weights" / "latent-x4",
+                   help="latent model folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/)")
+    p.add_argument("--run", type=Path, default=ROOT / "training" / "checkpoints" / "tcm-x4")
+    p.add_argument("--out", type=Path, default=ROOT / "training" / "checkpoints" / "latent-x4-tcm")
+    p.add_argument("--decoder", default="vae", help="vae, or a folder with a preview decoder (AutoencoderKL)")
+    p.add_argument("--steps", type=int, default=100_000)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--crop", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--every", type=int, default=250)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-shared", action="store_true", help="skip ../shared/clips/train (tests)")
+    args = p.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    args.run.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    unet = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet").to(device).eval().requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae").to(device).eval().requires_grad_(False)
+    decoder = vae if args.decoder == "vae" else \
+        AutoencoderKL.from_pretrained(args.decoder).to(device).eval().requires_grad_(False)
+    enc = CLIPTextModel.from_pretrained(args.model, subfolder="text_encoder").to(device)
+    tok = CLIPTokenizer.from_pretrained(args.model, subfolder="tokenizer")
+    emb = empty_prompt_embedding(enc, tok)
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler.from_pretrained(args.model, subfolder="scheduler")
+    alphas = sched.alphas_cumprod.to(device)
+    sf = vae.config.scaling_factor
+    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 64)).to(device).train()
+    opt = torch.optim.AdamW(cn.parameters(), lr=args.lr, weight_decay=0.0)
+
+    photos, _ = image_pool()
+    pairs = [] if args.no_shared else clip_pairs()
+    flow_cfg = FlowConfig()
+    print(f"data: {len(pairs)} real frame pairs (estimated flow), {len(photos)} images for synthetic pairs "
+          f"(exact flow); decoder: {args.decoder}; controlnet params "
+          f"{sum(x.numel() for x in cn.parameters()) / 1e6:.2f}M; device {device}", flush=True)
+
+    meta_path, log_csv = args.run / "state.json", args.run / "log.csv"
+    step, meta = 0, {}
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        step = meta["step"]
+        cn.load_state_dict(load_file(args.run / "last_model.safetensors"))
+        load_optimizer(opt, args.run)
+        print(f"resumed from step {step}", flush=True)
+    new_log = not log_csv.exists()
+    logf = log_csv.open("a", newline="")
+    writer = csv.writer(logf)
+    if new_log:
+        writer.writerow(["step", "loss", "seconds"])
+    bar = tqdm(total=args.steps, initial=step, desc="tcm", mininterval=10, file=sys.stdout)
+    t_start = time.time() - meta.get("seconds", 0.0)
+    while step < args.steps:
+        rng = np.random.default_rng([args.seed, step])
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        prev_hr, cur_hr, prev_lr, cur_lr, flow = (x.to(device) for x in
+                                                  sample_pairs(pairs, photos, rng, args.batch, args.crop, flow_cfg))
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(cur_hr),), generator=gen).to(device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        e = emb.expand(len(cur_hr), -1, -1)
+        with torch.no_grad():
+            x0_prev_true = vae.encode(prev_hr).latent_dist.mean * sf
+            x0_cur = vae.encode(cur_hr).latent_dist.mean * sf
+            noise_prev = torch.randn(x0_prev_true.shape, generator=gen).to(device)
+            xt_prev = a.sqrt() * x0_prev_true + (1 - a).sqrt() * noise_prev
+            v_prev = unet(torch.cat([xt_prev, prev_lr], 1), t, encoder_hidden_states=e).sample
+            x0_prev = a.sqrt() * xt_prev - (1 - a).sqrt() * v_prev  # the approximated x0 the sampler shares
+            condition = warp(decoder.decode(x0_prev / sf).sample.float(), flow)
+        noise = torch.randn(x0_cur.shape, generator=gen).to(device)
+        xt = a.sqrt() * x0_cur + (1 - a).sqrt() * noise
+        target = a.sqrt() * noise - (1 - a).sqrt() * x0_cur
+        inp = torch.cat([xt, cur_lr], 1)
+        down, mid = cn(inp, t, encoder_hidden_states=e, controlnet_cond=condition, return_dict=False)
+        pred = unet(inp, t, encoder_hidden_states=e, down_block_additional_residuals=down,
+                    mid_block_additional_residual=mid).sample
+        loss = F.mse_loss(pred, target)
+        for g in opt.param_groups:
+            g["lr"] = args.lr * min(1.0, (step + 1) / 200)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(cn.parameters(), 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        writer.writerow([step, f"{loss.item():.5f}", f"{time.time() - t_start:.1f}"])
+        if step % args.every == 0 or step == args.steps:
+            meta.update(step=step, seconds=time.time() - t_start)
+            save_file(cn.state_dict(), args.run / "last_model.safetensors")
+            save_optimizer(opt, args.run / "last_opt.safetensors")
+            meta_path.write_text(json.dumps(meta))
+            export(cn, args.model, args.out)
+            logf.flush()
+            bar.write(f"step {step} loss {loss.item():.4f}")
+    logf.close()
+
+
+if __name__ == "__main__":
+    main()
