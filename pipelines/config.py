@@ -40,6 +40,7 @@ DisPreset = Literal["ultrafast", "fast", "medium"]
 Convention = Literal["auto", "stablevsr", "sd_upscaler"]
 TcmWarp = Literal["exact", "stablevsr"]
 RunMode = Literal["auto", "one_pass", "windows"]
+TcmDecoder = Literal["vae", "preview"]
 FusionSpace = Literal["frame", "sample"]
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 BASE_KEY = "base"
@@ -112,6 +113,7 @@ class AlignmentConfig:
     tcm_masked: bool = False  # zero the warped condition where the flow check marks occlusions
     tcm_fusion: bool = False  # also fuse x0 estimates (weight, weight_schedule) like mode fusion
     tcm_warp: TcmWarp = "exact"  # warp of the TCM condition: exact, or StableVSR's flow_warp convention
+    tcm_decoder: TcmDecoder = "vae"  # decoder of the TCM condition: the VAE's, or the model's preview_decoder/
     tcm_start: float = 0.0  # fraction of the steps before which the TCM is skipped (ControlNet guidance start)
     tcm_end: float = 1.0  # fraction of the steps after which the TCM is skipped (ControlNet guidance end)
 
@@ -377,4 +379,4 @@ def build_alignment(cfg: DictConfig, pipe: VideoPipeline) -> Alignment:
     fusion = align.Fusion(a.weight, a.weight_schedule, pipe.scheduler.config.num_train_timesteps) \
         if a.tcm_fusion else None
     return TCMAlignment(scale=a.tcm_scale, masked=a.tcm_masked, fusion=fusion, warp_mode=a.tcm_warp,
-                        start=a.tcm_start, end=a.tcm_end)
+                        start=a.tcm_start, end=a.tcm_end, decoder=a.tcm_decoder)

@@ -82,7 +82,8 @@ def load_pipeline(cls, path, *, device="cpu", dtype=torch.float32, scheduler_kin
         unet_model = diffusers.AutoModel.from_pretrained(path, subfolder=unet, torch_dtype=dtype)
         sched_cfg = diffusers.DDPMScheduler.load_config(path, subfolder=scheduler)
         sched = make_scheduler(sched_cfg, scheduler_kind)
-        comps = dict(vae=None, text_encoder=None, tokenizer=None, controlnet=None, low_res_scheduler=None)
+        comps = dict(vae=None, text_encoder=None, tokenizer=None, controlnet=None, low_res_scheduler=None,
+                     preview=None)
         if _has(path, vae, local):
             comps["vae"] = diffusers.AutoencoderKL.from_pretrained(path, subfolder=vae, torch_dtype=dtype)
         if _has(path, text_encoder, local):
@@ -90,6 +91,9 @@ def load_pipeline(cls, path, *, device="cpu", dtype=torch.float32, scheduler_kin
 
             comps["text_encoder"] = CLIPTextModel.from_pretrained(path, subfolder=text_encoder, torch_dtype=dtype)
             comps["tokenizer"] = CLIPTokenizer.from_pretrained(path, subfolder=tokenizer)
+        if use_controlnet and _has(path, "preview_decoder", local):  # the TCM condition's tiny decoder
+            comps["preview"] = diffusers.AutoencoderTiny.from_pretrained(path, subfolder="preview_decoder",
+                                                                         torch_dtype=dtype)
         if use_controlnet and _has(path, controlnet, local):
             comps["controlnet"] = diffusers.ControlNetModel.from_pretrained(path, subfolder=controlnet,
                                                                             torch_dtype=dtype)
@@ -106,7 +110,7 @@ def load_pipeline(cls, path, *, device="cpu", dtype=torch.float32, scheduler_kin
         raise ModelLoadError(f"cannot load model {path!r}{where}: {first}") from e
     pipe = cls(unet_model, sched, scale=int(meta.get("scale", 1)),
                residual_scale=meta.get("residual_scale"), **comps)
-    for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.controlnet):
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.controlnet, pipe.preview):
         if m is not None:
             m.to(device).eval().requires_grad_(False)
     if "upscale" == pipe.kind and "scale" not in meta:

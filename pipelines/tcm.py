@@ -26,13 +26,16 @@ class TCMAlignment(Alignment):
     uses_neighbours = True
 
     def __init__(self, scale: float = 1.0, masked: bool = False, fusion: Fusion | None = None,
-                 warp_mode: str = "exact", start: float = 0.0, end: float = 1.0):
+                 warp_mode: str = "exact", start: float = 0.0, end: float = 1.0, decoder: str = "vae"):
         if warp_mode not in WARPS:
             raise ValueError(f"TCM warp mode must be one of {', '.join(WARPS)}, not {warp_mode!r}")
         if not 0.0 <= start < end <= 1.0:
             raise ValueError(f"need 0 <= tcm start < end <= 1, got start={start}, end={end}")
         self.scale, self.masked, self.fusion, self.warp = scale, masked, fusion, WARPS[warp_mode]
         self.start, self.end, self.active = start, end, True
+        if decoder not in ("vae", "preview"):
+            raise ValueError(f"TCM decoder must be vae or preview, not {decoder!r}")
+        self.decoder = decoder
         self.pipe = self.flows = None
         self.timer = NullTimer()
         self.decoded_frames: list[int] = []  # every frame decoded in the last run, in order (for tests)
@@ -43,6 +46,9 @@ class TCMAlignment(Alignment):
         x0 has (flows are resized to it per batch)."""
         if pipe.controlnet is None or pipe.vae is None:
             raise ValueError("alignment.mode=tcm needs a latent model with a controlnet/ folder (StableVSR layout)")
+        if self.decoder == "preview" and getattr(pipe, "preview", None) is None:
+            raise ValueError("alignment.tcm_decoder=preview needs a model with a preview_decoder/ folder "
+                             "(training/train_preview.py)")
         self.pipe, self.flows, self.size = pipe, flows, tuple(size)
         self.timer = timer or NullTimer()
         self.decoded_frames = []
@@ -50,9 +56,12 @@ class TCMAlignment(Alignment):
             self.fusion.bind(pipe, flows=flows, size=size, timer=timer, **_)
 
     def _decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Approximated x0 latents -> RGB: ``decoder.decode(x0 / scaling_factor)`` with the VAE's decoder or
+        the preview decoder (trained to mimic it on the same unscaled latents)."""
         vae = self.pipe.vae
-        with self.timer("vae"):
-            return vae.decode(x0.to(vae.dtype) / vae.config.scaling_factor).sample
+        dec = vae if self.decoder == "vae" else self.pipe.preview
+        with self.timer("vae" if self.decoder == "vae" else "preview"):
+            return dec.decode(x0.to(dec.dtype) / vae.config.scaling_factor).sample
 
     def begin_step(self, step: int, num_steps: int) -> None:
         """StableVSR's ControlNet guidance window: step i uses the TCM unless i / N < start or

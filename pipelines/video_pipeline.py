@@ -66,8 +66,9 @@ class Result:
 class VideoPipeline:
     def __init__(self, unet, scheduler, *, vae=None, text_encoder=None, tokenizer=None, controlnet=None,
                  low_res_scheduler=None, scale: int = 1, residual_scale: float | None = None,
-                 convention: Convention = "auto"):
+                 convention: Convention = "auto", preview=None):
         self.unet, self.scheduler, self.vae = unet, scheduler, vae
+        self.preview = preview  # optional tiny decoder (AutoencoderTiny) for the TCM condition only
         self.text_encoder, self.tokenizer, self.controlnet = text_encoder, tokenizer, controlnet
         self.low_res_scheduler, self.scale, self.residual_scale = low_res_scheduler, scale, residual_scale
         if convention not in ("auto", "stablevsr", "sd_upscaler"):

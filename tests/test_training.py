@@ -71,3 +71,37 @@ def test_one_tcm_training_step_and_the_result_runs_through_the_stablevsr_config(
                                                               "runtime.threads=1"])
     rep = run_clip(cfg, clip, tmp_path / "sr.mp4", log=lambda m: None, progress=False)
     assert rep["model_kind"] == "upscale" and rep["output_size"] == [64, 64] and rep["timings"]["vae"] > 0
+
+
+def test_preview_decoder_trains_and_replaces_the_vae_for_the_tcm_condition(latent_model, tmp_path, monkeypatch):
+    """train_preview.py runs (two steps) and exports an AutoencoderTiny; placed in the model's
+    preview_decoder/ folder it loads with the model, and alignment.tcm_decoder=preview decodes the TCM
+    condition with it (the VAE decoder then only decodes the final frames)."""
+    import shutil
+
+    from pipelines.tcm import TCMAlignment
+    from pipelines.video_pipeline import SamplingOptions, VideoPipeline
+    from training import train_preview, train_tcm
+
+    train_preview.main(["--model", str(latent_model / "model"), "--run", str(tmp_path / "prev"), "--steps", "2",
+                        "--every", "2", "--batch", "2", "--crop", "32", "--no-shared", "--threads", "1"])
+    model = tmp_path / "m"
+    train_tcm.main(["--model", str(latent_model / "model"), "--run", str(tmp_path / "tcm"), "--out", str(model),
+                    "--decoder", str(tmp_path / "prev" / "export"), "--steps", "1", "--every", "1", "--batch", "1",
+                    "--crop", "64", "--no-shared", "--threads", "1"])
+    shutil.copytree(tmp_path / "prev" / "export", model / "preview_decoder")
+    pipe = VideoPipeline.from_pretrained(model)
+    assert pipe.preview is not None and pipe.controlnet is not None
+    vae_calls, conds = [], []
+    real, real_cn = pipe.vae.decode, pipe.controlnet.forward
+    monkeypatch.setattr(pipe.vae, "decode", lambda *a, **k: (vae_calls.append(len(a[0])), real(*a, **k))[1])
+    monkeypatch.setattr(pipe.controlnet, "forward",
+                        lambda *a, **k: (conds.append(k["controlnet_cond"].clone()), real_cn(*a, **k))[1])
+    clip = tiny.textured_clip(3, 8, shift=(0.5, 0.0))
+    opts = SamplingOptions(num_inference_steps=2)
+    pipe(clip, options=opts, alignment=TCMAlignment(decoder="preview"))
+    assert vae_calls == [3]  # only the final decode of the 3 frames
+    from_preview, conds[:], vae_calls[:] = list(conds), [], []
+    pipe(clip, options=opts, alignment=TCMAlignment(decoder="vae"))
+    assert vae_calls == [1, 1, 1, 1, 3]  # 2 steps x 2 conditions, then the final frames
+    assert len(conds) == len(from_preview) == 4 and (conds[0] - from_preview[0]).abs().max() > 1e-3

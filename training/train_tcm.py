@@ -168,8 +168,11 @@ def main(argv=None) -> None:
 
     unet = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet").to(device).eval().requires_grad_(False)
     vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae").to(device).eval().requires_grad_(False)
+    from diffusers import AutoModel
+
+    # the preview decoder (AutoencoderTiny) is fine-tuned against with the same call: decode(x0 / scaling_factor)
     decoder = vae if args.decoder == "vae" else \
-        AutoencoderKL.from_pretrained(args.decoder).to(device).eval().requires_grad_(False)
+        AutoModel.from_pretrained(args.decoder).to(device).eval().requires_grad_(False)
     enc = CLIPTextModel.from_pretrained(args.model, subfolder="text_encoder").to(device)
     tok = CLIPTokenizer.from_pretrained(args.model, subfolder="tokenizer")
     emb = empty_prompt_embedding(enc, tok)
