@@ -126,22 +126,8 @@ def warp_error(frames: torch.Tensor, flows_to_prev: torch.Tensor,
     warping, W(x, f)(p) = x(p + f(p)). Frames with an empty mask are skipped; with no pair
     left the result is nan. On [0, 1] frames the value would be E / 4.
     """
-    from pipelines.flow import warp  # lazy: flow.py is optional until warp_error is used
-
-    n = frames.shape[0]
-    if flows_to_prev.shape != (n, 2, *frames.shape[-2:]) or valid_prev.shape[0] != n:
-        raise ValueError(f"shape mismatch: frames {tuple(frames.shape)}, flows "
-                         f"{tuple(flows_to_prev.shape)}, mask {tuple(valid_prev.shape)}")
-    errors = []
-    for t in range(1, n):
-        m = valid_prev[t : t + 1].float()
-        total = m.sum()
-        if total == 0:
-            continue
-        warped = warp(frames[t - 1 : t].float(), flows_to_prev[t : t + 1].float())
-        sq = (frames[t : t + 1].float() - warped) ** 2
-        errors.append((m * sq).sum() / (frames.shape[1] * total))
-    return torch.stack(errors).mean().item() if errors else math.nan
+    errors = [e for e in warp_errors(frames, flows_to_prev, valid_prev) if not math.isnan(e)]
+    return float(sum(errors) / len(errors)) if errors else math.nan
 
 
 @torch.no_grad()

@@ -9,25 +9,13 @@ from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DCondi
 
 
 def clip_parts(tmp: Path):
-    """A tiny CLIP text encoder and a byte-level tokenizer written to ``tmp``."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    """A tiny CLIP text encoder (hidden size 32) and a byte-level tokenizer written to ``tmp``."""
+    import sys
 
-    # GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest to chr(256 + k)
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = [chr(b) for b in printable] + [chr(256 + k) for k in range(256 - len(printable))]
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in chars:
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "vocab.json").write_text(json.dumps(vocab))
-    (tmp / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"), model_max_length=16)
-    torch.manual_seed(0)
-    enc = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                                       num_hidden_layers=2, vocab_size=len(vocab), max_position_embeddings=16,
-                                       bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
-    return enc, tok
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from training.latent_parts import tiny_text_encoder
+
+    return tiny_text_encoder(tmp, hidden=32, max_length=16)
 
 
 def vae(latent_channels=4, down=2):

@@ -15,20 +15,15 @@ weights are exported with the VAE, text encoder, tokenizer and scheduler as a co
 """
 from __future__ import annotations
 
-import argparse
-import csv
 import json
-import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 from pipelines.degradation import bicubic_resize, downscale, upscale  # noqa: E402
 from training.latent_parts import (SCALE, empty_prompt_embedding, hr_lr_batch, scheduler,  # noqa: E402
                                    tiny_text_encoder, unet_config)
-from training.train_vae import image_pool, load_optimizer, psnr, save_optimizer, shared_pool  # noqa: E402
+from training.common import Run, ema_update, plot_log, replace_dir, parser, setup  # noqa: E402
+from training.train_vae import image_pool, psnr, shared_pool  # noqa: E402
 
 
 def export(ema: UNet2DConditionModel, vae_dir: Path, enc, tok, out: Path, meta: dict) -> None:
@@ -49,12 +45,7 @@ def export(ema: UNet2DConditionModel, vae_dir: Path, enc, tok, out: Path, meta: 
     tok.save_pretrained(tmp / "tokenizer")
     scheduler().save_pretrained(tmp / "scheduler")
     (tmp / "vsr_config.json").write_text(json.dumps(meta, indent=2))
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out)
 
 
 @torch.no_grad()
@@ -73,36 +64,21 @@ def validate(unet, vae, emb, sched, hr, lr, device) -> tuple[float, float]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, ROOT / "training" / "checkpoints" / "unet-x4", 200_000, 16, 128, 2e-4)
     p.add_argument("--vae", type=Path, default=ROOT / "training" / "checkpoints" / "vae-x4" / "export")
-    p.add_argument("--run", type=Path, default=ROOT / "training" / "checkpoints" / "unet-x4")
     p.add_argument("--out", type=Path, default=ROOT / "training" / "checkpoints" / "latent-x4")
-    p.add_argument("--steps", type=int, default=200_000)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--crop", type=int, default=128, help="ground-truth crop (the latent is crop / 4)")
-    p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--blocks", default="64,128,192")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--every", type=int, default=250)
-    p.add_argument("--device", default="auto")
     p.add_argument("--no-shared", action="store_true", help="skip ../shared/clips/train (tests)")
     args = p.parse_args(argv)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    args.run.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
+    device = setup(args)
     vae = AutoencoderKL.from_pretrained(args.vae).to(device).eval().requires_grad_(False)
     sf = vae.config.scaling_factor
     enc, tok = tiny_text_encoder(args.run / "_tokenizer_files")
     enc = enc.to(device).requires_grad_(False)
     emb = empty_prompt_embedding(enc, tok)
-    blocks = tuple(int(b) for b in args.blocks.split(","))
-    cfg = unet_config(blocks, cross_attention_dim=enc.config.hidden_size)
+    cfg = unet_config(tuple(int(b) for b in args.blocks.split(",")), cross_attention_dim=enc.config.hidden_size)
     unet = UNet2DConditionModel(**cfg).to(device)
     ema = UNet2DConditionModel(**cfg).to(device).requires_grad_(False)
     ema.load_state_dict(unet.state_dict())
@@ -117,27 +93,14 @@ def main(argv=None) -> None:
           f"({len(used)} files), procedural textures; validation: {len(val)} held-out wolf frames", flush=True)
     val_hr = torch.stack([bicubic_resize(v, (256, 448))[:, 64:192, 160:288] for v in val]).clamp(-1, 1)
     val_lr = downscale(val_hr, SCALE).clamp(-1, 1)
-
-    meta_path, log_csv = args.run / "state.json", args.run / "log.csv"
-    step, meta = 0, {}
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        step = meta["step"]
-        unet.load_state_dict(load_file(args.run / "last_model.safetensors"))
-        ema.load_state_dict(load_file(args.run / "last_ema.safetensors"))
-        load_optimizer(opt, args.run)
-        print(f"resumed from step {step}", flush=True)
+    run = Run(args.run, {"model": unet, "ema": ema}, opt,
+              ["step", "loss", "seconds", "val_bicubic_db", "val_psnr_db", "latent_std"])
     print(f"unet params={sum(x.numel() for x in unet.parameters()) / 1e6:.2f}M device={device} "
           f"vae scaling_factor={sf:.4f}", flush=True)
-    new_log = not log_csv.exists()
-    logf = log_csv.open("a", newline="")
-    writer = csv.writer(logf)
-    if new_log:
-        writer.writerow(["step", "loss", "seconds", "val_bicubic_db", "val_psnr_db", "latent_std"])
 
-    bar = tqdm(total=args.steps, initial=step, desc="unet", mininterval=10, file=sys.stdout)
-    t_start = time.time() - meta.get("seconds", 0.0)
-    while step < args.steps:
+    bar = tqdm(total=args.steps, initial=run.step, desc="unet", mininterval=10, file=sys.stdout)
+    while run.step < args.steps:
+        step = run.step
         rng = np.random.default_rng([args.seed, step])
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         hr, lr = hr_lr_batch(pool, rng, args.batch, args.crop)
@@ -156,58 +119,25 @@ def main(argv=None) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(pm, 1 - decay)
-        step += 1
+        ema_update(ema, unet, step, args.ema)
+        run.step = step = step + 1
         bar.update(1)
-        row = [step, f"{loss.item():.5f}", f"{time.time() - t_start:.1f}", "", "", f"{x0.std().item():.4f}"]
+        row = [step, f"{loss.item():.5f}", f"{run.seconds():.1f}", "", "", f"{x0.std().item():.4f}"]
         if step % args.every == 0 or step == args.steps:
             b_db, x_db = validate(ema, vae, emb, sched, val_hr, val_lr, device)
             row[3:5] = [f"{b_db:.3f}", f"{x_db:.3f}"]
             bar.write(f"step {step} loss {loss.item():.4f} val: bicubic {b_db:.2f} dB, x0(T) decoded {x_db:.2f} dB")
-            meta.update(step=step, seconds=time.time() - t_start)
-            save_file(unet.state_dict(), args.run / "last_model.safetensors")
-            save_file(ema.state_dict(), args.run / "last_ema.safetensors")
-            save_optimizer(opt, args.run / "last_opt.safetensors")
-            meta_path.write_text(json.dumps(meta))
+            run.writer.writerow(row)
+            run.save()
             export(ema, args.vae, enc, tok, args.out, dict(
                 task="super_resolution", scale=SCALE, layout="stablevsr", train_steps=step, train_batch=args.batch,
-                train_crop=args.crop, train_seconds=round(meta["seconds"]), train_device=str(device)))
-            writer.writerow(row)
-            logf.flush()
-            plot_log_unet(log_csv, args.run / "unet-loss.png")
+                train_crop=args.crop, train_seconds=round(run.seconds()), train_device=str(device)))
+            plot_log(run.log_csv, args.run / "unet-loss.png", "v-prediction MSE", "latent UNet training loss",
+                     [("val_psnr_db", "one-call x0 at t=T, decoded"), ("val_bicubic_db", "bicubic")], "PSNR (dB)",
+                     "held-out wolf frames (EMA)")
             continue
-        writer.writerow(row)
-    logf.close()
-
-
-def plot_log_unet(log_csv: Path, png: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = sorted({r["step"]: r for r in csv.DictReader(log_csv.open())}.values(), key=lambda r: int(r["step"]))
-    steps = [int(r["step"]) for r in rows]
-    loss = np.array([float(r["loss"]) for r in rows])
-    k = 50
-    smooth = np.convolve(loss, np.ones(k) / k, mode="valid") if len(loss) > k else loss
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax[0].plot(steps, loss, alpha=0.25, lw=0.5)
-    ax[0].plot(steps[len(steps) - len(smooth):], smooth)
-    ax[0].set(xlabel="step", ylabel="v-prediction MSE", yscale="log", title="latent UNet training loss")
-    val = [r for r in rows if r.get("val_psnr_db")]
-    if val:
-        x = [int(r["step"]) for r in val]
-        ax[1].plot(x, [float(r["val_psnr_db"]) for r in val], "o-", label="one-call x0 at t=T, decoded")
-        ax[1].plot(x, [float(r["val_bicubic_db"]) for r in val], "--", label="bicubic")
-        ax[1].legend()
-    ax[1].set(xlabel="step", ylabel="PSNR (dB)", title="held-out wolf frames (EMA)")
-    fig.tight_layout()
-    fig.savefig(png.with_suffix(".tmp.png"), dpi=100)
-    plt.close(fig)
-    os.replace(png.with_suffix(".tmp.png"), png)
+        run.writer.writerow(row)
+    run.close()
 
 
 if __name__ == "__main__":

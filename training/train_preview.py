@@ -12,26 +12,21 @@ PSNR against the VAE decoder on held-out wolf frames.
 """
 from __future__ import annotations
 
-import argparse
-import csv
-import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, AutoencoderTiny
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pipelines.degradation import bicubic_resize  # noqa: E402
-from training.train_vae import (image_pool, load_optimizer, psnr, sample_crops, save_optimizer,  # noqa: E402
-                                shared_pool)
+from training.common import Run, replace_dir, parser, setup  # noqa: E402
+from training.train_vae import image_pool, psnr, sample_crops, shared_pool  # noqa: E402
 
 
 def preview_config(latent_channels: int = 4) -> dict:
@@ -48,26 +43,12 @@ def held_out_psnr(preview, vae, frames: torch.Tensor) -> float:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, ROOT / "training" / "checkpoints" / "preview-x4", 20_000, 16, 64, 1e-3)
     p.add_argument("--model", type=Path, default=ROOT / "weights" / "latent-x4", help="folder with vae/")
-    p.add_argument("--run", type=Path, default=ROOT / "training" / "checkpoints" / "preview-x4")
-    p.add_argument("--steps", type=int, default=20_000)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--crop", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--every", type=int, default=250)
-    p.add_argument("--device", default="auto")
     p.add_argument("--no-shared", action="store_true", help="skip ../shared/clips/train (tests)")
     args = p.parse_args(argv)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    args.run.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
+    device = setup(args)
     vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae").to(device).eval().requires_grad_(False)
     preview = AutoencoderTiny(**preview_config(vae.config.latent_channels)).to(device)
     opt = torch.optim.AdamW(preview.decoder.parameters(), lr=args.lr, weight_decay=0.0)
@@ -76,24 +57,12 @@ def main(argv=None) -> None:
     pool = base + extra
     val_x = torch.stack([bicubic_resize(v, (128, 224)) for v in val]).clamp(-1, 1).to(device)
 
-    meta_path, log_csv = args.run / "state.json", args.run / "log.csv"
-    step, meta = 0, {}
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        step = meta["step"]
-        preview.load_state_dict(load_file(args.run / "last_model.safetensors"))
-        load_optimizer(opt, args.run)
-        print(f"resumed from step {step}", flush=True)
+    run = Run(args.run, {"model": preview}, opt, ["step", "loss", "seconds", "val_psnr_vs_vae_db"])
     print(f"preview decoder params {sum(x.numel() for x in preview.decoder.parameters()) / 1e6:.3f}M "
           f"(VAE decoder {sum(x.numel() for x in vae.decoder.parameters()) / 1e6:.2f}M), device {device}", flush=True)
-    new_log = not log_csv.exists()
-    logf = log_csv.open("a", newline="")
-    writer = csv.writer(logf)
-    if new_log:
-        writer.writerow(["step", "loss", "seconds", "val_psnr_vs_vae_db"])
-    bar = tqdm(total=args.steps, initial=step, desc="preview", mininterval=10, file=sys.stdout)
-    t_start = time.time() - meta.get("seconds", 0.0)
-    while step < args.steps:
+    bar = tqdm(total=args.steps, initial=run.step, desc="preview", mininterval=10, file=sys.stdout)
+    while run.step < args.steps:
+        step = run.step
         rng = np.random.default_rng([args.seed, step])
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         x = sample_crops(pool, rng, args.batch, args.crop).to(device)
@@ -106,24 +75,21 @@ def main(argv=None) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        step += 1
+        run.step = step = step + 1
         bar.update(1)
-        row = [step, f"{loss.item():.5f}", f"{time.time() - t_start:.1f}", ""]
+        row = [step, f"{loss.item():.5f}", f"{run.seconds():.1f}", ""]
         if step % args.every == 0 or step == args.steps:
             row[3] = f"{held_out_psnr(preview, vae, val_x):.3f}"
             bar.write(f"step {step} loss {loss.item():.4f} preview vs VAE decoder on held-out frames: {row[3]} dB")
-            meta.update(step=step, seconds=time.time() - t_start)
-            save_file(preview.state_dict(), args.run / "last_model.safetensors")
-            save_optimizer(opt, args.run / "last_opt.safetensors")
-            meta_path.write_text(json.dumps(meta))
+            run.writer.writerow(row)
+            run.save()
             tmp = args.run / "export.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             preview.save_pretrained(tmp, safe_serialization=True)
-            shutil.rmtree(args.run / "export", ignore_errors=True)
-            tmp.rename(args.run / "export")
-        writer.writerow(row)
-        logf.flush() if row[3] else None
-    logf.close()
+            replace_dir(tmp, args.run / "export")
+            continue
+        run.writer.writerow(row)
+    run.close()
 
 
 if __name__ == "__main__":

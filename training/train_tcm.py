@@ -20,20 +20,14 @@ trained ``controlnet/`` beside its other components.
 """
 from __future__ import annotations
 
-import argparse
-import csv
-import json
-import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 from pipelines.degradation import bicubic_resize, downscale, upscale  # noqa: E402
 from pipelines.flow import FlowConfig, compute_clip_flows, warp  # noqa: E402
 from training.latent_parts import SCALE, empty_prompt_embedding  # noqa: E402
-from training.train_vae import (SHARED_TRAIN, EVAL_CLIP_NAME, image_pool, load_optimizer, save_optimizer,  # noqa: E402
-                                to_tensor)
+from training.common import Run, replace_dir, parser, setup  # noqa: E402
+from training.train_vae import SHARED_TRAIN, EVAL_CLIP_NAME, image_pool, to_tensor  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- pairs
@@ -132,38 +126,19 @@ def export(cn: ControlNetModel, model: Path, out: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(model, tmp, ignore=shutil.ignore_patterns("controlnet"))
     cn.save_pretrained(tmp / "controlnet", safe_serialization=True)
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out)
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, ROOT / "training" / "checkpoints" / "tcm-x4", 100_000, 8, 128, 1e-4)
     p.add_argument("--model", type=Path, default=ROOT / "weights" / "latent-x4",
                    help="latent model folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/)")
-    p.add_argument("--run", type=Path, default=ROOT / "training" / "checkpoints" / "tcm-x4")
     p.add_argument("--out", type=Path, default=ROOT / "training" / "checkpoints" / "latent-x4-tcm")
-    p.add_argument("--decoder", default="vae", help="vae, or a folder with a preview decoder (AutoencoderKL)")
-    p.add_argument("--steps", type=int, default=100_000)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--crop", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--every", type=int, default=250)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--decoder", default="vae", help="vae, or a folder with a preview decoder (AutoencoderTiny)")
     p.add_argument("--no-shared", action="store_true", help="skip ../shared/clips/train (tests)")
     args = p.parse_args(argv)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    args.run.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
+    device = setup(args)
     from transformers import CLIPTextModel, CLIPTokenizer
 
     unet = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet").to(device).eval().requires_grad_(False)
@@ -191,22 +166,10 @@ def main(argv=None) -> None:
           f"(exact flow); decoder: {args.decoder}; controlnet params "
           f"{sum(x.numel() for x in cn.parameters()) / 1e6:.2f}M; device {device}", flush=True)
 
-    meta_path, log_csv = args.run / "state.json", args.run / "log.csv"
-    step, meta = 0, {}
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        step = meta["step"]
-        cn.load_state_dict(load_file(args.run / "last_model.safetensors"))
-        load_optimizer(opt, args.run)
-        print(f"resumed from step {step}", flush=True)
-    new_log = not log_csv.exists()
-    logf = log_csv.open("a", newline="")
-    writer = csv.writer(logf)
-    if new_log:
-        writer.writerow(["step", "loss", "seconds"])
-    bar = tqdm(total=args.steps, initial=step, desc="tcm", mininterval=10, file=sys.stdout)
-    t_start = time.time() - meta.get("seconds", 0.0)
-    while step < args.steps:
+    run = Run(args.run, {"model": cn}, opt, ["step", "loss", "seconds"])
+    bar = tqdm(total=args.steps, initial=run.step, desc="tcm", mininterval=10, file=sys.stdout)
+    while run.step < args.steps:
+        step = run.step
         rng = np.random.default_rng([args.seed, step])
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         prev_hr, cur_hr, prev_lr, cur_lr, flow = (x.to(device) for x in
@@ -236,18 +199,14 @@ def main(argv=None) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(cn.parameters(), 1.0)
         opt.step()
-        step += 1
+        run.step = step = step + 1
         bar.update(1)
-        writer.writerow([step, f"{loss.item():.5f}", f"{time.time() - t_start:.1f}"])
+        run.writer.writerow([step, f"{loss.item():.5f}", f"{run.seconds():.1f}"])
         if step % args.every == 0 or step == args.steps:
-            meta.update(step=step, seconds=time.time() - t_start)
-            save_file(cn.state_dict(), args.run / "last_model.safetensors")
-            save_optimizer(opt, args.run / "last_opt.safetensors")
-            meta_path.write_text(json.dumps(meta))
+            run.save()
             export(cn, args.model, args.out)
-            logf.flush()
             bar.write(f"step {step} loss {loss.item():.4f}")
-    logf.close()
+    run.close()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,151 @@
+"""What the latent model's training scripts share: device choice, a resumable run folder (weights and
+AdamW state as safetensors, ``state.json``, ``log.csv``), EMA, atomic folder export and the plots."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def parser(doc: str, run: Path, steps: int, batch: int, crop: int, lr: float):
+    """The options every training script takes (its own are added by the caller)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, default=run, help="checkpoint folder (resumed when it holds a run)")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--crop", type=int, default=crop, help="ground-truth crop side in pixels")
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    p.add_argument("--every", type=int, default=250, help="validate, checkpoint and export every N steps")
+    p.add_argument("--device", default="auto")
+    return p
+
+
+def setup(args) -> torch.device:
+    """Threads, seed, the run folder; returns the device (CUDA when present and ``--device auto``)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    args.run.mkdir(parents=True, exist_ok=True)
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(args.device)
+
+
+def save_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
+    """AdamW state as safetensors (no pickles in the repository): per parameter i, ``i.exp_avg``,
+    ``i.exp_avg_sq`` and ``i.step``."""
+    tensors = {}
+    for i, p in enumerate(opt.param_groups[0]["params"]):
+        for k, v in opt.state.get(p, {}).items():
+            tensors[f"{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    save_file(tensors, path)
+
+
+def load_optimizer(opt: torch.optim.Optimizer, folder: Path) -> None:
+    """Restore :func:`save_optimizer`'s file (or an older ``last_opt.pt``)."""
+    st = folder / "last_opt.safetensors"
+    if not st.exists():
+        opt.load_state_dict(torch.load(folder / "last_opt.pt", weights_only=True))
+        return
+    tensors = load_file(st)
+    for i, p in enumerate(opt.param_groups[0]["params"]):
+        state = {k.split(".", 1)[1]: v.to(p.device) for k, v in tensors.items() if k.split(".", 1)[0] == str(i)}
+        if state:
+            opt.state[p] = state
+
+
+class Run:
+    """A resumable run in ``folder``: ``models`` (name -> module, saved as ``last_<name>.safetensors``),
+    the optimizer, ``state.json`` (step, seconds) and ``log.csv`` with ``columns``."""
+
+    def __init__(self, folder: Path, models: dict, opt: torch.optim.Optimizer, columns: list[str]):
+        self.folder, self.models, self.opt = Path(folder), models, opt
+        self.meta_path, self.log_csv = self.folder / "state.json", self.folder / "log.csv"
+        self.step, self.meta = 0, {}
+        if self.meta_path.exists():
+            self.meta = json.loads(self.meta_path.read_text())
+            self.step = self.meta["step"]
+            for name, m in models.items():
+                m.load_state_dict(load_file(self.folder / f"last_{name}.safetensors"))
+            load_optimizer(opt, self.folder)
+            print(f"resumed from step {self.step}", flush=True)
+        new_log = not self.log_csv.exists()
+        self._file = self.log_csv.open("a", newline="")
+        self.writer = csv.writer(self._file)
+        if new_log:
+            self.writer.writerow(columns)
+        self.t_start = time.time() - self.meta.get("seconds", 0.0)
+
+    def seconds(self) -> float:
+        return time.time() - self.t_start
+
+    def save(self) -> None:
+        """Weights, optimizer and state after ``self.step`` steps; flushes the log."""
+        for name, m in self.models.items():
+            save_file(m.state_dict(), self.folder / f"last_{name}.safetensors")
+        save_optimizer(self.opt, self.folder / "last_opt.safetensors")
+        (self.folder / "last_opt.pt").unlink(missing_ok=True)
+        self.meta.update(step=self.step, seconds=self.seconds())
+        self.meta_path.write_text(json.dumps(self.meta))
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float) -> None:
+    """ema <- ema + (1 - d) (model - ema), d = min(decay, (1 + step) / (10 + step)) (warm-up)."""
+    d = min(decay, (1 + step) / (10 + step))
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm, 1 - d)
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished folder ``tmp`` onto ``out`` (an old ``out`` is moved aside, then deleted)."""
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def plot_log(log_csv: Path, png: Path, loss_label: str, title: str, curves: list[tuple[str, str]],
+             right_label: str, right_title: str) -> None:
+    """Loss (raw and smoothed, log scale) on the left; the validation ``curves`` (column, label) right."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted({r["step"]: r for r in csv.DictReader(log_csv.open())}.values(), key=lambda r: int(r["step"]))
+    steps = [int(r["step"]) for r in rows]
+    loss = np.array([float(r["loss"]) for r in rows])
+    k = 50
+    smooth = np.convolve(loss, np.ones(k) / k, mode="valid") if len(loss) > k else loss
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax[0].plot(steps, loss, alpha=0.25, lw=0.5)
+    ax[0].plot(steps[len(steps) - len(smooth):], smooth)
+    ax[0].set(xlabel="step", ylabel=loss_label, yscale="log", title=title)
+    for column, label in curves:
+        val = [r for r in rows if r.get(column)]
+        if val:
+            ax[1].plot([int(r["step"]) for r in val], [float(r[column]) for r in val], "o-", label=label)
+    if len(curves) > 1:
+        ax[1].legend()
+    ax[1].set(xlabel="step", ylabel=right_label, title=right_title)
+    fig.tight_layout()
+    fig.savefig(png.with_suffix(".tmp.png"), dpi=100)
+    plt.close(fig)
+    os.replace(png.with_suffix(".tmp.png"), png)
