@@ -353,3 +353,30 @@ def test_damaged_input_warns_or_fails_when_strict(tmp_path):
     assert len(clip.frames) < 24 and clip.warnings and "declares 24 frames" in clip.warnings[0]
     with pytest.raises(InputError, match="input.strict"):
         read_clip(bad, strict=True)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 256 KiB tmpfs (needs root and a kernel that allows it; skipped elsewhere)."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_a_full_disk_keeps_the_earlier_video(tiny_disk):
+    """A real full disk: replacing a good video with one that does not fit fails with one line and leaves
+    the good video and no temporary file."""
+    out = tiny_disk / "o.mp4"
+    write_video(out, moving_clip(n=4), 10)
+    good = out.read_bytes()
+    noise = np.random.default_rng(0).integers(0, 256, (40, 128, 128, 3), dtype=np.uint8)  # incompressible
+    with pytest.raises(InputError, match="No space left on device") as info:
+        write_video(out, noise, 10, crf=0)
+    assert "\n" not in str(info.value)
+    assert out.read_bytes() == good and os.listdir(tiny_disk) == ["o.mp4"]
