@@ -153,9 +153,13 @@ def make_alignment(spec: dict, num_train_timesteps: int = 1000) -> Alignment:
         return Alignment()
     if mode == "fusion":
         return Fusion(spec.get("weight", 0.5), spec.get("schedule", "constant"), num_train_timesteps)
-    if mode == "tcm":
-        raise ValueError("alignment mode 'tcm' needs a StableVSR checkpoint (ControlNet); not benchmarked here")
-    raise ValueError(f"alignment mode must be none or fusion, not {mode!r}")
+    if mode == "tcm":  # the model's ControlNet; optionally with fusion and/or the preview decoder
+        from pipelines.tcm import TCMAlignment
+
+        w = spec.get("fusion")
+        return TCMAlignment(fusion=None if w is None else Fusion(w, "constant", num_train_timesteps),
+                            decoder=spec.get("decoder", "vae"), warp_mode=spec.get("warp", "exact"))
+    raise ValueError(f"alignment mode must be none, fusion or tcm, not {mode!r}")
 
 
 def steps_run(options: SamplingOptions) -> int:

@@ -31,17 +31,19 @@ from pipelines.video_pipeline import SamplingOptions  # noqa: E402
 
 QUICK = dict(max_frames=4, resize=64, steps=4)
 QUICK_METHODS = ("bicubic", "independent", "{default}", "chains-L2")
-TCM_NOTE = "tcm: n/a (needs a StableVSR checkpoint)"
+TCM_NOTE = "tcm: n/a (the model has no controlnet/ folder)"
 
 
 def default_method_name(weight: float) -> str:
     return f"bidir-fusion-w{weight:g}"
 
 
-def build_methods(weight: float, num_frames: int) -> list[Method]:
+def build_methods(weight: float, num_frames: int, tcm: bool = False, preview: bool = False) -> list[Method]:
     """All methods of the comparison; fusion variants use ``weight`` unless the name says otherwise.
 
     Chains get a batch size of ``num_frames`` so each position along the chains is one model call.
+    With a model that has a ControlNet (``tcm``): tcm, tcm + fusion and, with a preview decoder,
+    tcm-preview (the issue's table rows: none, fusion, tcm, tcm + fusion, tcm with the preview decoder).
     """
     methods = [Method("bicubic", bicubic=True), Method("independent"),
                fusion("forward-fusion", weight, direction="forward")]
@@ -56,6 +58,11 @@ def build_methods(weight: float, num_frames: int) -> list[Method]:
     farneback.flow = {"method": "farneback"}
     methods.append(farneback)
     methods += [fusion(f"chains-L{n}", weight, chain_length=n, batch_size=max(num_frames, 1)) for n in (8, 4, 2)]
+    if tcm:
+        methods += [Method("tcm", alignment={"mode": "tcm"}),
+                    Method(f"tcm+fusion-w{weight:g}", alignment={"mode": "tcm", "fusion": weight})]
+        if preview:
+            methods.append(Method("tcm-preview", alignment={"mode": "tcm", "decoder": "preview"}))
     return methods
 
 
@@ -236,7 +243,9 @@ def main(argv: list[str] | None = None) -> dict:
     names = [n.strip() for n in args.methods.split(",")] if args.methods else None
     if args.quick and names is None:
         names = [n.format(default=default) for n in QUICK_METHODS]
-    methods = select(build_methods(args.weight, min(len(c.gt) for c in clips)), names)
+    has_tcm = pipe.controlnet is not None
+    methods = select(build_methods(args.weight, min(len(c.gt) for c in clips), tcm=has_tcm,
+                                   preview=getattr(pipe, "preview", None) is not None), names)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -276,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "seed": args.seed, "batch_size": args.batch_size, "scale": scale, "dtype": args.dtype},
         "default_method": default, "ewarp_unit_in_tables": EWARP_UNIT,
         "methods_spec": [method_dict(m) for m in methods], "clips": per_clip,
-        "mean": summary, "gt_ewarp_mean": gt_ewarp, "targets": targets, "notes": [TCM_NOTE],
+        "mean": summary, "gt_ewarp_mean": gt_ewarp, "targets": targets, "notes": [] if has_tcm else [TCM_NOTE],
     }
     write_json(out.with_suffix(".json"), report)
     md = markdown_report(report, per_clip, summary, methods, gt_ewarp)

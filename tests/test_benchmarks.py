@@ -50,3 +50,19 @@ def run_all(tmp_path):
     fig = x0_vs_t.main(["--model", str(model), "--clip", str(clip), "--num-t", "2", "--show-t", "999",
                         "--device", "cpu", "--threads", "1", "--out-dir", str(tmp_path / "docs")])
     assert fig["timesteps"] == [0, 999] and (tmp_path / "docs" / "x0_vs_t_frames.png").exists()
+
+
+def test_consistency_benchmark_has_the_tcm_rows_for_a_model_with_a_controlnet(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        model = tiny.save_stablevsr_layout(tmp_path / "svsr")
+        clip = tmp_path / "clip"
+        write_frames(clip, to_uint8(tiny.textured_clip(3, 32, shift=(1.0, 0.5))))
+        out = tmp_path / "res" / "consistency"
+        report = consistency.main(["--clips", str(clip), "--model", str(model), "--steps", "1", "--strength", "1.0",
+                                   "--weight", "0.5", "--device", "cpu", "--threads", "1", "--out", str(out),
+                                   "--methods", "independent,tcm,tcm+fusion-w0.5"])
+        assert set(report["mean"]) == {"bicubic", "independent", "tcm", "tcm+fusion-w0.5"}
+        assert report["mean"]["tcm"]["ewarp"] > 0 and report["notes"] == []
+    finally:
+        torch.set_num_threads(threads)
