@@ -63,8 +63,12 @@ def to_tensor(img: np.ndarray) -> torch.Tensor:
 
 
 def read_wolf() -> list[np.ndarray]:
+    """wolf.mp4's frames (copied once from ../shared/clips into training/data/); [] when neither exists."""
     if not WOLF_COPY.exists():
         src = ROOT.parent / "shared" / "clips" / "wolf.mp4"
+        if not src.exists():
+            print(f"note: {src} is absent: training without wolf.mp4", flush=True)
+            return []
         WOLF_COPY.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, WOLF_COPY)
     cap, frames = cv2.VideoCapture(str(WOLF_COPY)), []
@@ -84,6 +88,8 @@ def image_pool() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     grey = ["brick", "grass", "gravel", "camera", "moon", "page", "text", "coins", "clock"]
     pool = [to_tensor(getattr(sk, n)()) for n in colour + grey]
     wolf = [to_tensor(f) for f in read_wolf()]
+    if not wolf:  # without ../shared: validate on two of the photographs instead (they stay out of training)
+        return pool[:-2], pool[-2:]
     return pool + wolf[:-HELD_OUT_WOLF], wolf[-HELD_OUT_WOLF:]
 
 
