@@ -179,8 +179,8 @@ class ClipSource:
                 size = getattr(self, "size", img.shape[:2])
                 if img.shape[:2] != size:
                     name = self._files[i] if self._kind == "images" else f"{self.path} frame {i}"
-                    raise InputError(f"{name}: image size {img.shape[1]}x{img.shape[0]} differs from {size[1]}x{size[0]} "
-                                     "of the first frame (all frames must be the same size)")
+                    raise InputError(f"{name}: image size {img.shape[1]}x{img.shape[0]} differs from "
+                                     f"{size[1]}x{size[0]} of the first frame (all frames must be the same size)")
                 self._cache[k] = img
                 for old in [j for j in self._cache if j < k - self._cache_size]:
                     del self._cache[old]

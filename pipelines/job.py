@@ -170,18 +170,26 @@ def _check_frames_dir(folder: Path, overwrite: bool, others: list[Path]) -> None
 # ----------------------------------------------------------------------------- model and device
 
 
+def _accelerator() -> torch.device | None:
+    """The machine's accelerator (CUDA, or whatever torch.accelerator reports), or None."""
+    return torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+
+
 def resolve_device(cfg: DictConfig) -> torch.device:
+    """``model.device``: auto (the accelerator when there is one, else the CPU), cpu, or an accelerator."""
     name, dtype = cfg.model.device, cfg.model.dtype
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"model.device={name} but CUDA is not available here; use model.device=cpu or auto")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"model.device={name} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    acc = _accelerator()
+    device = (acc or torch.device("cpu")) if name == "auto" else torch.device(name)
+    if device.type != "cpu":
+        if acc is None or acc.type != device.type:
+            raise ConfigError(f"model.device={name} but {device.type.upper()} is not available here; "
+                              "use model.device=cpu or auto")
+        if device.index is not None and device.index >= torch.accelerator.device_count():
+            raise ConfigError(f"model.device={name} but only {torch.accelerator.device_count()} "
+                              f"{device.type.upper()} device(s) exist")
     elif dtype != "float32":
-        raise ConfigError(f"model.dtype={dtype} needs a CUDA device (model.device is {name}); use model.dtype=float32")
+        raise ConfigError(f"model.dtype={dtype} needs a CUDA device or another accelerator (model.device is {name}); "
+                          "use model.dtype=float32")
     return device
 
 
@@ -247,8 +255,8 @@ def load_model(cfg: DictConfig, path: str, device: torch.device, timer: StageTim
 def peak_memory(device: torch.device) -> dict:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     mem = {"host_max_rss_mb": round(rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), 1)}
-    if device.type == "cuda":
-        mem["device_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+    if device.type != "cpu":
+        mem["device_max_allocated_mb"] = round(torch.accelerator.max_memory_allocated(device) / 2 ** 20, 1)
     return mem
 
 
@@ -384,8 +392,8 @@ def run_clip(cfg: DictConfig, input=None, output=None, *, config_path=DEFAULT_CO
     model_path = resolve_model_path(cfg)
     flow_cfg = flow_config(cfg)
     timer = StageTimer(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    if device.type != "cpu":
+        torch.accelerator.reset_peak_memory_stats(device)
     workdir = Path(workdir).expanduser() if workdir else None
 
     sel, r = cfg.input, cfg.runtime
@@ -466,22 +474,24 @@ def run_clip(cfg: DictConfig, input=None, output=None, *, config_path=DEFAULT_CO
         if windows:
             from .windows import iter_windows
 
-            yield from iter_windows(pipe, n, model_input, window=r.window, overlap=r.overlap,
+            finished = iter_windows(pipe, n, model_input, window=r.window, overlap=r.overlap,
                                     anchor_weight=r.anchor_weight, make_alignment=lambda: build_alignment(cfg, pipe),
                                     options=sampling_options(cfg), flow=flow_cfg, progress=bar.update, timer=timer,
-                                    workdir=workdir, fingerprint=key, checkpoint_every=r.checkpoint_every,
-                                    crop=out_size)
+                                    workdir=workdir, fingerprint=key, checkpoint_every=r.checkpoint_every, crop=out_size)
+            for a, out in finished:
+                yield a, out, None  # the input frames of a window are not kept: re-read (cached) below
             return
         from .checkpoint import Checkpointer
 
         ckpt = None if workdir is None else Checkpointer(workdir, key, r.checkpoint_every)
         if not in_files:
-            result = pipe(model_input(0, n), options=sampling_options(cfg), alignment=alignment, flow=flow_cfg,
+            inputs = model_input(0, n)
+            result = pipe(inputs, options=sampling_options(cfg), alignment=alignment, flow=flow_cfg,
                           progress=bar.update, timer=timer, checkpoint=ckpt, output_uint8=True)
             frames = result.frames[:, :out_size[0], :out_size[1]]
             del result
             for a in range(0, n, CHUNK):
-                yield a, frames[a:a + CHUNK]
+                yield a, frames[a:a + CHUNK], inputs[a:a + CHUNK]
             return
         # one pass over a long clip: input, samples and flows in files, decoded chunk by chunk
         from .filestore import FileTensor
@@ -495,7 +505,7 @@ def run_clip(cfg: DictConfig, input=None, output=None, *, config_path=DEFAULT_CO
             b = min(n, a + CHUNK)
             with timer("vae" if pipe.vae is not None else "decode"):
                 u8 = pipe.decode(result.state[a:b], inputs[a:b], s.decode_batch_size, as_uint8=True)
-            yield a, u8[:, :out_size[0], :out_size[1]]
+            yield a, u8[:, :out_size[0], :out_size[1]], inputs[a:b]
 
     # the writers and the scores, fed chunk by chunk
     o = cfg.output
@@ -513,12 +523,13 @@ def run_clip(cfg: DictConfig, input=None, output=None, *, config_path=DEFAULT_CO
     pngs = None if paths.frames_dir is None else FrameFolderWriter(paths.frames_dir)
     scores = Scores(flow_cfg)
     try:
-        for a, out_u8 in chunks():
+        for a, out_u8, padded_input in chunks():
             k = len(out_u8)
             with timer("io"):
                 u8 = out_u8.numpy() if torch.is_tensor(out_u8) else out_u8
                 writer.append(u8, source.pts[a:a + k] if keep_times else None)
-                inp = read(a, a + k)
+                # the model's input frames of this chunk, without padding (decoded again only for windows)
+                inp = read(a, a + k) if padded_input is None else padded_input[..., :read.size[0], :read.size[1]]
                 if sbs is not None:
                     sbs.append(side_by_side(to_uint8(inp), u8, mode="bicubic"))
                 if pngs is not None:

@@ -1,4 +1,4 @@
-"""Per-stage wall-clock timers (synchronising CUDA so asynchronous kernels are charged correctly)."""
+"""Per-stage wall-clock timers (synchronising the accelerator so asynchronous kernels are charged correctly)."""
 from __future__ import annotations
 
 import time
@@ -16,11 +16,11 @@ class StageTimer:
         # synchronise only when timing an accelerator whose kernels run asynchronously, and then
         # that device (not whichever CUDA device happens to be current)
         self.device = None if device is None else torch.device(device)
-        self.sync = self.device is not None and self.device.type == "cuda" and torch.cuda.is_available()
+        self.sync = self.device is not None and self.device.type != "cpu" and torch.accelerator.is_available()
 
     def _sync(self) -> None:
         if self.sync:
-            torch.cuda.synchronize(self.device)
+            torch.accelerator.synchronize(self.device)
 
     @contextmanager
     def __call__(self, stage: str):

@@ -42,6 +42,34 @@ def setup(args) -> torch.device:
     return torch.device(args.device)
 
 
+def step_randomness(seed: int, step: int) -> tuple[np.random.Generator, torch.Generator]:
+    """The data (numpy) and noise (torch) generators of one training step: they depend only on
+    (seed, step), so a resumed run draws exactly what an uninterrupted one would."""
+    return np.random.default_rng([seed, step]), torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, clip: float | None = 1.0) -> None:
+    """Backpropagate ``loss`` and take one step, clipping the gradient norm of ``params`` to ``clip``."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+
+
+def rescaled_crop(img: torch.Tensor, rng: np.random.Generator, crop: int, smallest: float) -> torch.Tensor:
+    """A random ``crop`` x ``crop`` window of ``img`` (3, H, W) after a random bicubic rescale by
+    s in [smallest, 1) (never below the crop size)."""
+    from pipelines.degradation import bicubic_resize
+
+    s = rng.uniform(smallest, 1.0)
+    h, w = img.shape[-2:]
+    sh, sw = max(crop, int(h * s)), max(crop, int(w * s))
+    img = bicubic_resize(img, (sh, sw)).clamp(-1, 1)
+    y, x = rng.integers(0, sh - crop + 1), rng.integers(0, sw - crop + 1)
+    return img[:, y:y + crop, x:x + crop]
+
+
 def save_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
     """AdamW state as safetensors (no pickles in the repository): per parameter i, ``i.exp_avg``,
     ``i.exp_avg_sq`` and ``i.step``."""

@@ -20,7 +20,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -31,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 from pipelines.degradation import bicubic_resize, downscale, upscale  # noqa: E402
 from training.latent_parts import (SCALE, empty_prompt_embedding, hr_lr_batch, scheduler,  # noqa: E402
                                    tiny_text_encoder, unet_config)
-from training.common import Run, ema_update, plot_log, replace_dir, parser, setup  # noqa: E402
+from training.common import (Run, ema_update, optimizer_step, parser, plot_log, replace_dir, setup,  # noqa: E402
+                             step_randomness)
 from training.train_vae import image_pool, psnr, shared_pool  # noqa: E402
 
 
@@ -101,8 +101,7 @@ def main(argv=None) -> None:
     bar = tqdm(total=args.steps, initial=run.step, desc="unet", mininterval=10, file=sys.stdout)
     while run.step < args.steps:
         step = run.step
-        rng = np.random.default_rng([args.seed, step])
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        rng, gen = step_randomness(args.seed, step)
         hr, lr = hr_lr_batch(pool, rng, args.batch, args.crop)
         with torch.no_grad():
             x0 = vae.encode(hr.to(device)).latent_dist.mean * sf
@@ -115,10 +114,7 @@ def main(argv=None) -> None:
             g["lr"] = args.lr * min(1.0, (step + 1) / 200)
         pred = unet(torch.cat([xt, lr.to(device)], 1), t, encoder_hidden_states=emb.expand(len(x0), -1, -1)).sample
         loss = F.mse_loss(pred, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, loss, unet.parameters())
         ema_update(ema, unet, step, args.ema)
         run.step = step = step + 1
         bar.update(1)

@@ -16,7 +16,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, AutoencoderTiny
@@ -25,7 +24,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pipelines.degradation import bicubic_resize  # noqa: E402
-from training.common import Run, replace_dir, parser, setup  # noqa: E402
+from training.common import Run, optimizer_step, parser, replace_dir, setup, step_randomness  # noqa: E402
 from training.train_vae import image_pool, psnr, sample_crops, shared_pool  # noqa: E402
 
 
@@ -63,8 +62,7 @@ def main(argv=None) -> None:
     bar = tqdm(total=args.steps, initial=run.step, desc="preview", mininterval=10, file=sys.stdout)
     while run.step < args.steps:
         step = run.step
-        rng = np.random.default_rng([args.seed, step])
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        rng, gen = step_randomness(args.seed, step)
         x = sample_crops(pool, rng, args.batch, args.crop).to(device)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mean
@@ -72,9 +70,7 @@ def main(argv=None) -> None:
             z = z + torch.randn(z.shape, generator=gen).to(device) * z.std() * float(rng.uniform(0, 0.3))
             target = vae.decode(z).sample
         loss = F.l1_loss(preview.decode(z).sample, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimizer_step(opt, loss, preview.decoder.parameters(), clip=None)
         run.step = step = step + 1
         bar.update(1)
         row = [step, f"{loss.item():.5f}", f"{run.seconds():.1f}", ""]

@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 from pipelines.degradation import bicubic_resize, downscale, upscale  # noqa: E402
 from pipelines.flow import FlowConfig, compute_clip_flows, warp  # noqa: E402
 from training.latent_parts import SCALE, empty_prompt_embedding  # noqa: E402
-from training.common import Run, replace_dir, parser, setup  # noqa: E402
+from training.common import (Run, optimizer_step, parser, replace_dir, rescaled_crop, setup,  # noqa: E402
+                             step_randomness)
 from training.train_vae import SHARED_TRAIN, EVAL_CLIP_NAME, image_pool, to_tensor  # noqa: E402
 
 
@@ -97,13 +98,7 @@ def sample_pairs(pairs, photos, rng: np.random.Generator, batch: int, crop: int,
             cur_hr.append(b)
             flows.append(None)
         else:
-            img = photos[rng.integers(len(photos))]
-            h, w = img.shape[-2:]
-            s = rng.uniform(0.3, 1.0)
-            sh, sw = max(crop, int(h * s)), max(crop, int(w * s))
-            img = bicubic_resize(img, (sh, sw)).clamp(-1, 1)
-            y, x = rng.integers(0, sh - crop + 1), rng.integers(0, sw - crop + 1)
-            a = img[:, y:y + crop, x:x + crop]
+            a = rescaled_crop(photos[rng.integers(len(photos))], rng, crop, 0.3)
             f = smooth_flow(rng, crop, rng.uniform(0.5, 4.0))
             prev_hr.append(a)
             cur_hr.append(warp(a[None], f[None], padding_mode="border")[0])
@@ -170,8 +165,7 @@ def main(argv=None) -> None:
     bar = tqdm(total=args.steps, initial=run.step, desc="tcm", mininterval=10, file=sys.stdout)
     while run.step < args.steps:
         step = run.step
-        rng = np.random.default_rng([args.seed, step])
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        rng, gen = step_randomness(args.seed, step)
         prev_hr, cur_hr, prev_lr, cur_lr, flow = (x.to(device) for x in
                                                   sample_pairs(pairs, photos, rng, args.batch, args.crop, flow_cfg))
         t = torch.randint(0, sched.config.num_train_timesteps, (len(cur_hr),), generator=gen).to(device)
@@ -195,10 +189,7 @@ def main(argv=None) -> None:
         loss = F.mse_loss(pred, target)
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, (step + 1) / 200)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(cn.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, loss, cn.parameters())
         run.step = step = step + 1
         bar.update(1)
         run.writer.writerow([step, f"{loss.item():.5f}", f"{run.seconds():.1f}"])

@@ -30,7 +30,8 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pipelines.degradation import bicubic_resize  # noqa: E402
-from training.common import Run, ema_update, plot_log, replace_dir, parser, setup  # noqa: E402
+from training.common import (Run, ema_update, optimizer_step, parser, plot_log, replace_dir,  # noqa: E402
+                             rescaled_crop, setup, step_randomness)
 from training.train_vsr import image_pool, procedural, psnr, to_tensor  # noqa: E402
 
 SHARED_TRAIN = ROOT.parent / "shared" / "clips" / "train"
@@ -84,13 +85,7 @@ def sample_crops(pool, rng: np.random.Generator, batch: int, crop: int) -> torch
         if rng.random() < 0.1:
             img = procedural(rng, crop)
         else:
-            img = pool[rng.integers(len(pool))]
-            s = rng.uniform(0.25, 1.0)
-            h, w = img.shape[-2:]
-            sh, sw = max(crop, int(h * s)), max(crop, int(w * s))
-            img = bicubic_resize(img, (sh, sw)).clamp(-1, 1)
-            y, x = rng.integers(0, sh - crop + 1), rng.integers(0, sw - crop + 1)
-            img = img[:, y:y + crop, x:x + crop]
+            img = rescaled_crop(pool[rng.integers(len(pool))], rng, crop, 0.25)
         if rng.random() < 0.5:
             img = img.flip(-1)
         out.append(torch.rot90(img, int(rng.integers(4)), dims=(-2, -1)))
@@ -157,19 +152,16 @@ def main(argv=None) -> None:
     bar = tqdm(total=args.steps, initial=run.step, desc="vae", mininterval=10, file=sys.stdout)
     while run.step < args.steps:
         step = run.step
-        rng = np.random.default_rng([args.seed, step])
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        rng, gen = step_randomness(args.seed, step)
         x = sample_crops(pool, rng, args.batch, args.crop).to(device)
         post = vae.encode(x).latent_dist
         noise = torch.randn(post.mean.shape, generator=gen).to(device)  # drawn either way: same data stream
         z = post.mean if args.deterministic else post.mean + post.std * noise
         loss = losses[args.loss](vae.decode(z).sample, x) + args.kl * post.kl().mean()
         for g in opt.param_groups:
-            g["lr"] = args.lr * min(1.0, (step + 1) / 200) * (0.5 + 0.5 * math.cos(math.pi * min(1.0, step / args.steps)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+            warmup, cosine = min(1.0, (step + 1) / 200), 0.5 + 0.5 * math.cos(math.pi * min(1.0, step / args.steps))
+            g["lr"] = args.lr * warmup * cosine
+        optimizer_step(opt, loss, vae.parameters())
         ema_update(ema, vae, step, args.ema)
         run.step = step = step + 1
         bar.update(1)

@@ -18,7 +18,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -34,6 +33,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pipelines.degradation import bicubic_resize, downscale, upscale  # noqa: E402
+from training.common import optimizer_step, plot_log, replace_dir, rescaled_crop, step_randomness  # noqa: E402
 
 WOLF_COPY = ROOT / "training" / "data" / "wolf.mp4"
 HELD_OUT_WOLF = 4  # the last frames of wolf.mp4 are the validation set
@@ -129,14 +129,8 @@ def sample_batch(pool, rng: np.random.Generator, batch: int, crop: int, scale: i
         if rng.random() < 0.2:
             hr = procedural(rng, crop)
         else:
-            img = pool[rng.integers(len(pool))]
-            s = rng.uniform(0.3, 1.0)
-            h, w = img.shape[-2:]
-            sh, sw = max(crop, int(h * s)), max(crop, int(w * s))
-            img = bicubic_resize(img, (sh, sw)).clamp(-1, 1)
-            y, x = rng.integers(0, sh - crop + 1), rng.integers(0, sw - crop + 1)
-            hr = img[:, y:y + crop, x:x + crop]
-            if img.shape[0] == 3 and rng.random() < 0.3:  # colour jitter on grey and colour images
+            hr = rescaled_crop(pool[rng.integers(len(pool))], rng, crop, 0.3)
+            if hr.shape[0] == 3 and rng.random() < 0.3:  # colour jitter on grey and colour images
                 hr = (hr * torch.from_numpy(rng.uniform(0.7, 1.2, (3, 1, 1)).astype(np.float32))).clamp(-1, 1)
         if rng.random() < 0.5:
             hr = hr.flip(-1)
@@ -164,38 +158,12 @@ def export(model: UNet2DModel, sched: DDPMScheduler, out: Path, meta: dict) -> N
     model.save_pretrained(tmp / "unet", safe_serialization=True)
     sched.save_pretrained(tmp / "scheduler")
     (tmp / "vsr_config.json").write_text(json.dumps(meta, indent=2))
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out)
 
 
 def plot_loss(log_csv: Path, png: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = {r["step"]: r for r in csv.DictReader(log_csv.open())}  # a resumed run rewrites its last steps
-    rows = sorted(rows.values(), key=lambda r: int(r["step"]))
-    steps = [int(r["step"]) for r in rows]
-    loss = np.array([float(r["loss"]) for r in rows])
-    k = 50
-    smooth = np.convolve(loss, np.ones(k) / k, mode="valid") if len(loss) > k else loss
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax[0].plot(steps, loss, alpha=0.25, lw=0.5)
-    ax[0].plot(steps[len(steps) - len(smooth):], smooth)
-    ax[0].set(xlabel="step", ylabel="v-prediction MSE", yscale="log", title="training loss")
-    val = [r for r in rows if r.get("val_gain_db")]
-    if val:
-        ax[1].plot([int(r["step"]) for r in val], [float(r["val_gain_db"]) for r in val], "o-")
-    ax[1].axhline(0, color="k", lw=0.5)
-    ax[1].set(xlabel="step", ylabel="dB over bicubic", title="held-out x0 at t=T (EMA)")
-    fig.tight_layout()
-    fig.savefig(png.with_suffix(".tmp.png"), dpi=100)
-    plt.close(fig)
-    os.replace(png.with_suffix(".tmp.png"), png)
+    plot_log(log_csv, png, "v-prediction MSE", "training loss", [("val_gain_db", "EMA")], "dB over bicubic",
+             "held-out x0 at t=T (EMA)")
 
 
 @torch.no_grad()
@@ -269,8 +237,7 @@ def main(argv=None) -> None:
     bar = tqdm(total=args.steps, initial=step, desc="train", mininterval=10, file=sys.stdout)
     t_start = time.time() - meta.get("seconds", 0.0)
     while step < args.steps:
-        rng = np.random.default_rng([args.seed, step])  # data and noise depend only on (seed, step)
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        rng, gen = step_randomness(args.seed, step)
         hr, bic = sample_batch(pool, rng, args.batch, args.crop, args.scale)
         x0 = ((hr - bic) / rs).to(device)
         bic = bic.to(device)
@@ -282,10 +249,7 @@ def main(argv=None) -> None:
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, (step + 1) / 200)
         loss = torch.nn.functional.mse_loss(model(torch.cat([xt, bic], 1), t).sample, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, loss, model.parameters())
         decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), model.parameters()):
