@@ -28,6 +28,9 @@ def parser(doc: str, run: Path, steps: int, batch: int, crop: int, lr: float):
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     p.add_argument("--every", type=int, default=250, help="validate, checkpoint and export every N steps")
     p.add_argument("--device", default="auto")
+    p.add_argument("--minutes", type=float, default=0.0,
+                   help="stop (validating, saving and exporting) after this many minutes of this session (0: no limit)")
+    p.add_argument("--workers", type=int, default=0, help="threads preparing batches ahead (0: inline)")
     return p
 
 
@@ -36,6 +39,7 @@ def setup(args) -> torch.device:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     args.run.mkdir(parents=True, exist_ok=True)
     if args.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -58,16 +62,38 @@ def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, clip:
 
 
 def rescaled_crop(img: torch.Tensor, rng: np.random.Generator, crop: int, smallest: float) -> torch.Tensor:
-    """A random ``crop`` x ``crop`` window of ``img`` (3, H, W) after a random bicubic rescale by
-    s in [smallest, 1) (never below the crop size)."""
+    """A random ``crop`` x ``crop`` window of ``img`` (3, H, W) seen at a random bicubic scale
+    s in [smallest, 1) (never below the image's own size): the window of side crop / s is cut first and
+    then resized, so the cost does not grow with the image."""
     from pipelines.degradation import bicubic_resize
 
     s = rng.uniform(smallest, 1.0)
     h, w = img.shape[-2:]
-    sh, sw = max(crop, int(h * s)), max(crop, int(w * s))
-    img = bicubic_resize(img, (sh, sw)).clamp(-1, 1)
-    y, x = rng.integers(0, sh - crop + 1), rng.integers(0, sw - crop + 1)
-    return img[:, y:y + crop, x:x + crop]
+    s = max(s, crop / min(h, w))
+    side = min(h, w, int(round(crop / s)))
+    y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+    window = img[:, y:y + side, x:x + side]
+    return window if side == crop else bicubic_resize(window, (crop, crop)).clamp(-1, 1)
+
+
+def prefetch(make, start: int, workers: int = 0, ahead: int = 8):
+    """Yield ``make(step)`` for step = start, start + 1, ..., computed ``ahead`` steps early on ``workers``
+    threads (0: inline). Each batch depends only on its step, so the stream is the same either way."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    if workers <= 0:
+        step = start
+        while True:
+            yield make(step)
+            step += 1
+    with ThreadPoolExecutor(workers) as pool:
+        queue, nxt = deque(), start
+        while True:
+            while len(queue) < ahead:
+                queue.append(pool.submit(make, nxt))
+                nxt += 1
+            yield queue.popleft().result()
 
 
 def save_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
@@ -113,7 +139,17 @@ class Run:
         self.writer = csv.writer(self._file)
         if new_log:
             self.writer.writerow(columns)
-        self.t_start = time.time() - self.meta.get("seconds", 0.0)
+        self.t_session = time.time()
+        self.t_start = self.t_session - self.meta.get("seconds", 0.0)
+
+    def finished(self, steps: int, minutes: float) -> bool:
+        """True once ``steps`` are done or this session has run ``minutes`` (0: no time limit)."""
+        return self.step >= steps or (minutes > 0 and time.time() - self.t_session > 60 * minutes)
+
+    def progress(self, steps: int, minutes: float) -> float:
+        """How far through the run, in [0, 1]: by steps, or by this session's time when that ends it first."""
+        by_time = (time.time() - self.t_session) / (60 * minutes) if minutes > 0 else 0.0
+        return min(1.0, max(self.step / steps, by_time))
 
     def seconds(self) -> float:
         return time.time() - self.t_start

@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 from pipelines.degradation import bicubic_resize, downscale, upscale  # noqa: E402
 from training.latent_parts import (SCALE, empty_prompt_embedding, hr_lr_batch, scheduler,  # noqa: E402
                                    tiny_text_encoder, unet_config)
-from training.common import (Run, ema_update, optimizer_step, parser, plot_log, replace_dir, setup,  # noqa: E402
-                             step_randomness)
+from training.common import (Run, ema_update, optimizer_step, parser, plot_log, prefetch, replace_dir,  # noqa: E402
+                             setup, step_randomness)
 from training.train_vae import image_pool, psnr, shared_pool  # noqa: E402
 
 
@@ -99,10 +99,12 @@ def main(argv=None) -> None:
           f"vae scaling_factor={sf:.4f}", flush=True)
 
     bar = tqdm(total=args.steps, initial=run.step, desc="unet", mininterval=10, file=sys.stdout)
-    while run.step < args.steps:
+    batches = prefetch(lambda s: hr_lr_batch(pool, step_randomness(args.seed, s)[0], args.batch, args.crop),
+                       run.step, args.workers)
+    while not run.finished(args.steps, args.minutes):
         step = run.step
-        rng, gen = step_randomness(args.seed, step)
-        hr, lr = hr_lr_batch(pool, rng, args.batch, args.crop)
+        gen = step_randomness(args.seed, step)[1]
+        hr, lr = next(batches)
         with torch.no_grad():
             x0 = vae.encode(hr.to(device)).latent_dist.mean * sf
         noise = torch.randn(x0.shape, generator=gen).to(device)
@@ -119,7 +121,7 @@ def main(argv=None) -> None:
         run.step = step = step + 1
         bar.update(1)
         row = [step, f"{loss.item():.5f}", f"{run.seconds():.1f}", "", "", f"{x0.std().item():.4f}"]
-        if step % args.every == 0 or step == args.steps:
+        if step % args.every == 0 or run.finished(args.steps, args.minutes):
             b_db, x_db = validate(ema, vae, emb, sched, val_hr, val_lr, device)
             row[3:5] = [f"{b_db:.3f}", f"{x_db:.3f}"]
             bar.write(f"step {step} loss {loss.item():.4f} val: bicubic {b_db:.2f} dB, x0(T) decoded {x_db:.2f} dB")

@@ -24,7 +24,8 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pipelines.degradation import bicubic_resize  # noqa: E402
-from training.common import Run, optimizer_step, parser, replace_dir, setup, step_randomness  # noqa: E402
+from training.common import (Run, optimizer_step, parser, prefetch, replace_dir, setup,  # noqa: E402
+                             step_randomness)
 from training.train_vae import image_pool, psnr, sample_crops, shared_pool  # noqa: E402
 
 
@@ -60,21 +61,23 @@ def main(argv=None) -> None:
     print(f"preview decoder params {sum(x.numel() for x in preview.decoder.parameters()) / 1e6:.3f}M "
           f"(VAE decoder {sum(x.numel() for x in vae.decoder.parameters()) / 1e6:.2f}M), device {device}", flush=True)
     bar = tqdm(total=args.steps, initial=run.step, desc="preview", mininterval=10, file=sys.stdout)
-    while run.step < args.steps:
+    batches = prefetch(lambda s: sample_crops(pool, step_randomness(args.seed, s)[0], args.batch, args.crop),
+                       run.step, args.workers)
+    while not run.finished(args.steps, args.minutes):
         step = run.step
-        rng, gen = step_randomness(args.seed, step)
-        x = sample_crops(pool, rng, args.batch, args.crop).to(device)
+        gen = step_randomness(args.seed, step)[1]
+        x = next(batches).to(device)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mean
             # approximated x0 are blurry or noisy at large t: mimic the decoder there too
-            z = z + torch.randn(z.shape, generator=gen).to(device) * z.std() * float(rng.uniform(0, 0.3))
+            z = z + torch.randn(z.shape, generator=gen).to(device) * z.std() * 0.3 * float(torch.rand(1, generator=gen))
             target = vae.decode(z).sample
         loss = F.l1_loss(preview.decode(z).sample, target)
         optimizer_step(opt, loss, preview.decoder.parameters(), clip=None)
         run.step = step = step + 1
         bar.update(1)
         row = [step, f"{loss.item():.5f}", f"{run.seconds():.1f}", ""]
-        if step % args.every == 0 or step == args.steps:
+        if step % args.every == 0 or run.finished(args.steps, args.minutes):
             row[3] = f"{held_out_psnr(preview, vae, val_x):.3f}"
             bar.write(f"step {step} loss {loss.item():.4f} preview vs VAE decoder on held-out frames: {row[3]} dB")
             run.writer.writerow(row)

@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 from pipelines.degradation import bicubic_resize, downscale, upscale  # noqa: E402
 from pipelines.flow import FlowConfig, compute_clip_flows, warp  # noqa: E402
 from training.latent_parts import SCALE, empty_prompt_embedding  # noqa: E402
-from training.common import (Run, optimizer_step, parser, replace_dir, rescaled_crop, setup,  # noqa: E402
-                             step_randomness)
+from training.common import (Run, optimizer_step, parser, prefetch, replace_dir, rescaled_crop,  # noqa: E402
+                             setup, step_randomness)
 from training.train_vae import SHARED_TRAIN, EVAL_CLIP_NAME, image_pool, to_tensor  # noqa: E402
 
 
@@ -86,12 +86,10 @@ def sample_pairs(pairs, photos, rng: np.random.Generator, batch: int, crop: int,
     for _ in range(batch):
         if pairs and rng.random() < 0.6:
             a, b = pairs[rng.integers(len(pairs))]
-            s = rng.uniform(0.4, 1.0)
-            h, w = a.shape[-2:]
-            sh, sw = max(crop, int(h * s)), max(crop, int(w * s))
-            a, b = (bicubic_resize(x, (sh, sw)).clamp(-1, 1) for x in (a, b))
-            y, x = rng.integers(0, sh - crop + 1), rng.integers(0, sw - crop + 1)
-            a, b = a[:, y:y + crop, x:x + crop], b[:, y:y + crop, x:x + crop]
+            h, w = a.shape[-2:]  # the same window of both frames, seen at a scale s in [0.4, 1)
+            side = min(h, w, int(round(crop / max(rng.uniform(0.4, 1.0), crop / min(h, w)))))
+            y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+            a, b = (bicubic_resize(f[:, y:y + side, x:x + side], (crop, crop)).clamp(-1, 1) for f in (a, b))
             if rng.random() < 0.5:  # the previous frame from either side: both sweep directions
                 a, b = b, a
             prev_hr.append(a)
@@ -163,11 +161,12 @@ def main(argv=None) -> None:
 
     run = Run(args.run, {"model": cn}, opt, ["step", "loss", "seconds"])
     bar = tqdm(total=args.steps, initial=run.step, desc="tcm", mininterval=10, file=sys.stdout)
-    while run.step < args.steps:
+    batches = prefetch(lambda s: sample_pairs(pairs, photos, step_randomness(args.seed, s)[0], args.batch,
+                                              args.crop, flow_cfg), run.step, args.workers)
+    while not run.finished(args.steps, args.minutes):
         step = run.step
-        rng, gen = step_randomness(args.seed, step)
-        prev_hr, cur_hr, prev_lr, cur_lr, flow = (x.to(device) for x in
-                                                  sample_pairs(pairs, photos, rng, args.batch, args.crop, flow_cfg))
+        gen = step_randomness(args.seed, step)[1]
+        prev_hr, cur_hr, prev_lr, cur_lr, flow = (x.to(device) for x in next(batches))
         t = torch.randint(0, sched.config.num_train_timesteps, (len(cur_hr),), generator=gen).to(device)
         a = alphas[t].view(-1, 1, 1, 1)
         e = emb.expand(len(cur_hr), -1, -1)
@@ -193,7 +192,7 @@ def main(argv=None) -> None:
         run.step = step = step + 1
         bar.update(1)
         run.writer.writerow([step, f"{loss.item():.5f}", f"{run.seconds():.1f}"])
-        if step % args.every == 0 or step == args.steps:
+        if step % args.every == 0 or run.finished(args.steps, args.minutes):
             run.save()
             export(cn, args.model, args.out)
             bar.write(f"step {step} loss {loss.item():.4f}")

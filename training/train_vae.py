@@ -31,16 +31,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pipelines.degradation import bicubic_resize  # noqa: E402
 from training.common import (Run, ema_update, optimizer_step, parser, plot_log, replace_dir,  # noqa: E402
-                             rescaled_crop, setup, step_randomness)
-from training.train_vsr import image_pool, procedural, psnr, to_tensor  # noqa: E402
+                             prefetch, rescaled_crop, setup, step_randomness)
+from training.train_vsr import SHARED, image_pool, procedural, psnr, to_tensor  # noqa: E402
 
-SHARED_TRAIN = ROOT.parent / "shared" / "clips" / "train"
+SHARED_TRAIN = SHARED / "clips" / "train"
 EVAL_CLIP_NAME = "woman-running"
 
 
-def vae_config(blocks=(32, 64, 64), mid_attention: bool = True) -> dict:
+def vae_config(blocks=(32, 64, 64), mid_attention: bool = True, layers: int = 1) -> dict:
     return dict(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=layers,
         block_out_channels=tuple(blocks), norm_num_groups=32, sample_size=256,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
         mid_block_add_attention=mid_attention,
@@ -126,12 +126,13 @@ def main(argv=None) -> None:
     # defaults from a 400-step A/B on this CPU (example clip reconstruction, raw weights): blocks 32,64,64 with
     # mid-block attention, L1, 64 px crops: 23.4 dB; blocks 32,64,96 without attention, L1 + MSE, 48 px: 19.2 dB
     p.add_argument("--blocks", default="32,64,64")
+    p.add_argument("--layers", type=int, default=1, help="resnet layers per block (the decoder has one more)")
     p.add_argument("--no-mid-attention", dest="mid_attention", action="store_false")
     p.add_argument("--loss", default="l1", choices=("l1", "l1+mse", "mse"))
     args = p.parse_args(argv)
 
     device = setup(args)
-    arch = vae_config(tuple(int(b) for b in args.blocks.split(",")), args.mid_attention)
+    arch = vae_config(tuple(int(b) for b in args.blocks.split(",")), args.mid_attention, args.layers)
     vae = AutoencoderKL(**arch).to(device)
     ema = AutoencoderKL(**arch).to(device).requires_grad_(False)
     ema.load_state_dict(vae.state_dict())
@@ -150,23 +151,25 @@ def main(argv=None) -> None:
     losses = {"l1": F.l1_loss, "mse": F.mse_loss, "l1+mse": lambda a, b: F.l1_loss(a, b) + F.mse_loss(a, b)}
 
     bar = tqdm(total=args.steps, initial=run.step, desc="vae", mininterval=10, file=sys.stdout)
-    while run.step < args.steps:
+    batches = prefetch(lambda s: sample_crops(pool, step_randomness(args.seed, s)[0], args.batch, args.crop),
+                       run.step, args.workers)
+    while not run.finished(args.steps, args.minutes):
         step = run.step
-        rng, gen = step_randomness(args.seed, step)
-        x = sample_crops(pool, rng, args.batch, args.crop).to(device)
+        gen = step_randomness(args.seed, step)[1]
+        x = next(batches).to(device)
         post = vae.encode(x).latent_dist
         noise = torch.randn(post.mean.shape, generator=gen).to(device)  # drawn either way: same data stream
         z = post.mean if args.deterministic else post.mean + post.std * noise
         loss = losses[args.loss](vae.decode(z).sample, x) + args.kl * post.kl().mean()
         for g in opt.param_groups:
-            warmup, cosine = min(1.0, (step + 1) / 200), 0.5 + 0.5 * math.cos(math.pi * min(1.0, step / args.steps))
+            warmup, cosine = min(1.0, (step + 1) / 200), 0.5 + 0.5 * math.cos(math.pi * run.progress(args.steps, args.minutes))
             g["lr"] = args.lr * warmup * cosine
         optimizer_step(opt, loss, vae.parameters())
         ema_update(ema, vae, step, args.ema)
         run.step = step = step + 1
         bar.update(1)
         row = [step, f"{loss.item():.5f}", f"{run.seconds():.1f}", "", ""]
-        if step % args.every == 0 or step == args.steps:
+        if step % args.every == 0 or run.finished(args.steps, args.minutes):
             val_db = psnr(reconstruct(ema, val_x.to(device)).cpu(), val_x)
             std = latent_std(ema, pool, device)
             row[3:] = [f"{val_db:.3f}", f"{std:.4f}"]

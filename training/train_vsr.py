@@ -18,6 +18,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -36,6 +37,8 @@ from pipelines.degradation import bicubic_resize, downscale, upscale  # noqa: E4
 from training.common import optimizer_step, plot_log, replace_dir, rescaled_crop, step_randomness  # noqa: E402
 
 WOLF_COPY = ROOT / "training" / "data" / "wolf.mp4"
+# ../shared beside the checkout, or another copy of it (BISWEEP_SHARED, e.g. training/pack_gpu_data.py's)
+SHARED = Path(os.environ.get("BISWEEP_SHARED", ROOT.parent / "shared"))
 HELD_OUT_WOLF = 4  # the last frames of wolf.mp4 are the validation set
 
 
@@ -65,7 +68,7 @@ def to_tensor(img: np.ndarray) -> torch.Tensor:
 def read_wolf() -> list[np.ndarray]:
     """wolf.mp4's frames (copied once from ../shared/clips into training/data/); [] when neither exists."""
     if not WOLF_COPY.exists():
-        src = ROOT.parent / "shared" / "clips" / "wolf.mp4"
+        src = SHARED / "clips" / "wolf.mp4"
         if not src.exists():
             print(f"note: {src} is absent: training without wolf.mp4", flush=True)
             return []
@@ -86,7 +89,12 @@ def image_pool() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     colour = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
               "immunohistochemistry", "retina", "cat", "colorwheel"]
     grey = ["brick", "grass", "gravel", "camera", "moon", "page", "text", "coins", "clock"]
-    pool = [to_tensor(getattr(sk, n)()) for n in colour + grey]
+    pool = []
+    for n in colour + grey:
+        try:  # some scikit-image versions fetch a few of these over the network
+            pool.append(to_tensor(getattr(sk, n)()))
+        except Exception as err:  # noqa: BLE001
+            print(f"note: skimage.data.{n} unavailable ({type(err).__name__}); training without it", flush=True)
     wolf = [to_tensor(f) for f in read_wolf()]
     if not wolf:  # without ../shared: validate on two of the photographs instead (they stay out of training)
         return pool[:-2], pool[-2:]

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The whole latent model, trained in one short GPU lease (about 9 minutes on one H100/H200):
+#   1. the CUDA-only tests, beside three VAE candidates trained at once (the best held-out PSNR wins);
+#   2. two latent-UNet candidates and the preview decoder on that VAE, at once;
+#   3. the TCM (ControlNet) on the chosen model with the VAE decoder, then a copy fine-tuned on the preview.
+# Data: ../shared/clips, or the packed copy in .gpudata when present (python training/pack_gpu_data.py --out .gpudata).
+# Results: $OUT (default runs/gpu/out): the model folder as model.tar.part-* (weights stored as fp16),
+# the preview-tuned ControlNet, logs and loss curves. Minutes per stage: M1 M2 M3 M4 (env).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu/out}
+R=runs/gpu
+M1=${M1:-2.4} M2=${M2:-2.2} M3=${M3:-1.3} M4=${M4:-0.5}
+mkdir -p "$R" "$OUT"
+if [ -d .gpudata ]; then export BISWEEP_SHARED=$PWD/.gpudata; fi
+export PYTHONUNBUFFERED=1
+py=python3
+common="--threads 4 --workers 4"
+log() { echo "[$(date +%T)] $*" | tee -a "$OUT/gpu_run.log"; }
+best() {  # best() COLUMN RUN...: the run whose last COLUMN value is highest
+  $py - "$@" <<'EOF'
+import csv, sys
+col, runs = sys.argv[1], sys.argv[2:]
+score = {}
+for r in runs:
+    try:
+        vals = [float(x[col]) for x in csv.DictReader(open(f"{r}/log.csv")) if x.get(col)]
+        score[r] = vals[-1]
+    except (OSError, IndexError, KeyError, ValueError):
+        pass
+for r in runs:
+    print(f"{r}: {score.get(r, 'failed')}", file=sys.stderr)
+print(max(score, key=score.get) if score else "")
+EOF
+}
+
+log "card: $($py -c 'import torch; print(torch.cuda.get_device_name(0))')"
+# ---- stage 1: GPU tests + three VAE candidates (decoders cheap enough for the 2-core CPU: <= 0.2 s at 256^2)
+(timeout 200 $py -m pytest -q tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1; echo "gpu tests exit $?" >> "$OUT/gpu_tests.log") &
+vae_args="--blocks 32,64,128 --layers 2 --batch 32 --crop 128 --every 1000 --minutes $M1 $common"
+timeout 260 $py training/train_vae.py $vae_args --run $R/vae-l1 --out $R/vae-l1/export > $R/vae-l1.log 2>&1 &
+timeout 260 $py training/train_vae.py $vae_args --loss mse --run $R/vae-mse --out $R/vae-mse/export > $R/vae-mse.log 2>&1 &
+timeout 260 $py training/train_vae.py $vae_args --no-mid-attention --run $R/vae-noattn --out $R/vae-noattn/export \
+  > $R/vae-noattn.log 2>&1 &
+wait
+VAE=$(best val_psnr_db $R/vae-l1 $R/vae-mse $R/vae-noattn 2>>"$OUT/gpu_run.log")
+log "stage 1 done; VAE: $VAE"
+[ -n "$VAE" ] || { log "no VAE"; exit 1; }
+mkdir -p $R/vaemodel && rm -rf $R/vaemodel/vae && cp -r "$VAE/export" $R/vaemodel/vae
+
+# ---- stage 2: two UNet candidates and the preview decoder
+unet_args="--vae $VAE/export --blocks 32,64,128 --batch 64 --crop 128 --every 1000 --minutes $M2 $common"
+timeout 240 $py training/train_latent_unet.py $unet_args --lr 2e-4 --run $R/unet-a --out $R/model-a > $R/unet-a.log 2>&1 &
+timeout 240 $py training/train_latent_unet.py $unet_args --lr 5e-4 --run $R/unet-b --out $R/model-b > $R/unet-b.log 2>&1 &
+timeout 240 $py training/train_preview.py --model $R/vaemodel --batch 32 --crop 128 --every 1000 --minutes $M2 $common \
+  --run $R/preview > $R/preview.log 2>&1 &
+wait
+UNET=$(best val_psnr_db $R/unet-a $R/unet-b 2>>"$OUT/gpu_run.log")
+log "stage 2 done; UNet: $UNET"
+[ -n "$UNET" ] || { log "no UNet"; exit 1; }
+MODEL=$R/model-${UNET##*-}
+[ -d $R/preview/export ] && cp -r $R/preview/export "$MODEL/preview_decoder"
+
+# ---- stage 3: the TCM with the VAE decoder, then a copy fine-tuned on the preview decoder's output
+timeout 150 $py training/train_tcm.py --model "$MODEL" --lr 3e-4 --batch 32 --crop 128 --every 500 --minutes $M3 $common \
+  --run $R/tcm --out $R/final > $R/tcm.log 2>&1
+log "stage 3 done ($(tail -c 300 $R/tcm.log | tr '\r\n' '  '))"
+if [ -d $R/final/preview_decoder ]; then
+  cp -r $R/tcm $R/tcm-preview
+  timeout 90 $py training/train_tcm.py --model "$MODEL" --decoder $R/final/preview_decoder --lr 1e-4 --batch 32 --crop 128 \
+    --every 500 --minutes $M4 --steps 1000000 $common --run $R/tcm-preview --out $R/final-preview > $R/tcm-preview.log 2>&1
+  log "stage 4 done"
+fi
+
+# ---- pack: fp16 weights (the shipped form), split to fit the transfer's 16 MiB per file
+$py - "$R" <<'EOF'
+import sys, pathlib, torch
+from safetensors.torch import load_file, save_file
+for f in pathlib.Path(sys.argv[1]).glob("final*/**/*.safetensors"):
+    t = load_file(f)
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in t.items()}, f)
+EOF
+tar -C $R -cf - final | split -b 15M - "$OUT/model.tar.part-"
+[ -d $R/final-preview/controlnet ] && tar -C $R/final-preview -cf "$OUT/controlnet-preview.tar" controlnet
+tar -C $R -czf "$OUT/logs.tar.gz" --exclude='*.safetensors' --exclude='final*' --exclude='model-*' --exclude='vaemodel' --exclude=out .
+log "packed: $(ls -la $OUT | tr '\n' ' ')"
