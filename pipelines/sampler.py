@@ -181,7 +181,8 @@ def sample_frames(
             last = {}
             for lo in range(0, len(position), batch_size):
                 frames = [v.frame for v in position[lo:lo + batch_size]]
-                idx = torch.tensor(frames, device=x.device)
+                host_idx = torch.tensor(frames)  # conditioning is looked up on the host: no device sync
+                idx = host_idx.to(x.device)
                 if nb_all is None:  # independent frames: which frames these are, with no neighbour
                     nb = Neighbours.absent(torch.tensor(frames))
                 else:
@@ -190,7 +191,7 @@ def sample_frames(
                 with timer("align"):
                     extra = alignment.model_kwargs(nb, t)
                 with timer("condition"):
-                    cond = None if cond_of is None else cond_of(idx).to(device)
+                    cond = None if cond_of is None else cond_of(host_idx).to(device)
                 with timer("model"):
                     out = denoiser(xi, t, concat=cond, **extra)
                 with timer("align"):

@@ -131,7 +131,7 @@ class VideoPipeline:
     def sample_offset(self, frames: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Residual models: ``base / s`` for frames ``idx`` of the input ``frames``, so that
         ``x0 + offset`` is the clean frame in sample units (the bicubic upscale is recomputed)."""
-        base = self.conditioning_frames(frames[idx.cpu()]).to(idx.device)
+        base = self.conditioning_frames(frames[idx.cpu()].to(self.device))
         return base / self.residual_scale
 
     def unet_latent_size(self, frames: torch.Tensor) -> tuple[int, int]:
@@ -235,7 +235,8 @@ class VideoPipeline:
 
         concat, class_labels = None, None
         if self.kind == "residual_sr":
-            concat = lambda idx: self.conditioning_frames(frames[idx.cpu()])  # noqa: E731  (recomputed per batch)
+            # recomputed per batch, on the compute device (idx: host frame indices)
+            concat = lambda idx: self.conditioning_frames(frames[idx].to(dev))  # noqa: E731
             shape = (F, self.unet.config.out_channels, *out_size)
         elif self.kind == "upscale":
             if self.upscale_convention() == "sd_upscaler":  # noised low-res frame, noise level as class label
@@ -248,7 +249,7 @@ class VideoPipeline:
                 if getattr(self.unet, "class_embedding", None) is not None:
                     raise ValueError("the StableVSR convention passes no class labels, but this UNet has a class "
                                      "embedding that needs them; use model.convention=sd_upscaler")
-                concat = lambda idx: frames[idx.cpu()].to(dev, self.unet.dtype)  # noqa: E731
+                concat = lambda idx: frames[idx].to(dev, self.unet.dtype)  # noqa: E731  (idx on the host)
             shape = (F, self.vae.config.latent_channels, *frames.shape[-2:])
         elif self.kind == "img2img":
             shape = (F, self.vae.config.latent_channels, *(self.unet_latent_size(frames)))
