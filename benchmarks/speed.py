@@ -14,6 +14,10 @@ Sections (``--sections``):
   (host RSS high-water mark, CUDA max_memory_allocated), next to the size of the samples tensor;
 * ``schedulers``: DDPM vs DDIM and DPM-Solver++ at fewer steps (same strength): E_warp, PSNR, time;
 * ``chains``: chain lengths N, 16, 8, 4, 2 at 32 frames (issue 8): throughput, E_warp, PSNR, sharpness.
+* ``models``: the default job as a user runs it (``python run_video.py`` on the example clip, each model
+  in turn with ``model.path=M``, ``--compare-models``): the wall time of the command (imports and
+  loading included) and the report's sampling time (its timed stages without loading, I/O and
+  metrics), with PSNR against the ground truth and the ratio of each model's sampling time to the first's.
 
 Figures and ratios are printed and written to ``<out>.md`` / ``<out>.json``; nothing is asserted.
 """
@@ -42,7 +46,8 @@ from pipelines.sampler import img2img_timesteps  # noqa: E402
 from pipelines.video_io import read_clip, to_tensor, to_uint8, write_video  # noqa: E402
 from pipelines.video_pipeline import SamplingOptions  # noqa: E402
 
-SECTIONS = ("limit", "scaling", "schedulers", "chains")
+SECTIONS = ("limit", "scaling", "schedulers", "chains", "models")
+NOT_SAMPLING = ("total", "io", "load", "metrics")  # a report's timings that are not sampling
 STAGES = ("model", "flow", "align", "scheduler", "decode", "vae")
 CHAIN_CLIP = SHARED_CLIPS / "woman-running.mp4"
 CHAIN_START = 30  # where assets/example_gt was cut from woman-running
@@ -275,6 +280,40 @@ def section_chains(pipe, args) -> dict:
 # ----------------------------------------------------------------------------- report
 
 
+def section_models(args) -> dict:
+    """The default job through the CLI, one subprocess per model (same clip, config, seed and machine)."""
+    import subprocess
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, model in enumerate(args.compare_models.split(",")):
+            out = Path(tmp) / f"out{k}.mp4"
+            cmd = [sys.executable, str(ROOT / "run_video.py"), "--output", str(out), "--reference",
+                   str(EXAMPLE_GT), f"model.path={model}", f"model.device={args.device}"]
+            if args.threads:
+                cmd.append(f"runtime.threads={args.threads}")
+            start = time.perf_counter()
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            wall = time.perf_counter() - start
+            if done.returncode:
+                rows[model] = {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+                continue
+            rep = json.loads(out.with_suffix(".json").read_text())
+            t = rep["timings"]
+            rows[model] = {"wall_s": round(wall, 2), "sampling_s": round(sum(v for n, v in t.items()
+                                                                              if n not in NOT_SAMPLING), 3),
+                           "load_s": t.get("load"), "io_s": t.get("io"), "metrics_s": t.get("metrics"),
+                           "stages": {n: v for n, v in t.items() if n not in NOT_SAMPLING},
+                           "psnr": rep.get("psnr"), "frames": rep["frames"], "steps_run": rep["steps_run"],
+                           "model_kind": rep["model_kind"]}
+    first = next((r for r in rows.values() if "sampling_s" in r), None)
+    for r in rows.values():
+        if first and "sampling_s" in r:
+            r["sampling_ratio_vs_first"] = round(r["sampling_s"] / first["sampling_s"], 3)
+            r["wall_ratio_vs_first"] = round(r["wall_s"] / first["wall_s"], 3)
+    return {"command": "python run_video.py --reference assets/example_gt model.path=M", "rows": rows}
+
+
 def markdown_report(report: dict) -> str:
     o, model = report["options"], report["model"]
     snapshot = f" (snapshot after {model['train_steps']} training steps)" if "train_steps" in model else ""
@@ -342,6 +381,18 @@ def markdown_report(report: dict) -> str:
         lines += [markdown_table(["scheduler-steps", "steps run", "first t", "E_warp x1e3", "PSNR (dB)",
                                   "sharpness ratio",
                                   "wall s", "s/frame"], body), "", f"**{sc['verdict']}**", ""]
+    if "models" in s:
+        lines += ["## models: the default job through the CLI, per model", "",
+                  f"`{s['models']['command']}`; sampling = the report's timed stages without load, io and metrics", ""]
+        body = []
+        for m, r in s["models"]["rows"].items():
+            if "error" in r:
+                body.append([m, f"error: {r['error']}", "", "", "", ""])
+                continue
+            body.append([f"`{m}` ({r['model_kind']})", f"{r['sampling_s']:.2f}", f"{r['sampling_ratio_vs_first']:.3f}",
+                         f"{r['wall_s']:.2f}", f"{r['wall_ratio_vs_first']:.3f}",
+                         "-" if r["psnr"] is None else f"{r['psnr']:.2f}"])
+        lines += [markdown_table(["model", "sampling s", "ratio", "wall s (CLI)", "ratio", "PSNR (dB)"], body), ""]
     if "chains" in s:
         ch = s["chains"]
         lines += ["## Chains (issue 8)", "",
@@ -386,6 +437,8 @@ def parse_args(argv):
     p.add_argument("--scaling-frames", default=None, help="comma list of clip lengths (default 8,16,32,64)")
     p.add_argument("--chain-frames", type=int, default=None, help="frames for the chains section (default 32)")
     p.add_argument("--schedulers", default=None, help=f"KIND:STEPS list (default {SCHEDULERS})")
+    p.add_argument("--compare-models", default="weights/vsr-x4,weights/latent-x4",
+                   help="models section: comma list of model paths (ratios are to the first)")
     p.add_argument("--quick", action="store_true", help="smoke run: 64x64 output, 4-8 frames, 4 steps")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed"))
     p.add_argument("--child-scaling", type=int, default=None, help=argparse.SUPPRESS)
@@ -427,7 +480,7 @@ def main(argv: list[str] | None = None) -> dict:
         return result
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    pipe = load_pipeline(args.model, device, dtype) if set(args.sections) - {"scaling"} else None
+    pipe = load_pipeline(args.model, device, dtype) if set(args.sections) - {"scaling", "models"} else None
     out = Path(args.out)
     report = {
         "command": command_line("benchmarks/speed.py", argv), "machine": machine_info(device),
@@ -448,6 +501,8 @@ def main(argv: list[str] | None = None) -> dict:
             report["sections"]["schedulers"] = section_schedulers(pipe, args)
         elif name == "chains":
             report["sections"]["chains"] = section_chains(pipe, args)
+        elif name == "models":
+            report["sections"]["models"] = section_models(args)
         sync(device)
         print(f"   {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
         write_json(out.with_suffix(".json"), report)  # partial results survive a long run's interruption

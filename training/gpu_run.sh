@@ -6,6 +6,9 @@
 # Data: ../shared/clips, or the packed copy in .gpudata when present (python training/pack_gpu_data.py --out .gpudata).
 # Results: $OUT (default runs/gpu/out): the model folder as model.tar.part-* (weights stored as fp16),
 # the preview-tuned ControlNet, logs and loss curves. Minutes per stage: M1 M2 M3 M4 (env).
+# INIT=weights/latent-x4 continues every part from that model folder instead of starting from scratch
+# (one candidate per stage then, each with all the workers: the first lease found the stages data-bound,
+# with three processes sharing 16 cores).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu/out}
@@ -38,22 +41,35 @@ log "card: $($py -c 'import torch; print(torch.cuda.get_device_name(0))')"
 # ---- stage 1: GPU tests + three VAE candidates (decoders cheap enough for the 2-core CPU: <= 0.2 s at 256^2)
 (timeout 200 $py -m pytest -q tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1; echo "gpu tests exit $?" >> "$OUT/gpu_tests.log") &
 vae_args="--blocks 32,64,128 --layers 2 --batch 32 --crop 128 --every 1000 --minutes $M1 $common"
-timeout 260 $py training/train_vae.py $vae_args --run $R/vae-l1 --out $R/vae-l1/export > $R/vae-l1.log 2>&1 &
-timeout 260 $py training/train_vae.py $vae_args --loss mse --run $R/vae-mse --out $R/vae-mse/export > $R/vae-mse.log 2>&1 &
-timeout 260 $py training/train_vae.py $vae_args --no-mid-attention --run $R/vae-noattn --out $R/vae-noattn/export \
-  > $R/vae-noattn.log 2>&1 &
-wait
-VAE=$(best val_psnr_db $R/vae-l1 $R/vae-mse $R/vae-noattn 2>>"$OUT/gpu_run.log")
+if [ -n "${INIT:-}" ]; then
+  timeout 260 $py training/train_vae.py --init "$INIT/vae" --lr 3e-4 --batch 32 --crop 128 --every 1000 --minutes $M1 \
+    --threads 4 --workers 12 --run $R/vae-init --out $R/vae-init/export > $R/vae-init.log 2>&1
+  VAE=$R/vae-init
+else
+  timeout 260 $py training/train_vae.py $vae_args --run $R/vae-l1 --out $R/vae-l1/export > $R/vae-l1.log 2>&1 &
+  timeout 260 $py training/train_vae.py $vae_args --loss mse --run $R/vae-mse --out $R/vae-mse/export > $R/vae-mse.log 2>&1 &
+  timeout 260 $py training/train_vae.py $vae_args --no-mid-attention --run $R/vae-noattn --out $R/vae-noattn/export \
+    > $R/vae-noattn.log 2>&1 &
+  wait
+  VAE=$(best val_psnr_db $R/vae-l1 $R/vae-mse $R/vae-noattn 2>>"$OUT/gpu_run.log")
+fi
 log "stage 1 done; VAE: $VAE"
 [ -n "$VAE" ] || { log "no VAE"; exit 1; }
 mkdir -p $R/vaemodel && rm -rf $R/vaemodel/vae && cp -r "$VAE/export" $R/vaemodel/vae
 
 # ---- stage 2: two UNet candidates and the preview decoder
 unet_args="--vae $VAE/export --blocks 32,64,128 --batch 64 --crop 128 --every 1000 --minutes $M2 $common"
-timeout 240 $py training/train_latent_unet.py $unet_args --lr 2e-4 --run $R/unet-a --out $R/model-a > $R/unet-a.log 2>&1 &
-timeout 240 $py training/train_latent_unet.py $unet_args --lr 5e-4 --run $R/unet-b --out $R/model-b > $R/unet-b.log 2>&1 &
-timeout 240 $py training/train_preview.py --model $R/vaemodel --batch 32 --crop 128 --every 1000 --minutes $M2 $common \
-  --run $R/preview > $R/preview.log 2>&1 &
+if [ -n "${INIT:-}" ]; then
+  timeout 240 $py training/train_latent_unet.py --init "$INIT" --vae $VAE/export --lr 2e-4 --batch 64 --crop 128 \
+    --every 1000 --minutes $M2 --threads 4 --workers 10 --run $R/unet-b --out $R/model-b > $R/unet-b.log 2>&1 &
+  pinit="--init $INIT/preview_decoder"
+else
+  timeout 240 $py training/train_latent_unet.py $unet_args --lr 2e-4 --run $R/unet-a --out $R/model-a > $R/unet-a.log 2>&1 &
+  timeout 240 $py training/train_latent_unet.py $unet_args --lr 5e-4 --run $R/unet-b --out $R/model-b > $R/unet-b.log 2>&1 &
+  pinit=""
+fi
+timeout 240 $py training/train_preview.py --model $R/vaemodel $pinit --batch 32 --crop 128 --every 1000 --minutes $M2 \
+  $common --run $R/preview > $R/preview.log 2>&1 &
 wait
 UNET=$(best val_psnr_db $R/unet-a $R/unet-b 2>>"$OUT/gpu_run.log")
 log "stage 2 done; UNet: $UNET"
@@ -62,7 +78,8 @@ MODEL=$R/model-${UNET##*-}
 [ -d $R/preview/export ] && cp -r $R/preview/export "$MODEL/preview_decoder"
 
 # ---- stage 3: the TCM with the VAE decoder, then a copy fine-tuned on the preview decoder's output
-timeout 150 $py training/train_tcm.py --model "$MODEL" --lr 3e-4 --batch 32 --crop 128 --every 500 --minutes $M3 $common \
+cinit=${INIT:+--init $INIT/controlnet}
+timeout 150 $py training/train_tcm.py --model "$MODEL" $cinit --lr 3e-4 --batch 32 --crop 128 --every 500 --minutes $M3 $common \
   --run $R/tcm --out $R/final > $R/tcm.log 2>&1
 log "stage 3 done ($(tail -c 300 $R/tcm.log | tr '\r\n' '  '))"
 if [ -d $R/final/preview_decoder ]; then

@@ -10,7 +10,7 @@ Data as ``training/train_vae.py`` (woman-running.mp4 is never read). Seeded, res
 weights are exported with the VAE, text encoder, tokenizer and scheduler as a complete model folder
 (``--out``) that ``configs/stablevsr.yaml`` runs unchanged:
 
-    nohup python training/train_latent_unet.py --vae training/checkpoints/vae-x4/export --threads 2 \\
+    nohup python training/train_latent_unet.py --init weights/latent-x4 --threads 2 \\
         > runs/unet.log 2>&1 &
 """
 from __future__ import annotations
@@ -65,21 +65,31 @@ def validate(unet, vae, emb, sched, hr, lr, device) -> tuple[float, float]:
 
 def main(argv=None) -> None:
     p = parser(__doc__, ROOT / "training" / "checkpoints" / "unet-x4", 200_000, 16, 128, 2e-4)
-    p.add_argument("--vae", type=Path, default=ROOT / "training" / "checkpoints" / "vae-x4" / "export")
+    p.add_argument("--vae", type=Path, default=ROOT / "weights" / "latent-x4" / "vae")
     p.add_argument("--out", type=Path, default=ROOT / "training" / "checkpoints" / "latent-x4")
     p.add_argument("--ema", type=float, default=0.999)
-    p.add_argument("--blocks", default="64,128,192")
+    p.add_argument("--blocks", default="32,64,128")
+    p.add_argument("--init", type=Path, default=None,
+                   help="a model folder to continue from (its unet/, text_encoder/, tokenizer/)")
     p.add_argument("--no-shared", action="store_true", help="skip ../shared/clips/train (tests)")
     args = p.parse_args(argv)
 
     device = setup(args)
     vae = AutoencoderKL.from_pretrained(args.vae).to(device).eval().requires_grad_(False)
     sf = vae.config.scaling_factor
-    enc, tok = tiny_text_encoder(args.run / "_tokenizer_files")
+    if args.init:  # continue from a model folder: its UNet, text encoder and tokenizer (a saved run still resumes)
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        enc = CLIPTextModel.from_pretrained(args.init, subfolder="text_encoder", torch_dtype=torch.float32)
+        tok = CLIPTokenizer.from_pretrained(args.init, subfolder="tokenizer")
+        unet = UNet2DConditionModel.from_pretrained(args.init, subfolder="unet", torch_dtype=torch.float32).to(device)
+        cfg = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+    else:
+        enc, tok = tiny_text_encoder(args.run / "_tokenizer_files")
+        cfg = unet_config(tuple(int(b) for b in args.blocks.split(",")), cross_attention_dim=enc.config.hidden_size)
+        unet = UNet2DConditionModel(**cfg).to(device)
     enc = enc.to(device).requires_grad_(False)
     emb = empty_prompt_embedding(enc, tok)
-    cfg = unet_config(tuple(int(b) for b in args.blocks.split(",")), cross_attention_dim=enc.config.hidden_size)
-    unet = UNet2DConditionModel(**cfg).to(device)
     ema = UNet2DConditionModel(**cfg).to(device).requires_grad_(False)
     ema.load_state_dict(unet.state_dict())
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)

@@ -46,11 +46,13 @@ def main(argv=None) -> None:
     p = parser(__doc__, ROOT / "training" / "checkpoints" / "preview-x4", 20_000, 16, 64, 1e-3)
     p.add_argument("--model", type=Path, default=ROOT / "weights" / "latent-x4", help="folder with vae/")
     p.add_argument("--no-shared", action="store_true", help="skip ../shared/clips/train (tests)")
+    p.add_argument("--init", type=Path, default=None, help="a preview_decoder/ folder to continue from")
     args = p.parse_args(argv)
 
     device = setup(args)
     vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae").to(device).eval().requires_grad_(False)
-    preview = AutoencoderTiny(**preview_config(vae.config.latent_channels)).to(device)
+    preview = (AutoencoderTiny.from_pretrained(args.init, torch_dtype=torch.float32) if args.init else
+               AutoencoderTiny(**preview_config(vae.config.latent_channels))).to(device)
     opt = torch.optim.AdamW(preview.decoder.parameters(), lr=args.lr, weight_decay=0.0)
     base, val = image_pool()
     extra, _ = ([], []) if args.no_shared else shared_pool()

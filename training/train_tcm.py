@@ -129,6 +129,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=ROOT / "training" / "checkpoints" / "latent-x4-tcm")
     p.add_argument("--decoder", default="vae", help="vae, or a folder with a preview decoder (AutoencoderTiny)")
     p.add_argument("--no-shared", action="store_true", help="skip ../shared/clips/train (tests)")
+    p.add_argument("--init", type=Path, default=None, help="a controlnet/ folder to continue from")
     args = p.parse_args(argv)
 
     device = setup(args)
@@ -149,7 +150,10 @@ def main(argv=None) -> None:
     sched = DDPMScheduler.from_pretrained(args.model, subfolder="scheduler")
     alphas = sched.alphas_cumprod.to(device)
     sf = vae.config.scaling_factor
-    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 64)).to(device).train()
+    if args.init:  # continue from a trained ControlNet (a folder with its config and weights)
+        cn = ControlNetModel.from_pretrained(args.init, torch_dtype=torch.float32).to(device).train()
+    else:
+        cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 64)).to(device).train()
     opt = torch.optim.AdamW(cn.parameters(), lr=args.lr, weight_decay=0.0)
 
     photos, _ = image_pool()

@@ -129,14 +129,27 @@ def main(argv=None) -> None:
     p.add_argument("--layers", type=int, default=1, help="resnet layers per block (the decoder has one more)")
     p.add_argument("--no-mid-attention", dest="mid_attention", action="store_false")
     p.add_argument("--loss", default="l1", choices=("l1", "l1+mse", "mse"))
+    p.add_argument("--init", type=Path, default=None, help="an exported VAE folder to start from (fine-tuning)")
+    p.add_argument("--decoder-only", action="store_true",
+                   help="train only the decoder: the encoder, and so the latents a UNet was trained on, stay fixed")
     args = p.parse_args(argv)
 
     device = setup(args)
-    arch = vae_config(tuple(int(b) for b in args.blocks.split(",")), args.mid_attention, args.layers)
-    vae = AutoencoderKL(**arch).to(device)
+    if args.init:  # start from an exported VAE (its architecture and weights); a saved run still resumes
+        arch = {k: v for k, v in AutoencoderKL.load_config(args.init).items() if not k.startswith("_")}
+        vae = AutoencoderKL.from_pretrained(args.init, torch_dtype=torch.float32).to(device)
+    else:
+        arch = vae_config(tuple(int(b) for b in args.blocks.split(",")), args.mid_attention, args.layers)
+        vae = AutoencoderKL(**arch).to(device)
     ema = AutoencoderKL(**arch).to(device).requires_grad_(False)
     ema.load_state_dict(vae.state_dict())
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
+    trained = vae.parameters()
+    if args.decoder_only:  # the latents (and so a UNet trained on them) stay exactly as they are
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+        trained = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    trained = list(trained)
+    opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.0)
 
     base, val = image_pool()
     extra, used = shared_pool()
@@ -164,14 +177,14 @@ def main(argv=None) -> None:
         for g in opt.param_groups:
             warmup, cosine = min(1.0, (step + 1) / 200), 0.5 + 0.5 * math.cos(math.pi * run.progress(args.steps, args.minutes))
             g["lr"] = args.lr * warmup * cosine
-        optimizer_step(opt, loss, vae.parameters())
+        optimizer_step(opt, loss, trained)
         ema_update(ema, vae, step, args.ema)
         run.step = step = step + 1
         bar.update(1)
         row = [step, f"{loss.item():.5f}", f"{run.seconds():.1f}", "", ""]
         if step % args.every == 0 or run.finished(args.steps, args.minutes):
             val_db = psnr(reconstruct(ema, val_x.to(device)).cpu(), val_x)
-            std = latent_std(ema, pool, device)
+            std = 1.0 / vae.config.scaling_factor if args.decoder_only and args.init else latent_std(ema, pool, device)
             row[3:] = [f"{val_db:.3f}", f"{std:.4f}"]
             bar.write(f"step {step} loss {loss.item():.4f} held-out reconstruction {val_db:.2f} dB, "
                       f"latent std {std:.3f}")
