@@ -105,3 +105,29 @@ def test_preview_decoder_trains_and_replaces_the_vae_for_the_tcm_condition(laten
     pipe(clip, options=opts, alignment=TCMAlignment(decoder="vae"))
     assert vae_calls == [1, 1, 1, 1, 3]  # 2 steps x 2 conditions, then the final frames
     assert len(conds) == len(from_preview) == 4 and (conds[0] - from_preview[0]).abs().max() > 1e-3
+
+
+def test_vae_decoder_only_fine_tune_starts_from_the_export_and_keeps_the_latents(tiny_vae, tmp_path):
+    """train_vae.py --init <export> --decoder-only: the run starts from the exported weights (its
+    architecture too), trains only the decoder (the encoder, so every latent a UNet was trained on, is
+    bit-for-bit unchanged) and keeps the export's scaling_factor; --minutes ends a run after its first
+    step at the latest, still saved and exported."""
+    from diffusers import AutoencoderKL
+    from training import train_vae
+
+    common = ["--init", str(tiny_vae), "--decoder-only", "--every", "100", "--batch", "2", "--crop", "32",
+              "--lr", "1e-1", "--threads", "1"]
+    timed = tmp_path / "timed"
+    train_vae.main([*common, "--run", str(timed), "--out", str(timed / "export"), "--steps", "50", "--minutes", "1e-6"])
+    assert json.loads((timed / "state.json").read_text())["step"] == 1
+    assert (timed / "export" / "config.json").exists()
+
+    out = tmp_path / "export"
+    train_vae.main([*common, "--run", str(tmp_path / "run"), "--out", str(out), "--steps", "1"])
+    before, after = AutoencoderKL.from_pretrained(tiny_vae), AutoencoderKL.from_pretrained(out)
+    assert after.config.scaling_factor == pytest.approx(0.7)
+    b, a = before.state_dict(), after.state_dict()
+    enc = [k for k in b if k.startswith(("encoder.", "quant_conv."))]
+    dec = [k for k in b if k.startswith(("decoder.", "post_quant_conv."))]
+    assert enc and all(torch.equal(a[k], b[k]) for k in enc)
+    assert any(not torch.equal(a[k], b[k]) for k in dec)  # the decoder moved (EMA of one step)

@@ -134,6 +134,7 @@ class Run:
                 m.load_state_dict(load_file(self.folder / f"last_{name}.safetensors"))
             load_optimizer(opt, self.folder)
             print(f"resumed from step {self.step}", flush=True)
+        self.session_start = self.step
         new_log = not self.log_csv.exists()
         self._file = self.log_csv.open("a", newline="")
         self.writer = csv.writer(self._file)
@@ -143,8 +144,10 @@ class Run:
         self.t_start = self.t_session - self.meta.get("seconds", 0.0)
 
     def finished(self, steps: int, minutes: float) -> bool:
-        """True once ``steps`` are done or this session has run ``minutes`` (0: no time limit)."""
-        return self.step >= steps or (minutes > 0 and time.time() - self.t_session > 60 * minutes)
+        """True once ``steps`` are done, or this session has run ``minutes`` (0: no time limit) and made at
+        least one step (so it always ends validated, saved and exported)."""
+        timed_out = minutes > 0 and time.time() - self.t_session > 60 * minutes and self.step > self.session_start
+        return self.step >= steps or timed_out
 
     def progress(self, steps: int, minutes: float) -> float:
         """How far through the run, in [0, 1]: by steps, or by this session's time when that ends it first."""

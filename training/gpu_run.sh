@@ -7,8 +7,8 @@
 # Results: $OUT (default runs/gpu/out): the model folder as model.tar.part-* (weights stored as fp16),
 # the preview-tuned ControlNet, logs and loss curves. Minutes per stage: M1 M2 M3 M4 (env).
 # INIT=weights/latent-x4 continues every part from that model folder instead of starting from scratch
-# (one candidate per stage then, each with all the workers: the first lease found the stages data-bound,
-# with three processes sharing 16 cores).
+# (one candidate per stage then). The first lease (which used CPU threads for the crops) was data-bound:
+# 9 VAE steps/s per process with three sharing 16 cores, 1.3 UNet steps/s in stage 2, 11 alone.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu/out}
@@ -18,7 +18,8 @@ mkdir -p "$R" "$OUT"
 if [ -d .gpudata ]; then export BISWEEP_SHARED=$PWD/.gpudata; fi
 export PYTHONUNBUFFERED=1
 py=python3
-common="--threads 4 --workers 4"
+common="--threads 4 --workers 4"   # the TCM's pairs need flow from the CPU: threads prepare them ahead
+ondev="--threads 4 --workers 0"    # VAE, UNet, preview: the images live on the GPU, which cuts the crops
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/gpu_run.log"; }
 best() {  # best() COLUMN RUN...: the run whose last COLUMN value is highest
   $py - "$@" <<'EOF'
@@ -40,10 +41,10 @@ EOF
 log "card: $($py -c 'import torch; print(torch.cuda.get_device_name(0))')"
 # ---- stage 1: GPU tests + three VAE candidates (decoders cheap enough for the 2-core CPU: <= 0.2 s at 256^2)
 (timeout 200 $py -m pytest -q tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1; echo "gpu tests exit $?" >> "$OUT/gpu_tests.log") &
-vae_args="--blocks 32,64,128 --layers 2 --batch 32 --crop 128 --every 1000 --minutes $M1 $common"
+vae_args="--blocks 32,64,128 --layers 2 --batch 32 --crop 128 --every 1000 --minutes $M1 $ondev"
 if [ -n "${INIT:-}" ]; then
   timeout 260 $py training/train_vae.py --init "$INIT/vae" --lr 3e-4 --batch 32 --crop 128 --every 1000 --minutes $M1 \
-    --threads 4 --workers 12 --run $R/vae-init --out $R/vae-init/export > $R/vae-init.log 2>&1
+    $ondev --run $R/vae-init --out $R/vae-init/export > $R/vae-init.log 2>&1
   VAE=$R/vae-init
 else
   timeout 260 $py training/train_vae.py $vae_args --run $R/vae-l1 --out $R/vae-l1/export > $R/vae-l1.log 2>&1 &
@@ -58,10 +59,10 @@ log "stage 1 done; VAE: $VAE"
 mkdir -p $R/vaemodel && rm -rf $R/vaemodel/vae && cp -r "$VAE/export" $R/vaemodel/vae
 
 # ---- stage 2: two UNet candidates and the preview decoder
-unet_args="--vae $VAE/export --blocks 32,64,128 --batch 64 --crop 128 --every 1000 --minutes $M2 $common"
+unet_args="--vae $VAE/export --blocks 32,64,128 --batch 64 --crop 128 --every 1000 --minutes $M2 $ondev"
 if [ -n "${INIT:-}" ]; then
   timeout 240 $py training/train_latent_unet.py --init "$INIT" --vae $VAE/export --lr 2e-4 --batch 64 --crop 128 \
-    --every 1000 --minutes $M2 --threads 4 --workers 10 --run $R/unet-b --out $R/model-b > $R/unet-b.log 2>&1 &
+    --every 1000 --minutes $M2 $ondev --run $R/unet-b --out $R/model-b > $R/unet-b.log 2>&1 &
   pinit="--init $INIT/preview_decoder"
 else
   timeout 240 $py training/train_latent_unet.py $unet_args --lr 2e-4 --run $R/unet-a --out $R/model-a > $R/unet-a.log 2>&1 &
@@ -69,7 +70,7 @@ else
   pinit=""
 fi
 timeout 240 $py training/train_preview.py --model $R/vaemodel $pinit --batch 32 --crop 128 --every 1000 --minutes $M2 \
-  $common --run $R/preview > $R/preview.log 2>&1 &
+  $ondev --run $R/preview > $R/preview.log 2>&1 &
 wait
 UNET=$(best val_psnr_db $R/unet-a $R/unet-b 2>>"$OUT/gpu_run.log")
 log "stage 2 done; UNet: $UNET"

@@ -32,7 +32,7 @@ from training.latent_parts import (SCALE, empty_prompt_embedding, hr_lr_batch, s
                                    tiny_text_encoder, unet_config)
 from training.common import (Run, ema_update, optimizer_step, parser, plot_log, prefetch, replace_dir,  # noqa: E402
                              setup, step_randomness)
-from training.train_vae import image_pool, psnr, shared_pool  # noqa: E402
+from training.train_vae import image_pool, pool_to, psnr, shared_pool  # noqa: E402
 
 
 def export(ema: UNet2DConditionModel, vae_dir: Path, enc, tok, out: Path, meta: dict) -> None:
@@ -98,7 +98,7 @@ def main(argv=None) -> None:
 
     base, val = image_pool()
     extra, used = ([], []) if args.no_shared else shared_pool()
-    pool = base + extra
+    pool = pool_to(base + extra, device, args.workers > 0)
     print(f"data: {len(base)} skimage/wolf images, {len(extra)} from ../shared/clips/train "
           f"({len(used)} files), procedural textures; validation: {len(val)} held-out wolf frames", flush=True)
     val_hr = torch.stack([bicubic_resize(v, (256, 448))[:, 64:192, 160:288] for v in val]).clamp(-1, 1)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from pipelines.degradation import bicubic_resize  # noqa: E402
 from training.common import (Run, optimizer_step, parser, prefetch, replace_dir, setup,  # noqa: E402
                              step_randomness)
-from training.train_vae import image_pool, psnr, sample_crops, shared_pool  # noqa: E402
+from training.train_vae import image_pool, pool_to, psnr, sample_crops, shared_pool  # noqa: E402
 
 
 def preview_config(latent_channels: int = 4) -> dict:
@@ -56,7 +56,7 @@ def main(argv=None) -> None:
     opt = torch.optim.AdamW(preview.decoder.parameters(), lr=args.lr, weight_decay=0.0)
     base, val = image_pool()
     extra, _ = ([], []) if args.no_shared else shared_pool()
-    pool = base + extra
+    pool = pool_to(base + extra, device, args.workers > 0)
     val_x = torch.stack([bicubic_resize(v, (128, 224)) for v in val]).clamp(-1, 1).to(device)
 
     run = Run(args.run, {"model": preview}, opt, ["step", "loss", "seconds", "val_psnr_vs_vae_db"])

@@ -79,17 +79,24 @@ def shared_pool(every: int = 8, max_side: int = 720) -> tuple[list[torch.Tensor]
 
 
 def sample_crops(pool, rng: np.random.Generator, batch: int, crop: int) -> torch.Tensor:
-    """(B, 3, crop, crop) in [-1, 1]: random rescale (0.25..1), crop, flip, rotation; some procedural."""
+    """(B, 3, crop, crop) in [-1, 1]: random rescale (0.25..1), crop, flip, rotation; some procedural.
+    Made on the pool's device (see :func:`pool_to`): the draws are on the host, so no sync."""
     out = []
     for _ in range(batch):
         if rng.random() < 0.1:
-            img = procedural(rng, crop)
+            img = procedural(rng, crop).to(pool[0].device)
         else:
             img = rescaled_crop(pool[rng.integers(len(pool))], rng, crop, 0.25)
         if rng.random() < 0.5:
             img = img.flip(-1)
         out.append(torch.rot90(img, int(rng.integers(4)), dims=(-2, -1)))
     return torch.stack(out)
+
+
+def pool_to(pool: list[torch.Tensor], device: torch.device, keep_on_host: bool) -> list[torch.Tensor]:
+    """The training images on ``device`` (a GPU then makes the crops itself: CPU data loading kept a
+    first H200 lease's stages at 1-10 steps/s), unless ``keep_on_host``."""
+    return pool if keep_on_host or device.type == "cpu" else [p.to(device) for p in pool]
 
 
 @torch.no_grad()
@@ -153,7 +160,7 @@ def main(argv=None) -> None:
 
     base, val = image_pool()
     extra, used = shared_pool()
-    pool = base + extra
+    pool = pool_to(base + extra, device, args.workers > 0)
     print(f"data: {len(base)} skimage/wolf images, {len(extra)} from {SHARED_TRAIN} "
           f"({', '.join(used) if used else 'absent'}), procedural textures; validation: {len(val)} "
           f"held-out wolf frames", flush=True)
