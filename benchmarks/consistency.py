@@ -43,7 +43,8 @@ def build_methods(weight: float, num_frames: int, tcm: bool = False, preview: bo
 
     Chains get a batch size of ``num_frames`` so each position along the chains is one model call.
     With a model that has a ControlNet (``tcm``): tcm, tcm + fusion and, with a preview decoder,
-    tcm-preview (the issue's table rows: none, fusion, tcm, tcm + fusion, tcm with the preview decoder).
+    tcm-preview (the issue's table rows: none, fusion, tcm, tcm + fusion, tcm with the preview decoder),
+    and tcm-preview on only the first or the last half of the steps.
     """
     methods = [Method("bicubic", bicubic=True), Method("independent"),
                fusion("forward-fusion", weight, direction="forward")]
@@ -63,6 +64,9 @@ def build_methods(weight: float, num_frames: int, tcm: bool = False, preview: bo
                     Method(f"tcm+fusion-w{weight:g}", alignment={"mode": "tcm", "fusion": weight})]
         if preview:
             methods.append(Method("tcm-preview", alignment={"mode": "tcm", "decoder": "preview"}))
+            # which steps can skip the TCM (alignment.tcm_start / tcm_end): only the first or the last half
+            methods += [Method("tcm-preview-first-half", alignment={"mode": "tcm", "decoder": "preview", "end": 0.5}),
+                        Method("tcm-preview-last-half", alignment={"mode": "tcm", "decoder": "preview", "start": 0.5})]
     return methods
 
 
