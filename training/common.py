@@ -35,14 +35,14 @@ def parser(doc: str, run: Path, steps: int, batch: int, crop: int, lr: float):
 
 
 def setup(args) -> torch.device:
-    """Threads, seed, the run folder; returns the device (CUDA when present and ``--device auto``)."""
+    """Threads, seed, the run folder; returns the device (the accelerator when present and ``--device auto``)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     args.run.mkdir(parents=True, exist_ok=True)
     if args.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.accelerator.current_accelerator() if torch.accelerator.is_available() else torch.device("cpu")
     return torch.device(args.device)
 
 

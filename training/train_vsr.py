@@ -205,8 +205,8 @@ def main(argv=None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    auto = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else torch.device("cpu")
+    device = auto if args.device == "auto" else torch.device(args.device)
     args.run.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     model = UNet2DModel(**unet_config(args.scale)).to(device)
