@@ -364,6 +364,21 @@ def _json_safe(x):
     return x
 
 
+def run_cli(cli_args: list[str], output: Path) -> tuple[float, dict]:
+    """Run ``python run_video.py --output OUTPUT *cli_args`` in a fresh process, as a user would; returns its
+    wall time (imports and loading included) and the JSON report it writes beside ``output``. A failed run
+    raises RuntimeError with the last line of its stderr."""
+    import subprocess
+
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, str(ROOT / "run_video.py"), "--output", str(output), *cli_args],
+                         capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if run.returncode != 0:
+        raise RuntimeError(f"run_video.py failed ({run.returncode}): {(run.stderr.strip().splitlines() or ['?'])[-1]}")
+    return wall, json.loads(Path(output).with_suffix(".json").read_text())
+
+
 def run_script(main) -> None:
     """Run a benchmark's ``main``; bad flags, clips or models give one line on stderr and exit code 2."""
     try:

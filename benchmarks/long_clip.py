@@ -91,23 +91,21 @@ def cli_measure(frames: int, size: int, mode: str, model: str | None = None, ste
     ``one-pass`` (state in files beyond runtime.files_above), ``one-pass-memory``, ``one-pass-files``."""
     import tempfile as _tf
 
+    from common import run_cli  # (here, not at the top: the memory children must not import torch early)
+
     tmp = Path(tmp or _tf.mkdtemp())
     clip = tmp / f"clip{frames}_{size}.mp4"
     if not clip.exists():
         make_clip(clip, frames, size)
     out = tmp / f"out_{mode}_{frames}.mp4"
-    args = [sys.executable, str(ROOT / "run_video.py"), "--input", str(clip), "--output", str(out), "--overwrite",
-            f"sampling.num_inference_steps={steps}", "runtime.threads=1", *extra]
+    args = ["--input", str(clip), "--overwrite", f"sampling.num_inference_steps={steps}", "runtime.threads=1", *extra]
     if model:
         args.append(f"model.path={model}")
     args += {"default": [], "windows": ["runtime.mode=windows"],
              "one-pass": ["runtime.mode=one_pass"],
              "one-pass-memory": ["runtime.mode=one_pass", "runtime.files_above=1000000"],
              "one-pass-files": ["runtime.mode=one_pass", "runtime.files_above=0"]}[mode]
-    run = subprocess.run(args, capture_output=True, text=True)
-    if run.returncode != 0:
-        raise RuntimeError(f"run_video.py failed ({run.returncode}): {run.stderr.strip().splitlines()[-1:]}")
-    rep = json.loads(out.with_suffix(".json").read_text())
+    _, rep = run_cli(args, out)
     return dict(frames=frames, mode=mode, run_mode=rep["mode"], out_size=rep["output_size"],
                 rss_peak_mb=rep["peak_memory"]["host_max_rss_mb"], seconds=rep["timings"]["total"])
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, run from anywhere
 from common import (run_script, DEFAULTS, DEFAULT_MODEL, EWARP_UNIT, EXAMPLE_GT, ROOT, SHARED_CLIPS, Method, Reference,  # noqa: E402
-                    command_line, evaluate, fmt, fusion, load_clip, load_pipeline, machine_info, machine_line,
+                    run_cli, command_line, evaluate, fmt, fusion, load_clip, load_pipeline, machine_info, machine_line,
                     markdown_table, model_info, pick_device, pick_dtype, run_method, run_record, set_threads,
                     steps_run, sync, write_json)
 
@@ -282,23 +282,17 @@ def section_chains(pipe, args) -> dict:
 
 def section_models(args) -> dict:
     """The default job through the CLI, one subprocess per model (same clip, config, seed and machine)."""
-    import subprocess
-
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for k, model in enumerate(args.compare_models.split(",")):
-            out = Path(tmp) / f"out{k}.mp4"
-            cmd = [sys.executable, str(ROOT / "run_video.py"), "--output", str(out), "--reference",
-                   str(EXAMPLE_GT), f"model.path={model}", f"model.device={args.device}"]
+            cli = ["--reference", str(EXAMPLE_GT), f"model.path={model}", f"model.device={args.device}"]
             if args.threads:
-                cmd.append(f"runtime.threads={args.threads}")
-            start = time.perf_counter()
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            wall = time.perf_counter() - start
-            if done.returncode:
-                rows[model] = {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+                cli.append(f"runtime.threads={args.threads}")
+            try:
+                wall, rep = run_cli(cli, Path(tmp) / f"out{k}.mp4")
+            except RuntimeError as err:
+                rows[model] = {"error": str(err)}
                 continue
-            rep = json.loads(out.with_suffix(".json").read_text())
             t = rep["timings"]
             rows[model] = {"wall_s": round(wall, 2), "sampling_s": round(sum(v for n, v in t.items()
                                                                               if n not in NOT_SAMPLING), 3),

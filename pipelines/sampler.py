@@ -184,7 +184,7 @@ def sample_frames(
                 host_idx = torch.tensor(frames)  # conditioning is looked up on the host: no device sync
                 idx = host_idx.to(x.device)
                 if nb_all is None:  # independent frames: which frames these are, with no neighbour
-                    nb = Neighbours.absent(torch.tensor(frames))
+                    nb = Neighbours.absent(host_idx)
                 else:
                     nb = Neighbours(*(f[lo:lo + batch_size] for f in vars(nb_all).values()))
                 xi = x[idx].to(device)

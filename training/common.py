@@ -34,6 +34,13 @@ def parser(doc: str, run: Path, steps: int, batch: int, crop: int, lr: float):
     return p
 
 
+def pick_device(name: str) -> torch.device:
+    """``auto``: the accelerator when one is present (CUDA, ...), else the CPU; otherwise ``name`` itself."""
+    if name != "auto":
+        return torch.device(name)
+    return torch.accelerator.current_accelerator() if torch.accelerator.is_available() else torch.device("cpu")
+
+
 def setup(args) -> torch.device:
     """Threads, seed, the run folder; returns the device (the accelerator when present and ``--device auto``)."""
     if args.threads:
@@ -41,9 +48,7 @@ def setup(args) -> torch.device:
     torch.manual_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     args.run.mkdir(parents=True, exist_ok=True)
-    if args.device == "auto":
-        return torch.accelerator.current_accelerator() if torch.accelerator.is_available() else torch.device("cpu")
-    return torch.device(args.device)
+    return pick_device(args.device)
 
 
 def step_randomness(seed: int, step: int) -> tuple[np.random.Generator, torch.Generator]:
@@ -62,9 +67,9 @@ def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, clip:
 
 
 def rescaled_crop(img: torch.Tensor, rng: np.random.Generator, crop: int, smallest: float) -> torch.Tensor:
-    """A random ``crop`` x ``crop`` window of ``img`` (3, H, W) seen at a random bicubic scale
-    s in [smallest, 1) (never below the image's own size): the window of side crop / s is cut first and
-    then resized, so the cost does not grow with the image."""
+    """A random ``crop`` x ``crop`` window of ``img`` (..., 3, H, W: one image, or frames stacked to share
+    the window) seen at a random bicubic scale s in [smallest, 1) (never below the image's own size): the
+    window of side crop / s is cut first and then resized, so the cost does not grow with the image."""
     from pipelines.degradation import bicubic_resize
 
     s = rng.uniform(smallest, 1.0)
@@ -72,7 +77,7 @@ def rescaled_crop(img: torch.Tensor, rng: np.random.Generator, crop: int, smalle
     s = max(s, crop / min(h, w))
     side = min(h, w, int(round(crop / s)))
     y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-    window = img[:, y:y + side, x:x + side]
+    window = img[..., y:y + side, x:x + side]
     return window if side == crop else bicubic_resize(window, (crop, crop)).clamp(-1, 1)
 
 

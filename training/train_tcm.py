@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pipelines.degradation import bicubic_resize, downscale, upscale  # noqa: E402
+from pipelines.degradation import downscale, upscale  # noqa: E402
 from pipelines.flow import FlowConfig, compute_clip_flows, warp  # noqa: E402
 from training.latent_parts import SCALE, empty_prompt_embedding  # noqa: E402
 from training.common import (Run, optimizer_step, parser, prefetch, replace_dir, rescaled_crop,  # noqa: E402
@@ -43,8 +43,9 @@ from training.train_vae import SHARED_TRAIN, EVAL_CLIP_NAME, image_pool, to_tens
 # ----------------------------------------------------------------------------- pairs
 
 
-def clip_pairs(every: int = 8, max_side: int = 480) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(frame i, frame i+1) every ``every`` frames of the training clips (and wolf.mp4), long side <= max_side."""
+def clip_pairs(every: int = 8, max_side: int = 480) -> list[torch.Tensor]:
+    """(2, 3, H, W): frames i and i+1, every ``every`` frames of the training clips (and wolf.mp4), long
+    side <= max_side."""
     import cv2
 
     from training.train_vsr import read_wolf
@@ -55,7 +56,7 @@ def clip_pairs(every: int = 8, max_side: int = 480) -> list[tuple[torch.Tensor, 
 
     pairs = []
     wolf = read_wolf()[:-4]  # the last wolf frames are validation for the other scripts
-    pairs += [(to_tensor(shrink(a)), to_tensor(shrink(b))) for a, b in zip(wolf[::every], wolf[1::every])]
+    pairs += [torch.stack([to_tensor(shrink(a)), to_tensor(shrink(b))]) for a, b in zip(wolf[::every], wolf[1::every])]
     if SHARED_TRAIN.is_dir():
         for clip in sorted(SHARED_TRAIN.glob("*.mp4")):
             if EVAL_CLIP_NAME in clip.name:
@@ -67,7 +68,7 @@ def clip_pairs(every: int = 8, max_side: int = 480) -> list[tuple[torch.Tensor, 
                     break
                 f = cv2.cvtColor(f, cv2.COLOR_BGR2RGB)
                 if prev is not None and (i - 1) % every == 0:
-                    pairs.append((to_tensor(shrink(prev)), to_tensor(shrink(f))))
+                    pairs.append(torch.stack([to_tensor(shrink(prev)), to_tensor(shrink(f))]))
                 prev, i = f, i + 1
     return pairs
 
@@ -85,11 +86,7 @@ def sample_pairs(pairs, photos, rng: np.random.Generator, batch: int, crop: int,
     prev_hr, cur_hr, flows = [], [], []
     for _ in range(batch):
         if pairs and rng.random() < 0.6:
-            a, b = pairs[rng.integers(len(pairs))]
-            h, w = a.shape[-2:]  # the same window of both frames, seen at a scale s in [0.4, 1)
-            side = min(h, w, int(round(crop / max(rng.uniform(0.4, 1.0), crop / min(h, w)))))
-            y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-            a, b = (bicubic_resize(f[:, y:y + side, x:x + side], (crop, crop)).clamp(-1, 1) for f in (a, b))
+            a, b = rescaled_crop(pairs[rng.integers(len(pairs))], rng, crop, 0.4)  # the same window of both
             if rng.random() < 0.5:  # the previous frame from either side: both sweep directions
                 a, b = b, a
             prev_hr.append(a)

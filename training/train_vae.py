@@ -150,12 +150,10 @@ def main(argv=None) -> None:
         vae = AutoencoderKL(**arch).to(device)
     ema = AutoencoderKL(**arch).to(device).requires_grad_(False)
     ema.load_state_dict(vae.state_dict())
-    trained = vae.parameters()
     if args.decoder_only:  # the latents (and so a UNet trained on them) stay exactly as they are
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
-        trained = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
-    trained = list(trained)
+    trained = [q for q in vae.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.0)
 
     base, val = image_pool()
@@ -181,8 +179,9 @@ def main(argv=None) -> None:
         noise = torch.randn(post.mean.shape, generator=gen).to(device)  # drawn either way: same data stream
         z = post.mean if args.deterministic else post.mean + post.std * noise
         loss = losses[args.loss](vae.decode(z).sample, x) + args.kl * post.kl().mean()
+        warmup = min(1.0, (step + 1) / 200)
+        cosine = 0.5 + 0.5 * math.cos(math.pi * run.progress(args.steps, args.minutes))
         for g in opt.param_groups:
-            warmup, cosine = min(1.0, (step + 1) / 200), 0.5 + 0.5 * math.cos(math.pi * run.progress(args.steps, args.minutes))
             g["lr"] = args.lr * warmup * cosine
         optimizer_step(opt, loss, trained)
         ema_update(ema, vae, step, args.ema)

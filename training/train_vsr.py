@@ -34,7 +34,8 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pipelines.degradation import bicubic_resize, downscale, upscale  # noqa: E402
-from training.common import optimizer_step, plot_log, replace_dir, rescaled_crop, step_randomness  # noqa: E402
+from training.common import (optimizer_step, pick_device, plot_log, replace_dir, rescaled_crop,  # noqa: E402
+                             step_randomness)
 
 WOLF_COPY = ROOT / "training" / "data" / "wolf.mp4"
 # ../shared beside the checkout, or another copy of it (BISWEEP_SHARED, e.g. training/pack_gpu_data.py's)
@@ -205,8 +206,7 @@ def main(argv=None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    auto = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else torch.device("cpu")
-    device = auto if args.device == "auto" else torch.device(args.device)
+    device = pick_device(args.device)
     args.run.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     model = UNet2DModel(**unet_config(args.scale)).to(device)
