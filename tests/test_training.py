@@ -131,3 +131,11 @@ def test_vae_decoder_only_fine_tune_starts_from_the_export_and_keeps_the_latents
     dec = [k for k in b if k.startswith(("decoder.", "post_quant_conv."))]
     assert enc and all(torch.equal(a[k], b[k]) for k in enc)
     assert any(not torch.equal(a[k], b[k]) for k in dec)  # the decoder moved (EMA of one step)
+    # A fine-tune's EMA has no warm-up: after one step it is init + (1 - 0.999) (raw - init), not the raw
+    # step (a warm-up would weigh the first step 0.9 and throw the trained start away).
+    from safetensors.torch import load_file
+    raw = load_file(tmp_path / "run" / "last_model.safetensors")
+    moved = [k for k in dec if not torch.equal(raw[k], b[k])]
+    assert moved
+    for k in moved:
+        torch.testing.assert_close(a[k] - b[k], 1e-3 * (raw[k] - b[k]), rtol=1e-3, atol=1e-7)

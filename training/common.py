@@ -177,9 +177,11 @@ class Run:
 
 
 @torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float) -> None:
-    """ema <- ema + (1 - d) (model - ema), d = min(decay, (1 + step) / (10 + step)) (warm-up)."""
-    d = min(decay, (1 + step) / (10 + step))
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float, warmup: bool = True) -> None:
+    """ema <- ema + (1 - d) (model - ema), d = min(decay, (1 + step) / (10 + step)) with ``warmup``, else
+    d = decay. A fine-tune (``--init``) turns the warm-up off: it would hand the EMA to the first, most
+    disturbed steps and throw the trained starting point away."""
+    d = min(decay, (1 + step) / (10 + step)) if warmup else decay
     for pe, pm in zip(ema.parameters(), model.parameters()):
         pe.lerp_(pm, 1 - d)
 

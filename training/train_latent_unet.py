@@ -127,7 +127,7 @@ def main(argv=None) -> None:
         pred = unet(torch.cat([xt, lr.to(device)], 1), t, encoder_hidden_states=emb.expand(len(x0), -1, -1)).sample
         loss = F.mse_loss(pred, target)
         optimizer_step(opt, loss, unet.parameters())
-        ema_update(ema, unet, step, args.ema)
+        ema_update(ema, unet, step, args.ema, warmup=args.init is None)
         run.step = step = step + 1
         bar.update(1)
         row = [step, f"{loss.item():.5f}", f"{run.seconds():.1f}", "", "", f"{x0.std().item():.4f}"]

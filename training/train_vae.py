@@ -184,7 +184,7 @@ def main(argv=None) -> None:
         for g in opt.param_groups:
             g["lr"] = args.lr * warmup * cosine
         optimizer_step(opt, loss, trained)
-        ema_update(ema, vae, step, args.ema)
+        ema_update(ema, vae, step, args.ema, warmup=args.init is None)
         run.step = step = step + 1
         bar.update(1)
         row = [step, f"{loss.item():.5f}", f"{run.seconds():.1f}", "", ""]
