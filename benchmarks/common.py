@@ -131,7 +131,8 @@ class Method:
     ``options``: SamplingOptions fields overriding the run's base options; ``alignment``:
     ``{"mode": "none"}`` or ``{"mode": "fusion", "weight": w, "schedule": "constant"|"linear"}``;
     ``flow``: FlowConfig fields; ``scheduler``: a ``pipelines.loading`` kind (auto = the model's);
-    ``bicubic``: no model, the bicubic upscale of the input.
+    ``bicubic``: no model, the bicubic upscale of the input; ``vae_roundtrip``: no sampling, the model's
+    VAE decoding its own encoding of the *ground truth* (the ceiling of a latent model's output).
     """
 
     name: str
@@ -140,6 +141,7 @@ class Method:
     flow: dict = field(default_factory=dict)
     scheduler: str = "auto"
     bicubic: bool = False
+    vae_roundtrip: bool = False
 
 
 def fusion(name: str, weight: float, schedule: str = "constant", **options) -> Method:
@@ -238,10 +240,22 @@ class Run:
         return self.seconds / self.frames.shape[0] if self.frames is not None else math.nan
 
 
+@torch.no_grad()
+def vae_roundtrip(vae, frames: torch.Tensor, batch: int) -> torch.Tensor:
+    """x_hat = D(mean of E(x)) for (F, 3, H, W) frames in [-1, 1], ``batch`` frames at a time, clamped."""
+    return torch.cat([vae.decode(vae.encode(frames[i:i + batch]).latent_dist.mean).sample
+                      for i in range(0, len(frames), batch)]).clamp(-1, 1)
+
+
 def run_method(pipe: VideoPipeline, method: Method, lr: torch.Tensor, base: SamplingOptions) -> Run:
     """Run ``method`` on low-res frames ``lr`` (F, 3, h, w). A ValueError from the pipeline (for
     example a strength that leaves no step) is returned as ``Run.error`` instead of raised."""
     device = pipe.device
+    if method.vae_roundtrip:  # lr is the ground truth here (see Method)
+        start = time.perf_counter()
+        out = vae_roundtrip(pipe.vae, lr.to(device, pipe.vae.dtype), base.batch_size)
+        sync(device)
+        return Run(method.name, out.float().cpu(), time.perf_counter() - start, {}, {}, 0)
     if method.bicubic:
         start = time.perf_counter()
         out = upscale(lr, pipe.scale).clamp(-1, 1)

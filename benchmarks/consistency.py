@@ -31,6 +31,8 @@ from pipelines.video_pipeline import SamplingOptions  # noqa: E402
 
 QUICK = dict(max_frames=4, resize=64, steps=4)
 QUICK_METHODS = ("bicubic", "independent", "{default}", "chains-L2")
+VAE_ROW = "vae-reconstruction"
+VAE_BAR_DB = 33.0  # issue 13: the VAE alone reconstructs the example clip at >= 33 dB
 TCM_NOTE = "tcm: n/a (the model has no controlnet/ folder)"
 
 
@@ -38,15 +40,20 @@ def default_method_name(weight: float) -> str:
     return f"bidir-fusion-w{weight:g}"
 
 
-def build_methods(weight: float, num_frames: int, tcm: bool = False, preview: bool = False) -> list[Method]:
+def build_methods(weight: float, num_frames: int, tcm: bool = False, preview: bool = False,
+                  vae: bool = False) -> list[Method]:
     """All methods of the comparison; fusion variants use ``weight`` unless the name says otherwise.
 
     Chains get a batch size of ``num_frames`` so each position along the chains is one model call.
     With a model that has a ControlNet (``tcm``): tcm, tcm + fusion and, with a preview decoder,
     tcm-preview (the issue's table rows: none, fusion, tcm, tcm + fusion, tcm with the preview decoder),
-    and tcm-preview on only the first or the last half of the steps.
+    and tcm-preview on only the first or the last half of the steps. With a latent model (``vae``):
+    vae-reconstruction, the VAE decoding its encoding of the ground truth (no sampling).
     """
-    methods = [Method("bicubic", bicubic=True), Method("independent"),
+    methods = [Method("bicubic", bicubic=True)]
+    if vae:
+        methods.append(Method(VAE_ROW, vae_roundtrip=True))
+    methods += [Method("independent"),
                fusion("forward-fusion", weight, direction="forward")]
     methods += [fusion(default_method_name(w), w) for w in sorted({0.3, 0.5, 0.8, weight})]
     methods += [
@@ -78,7 +85,7 @@ def select(methods: list[Method], names: list[str] | None) -> list[Method]:
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; expected some of: {', '.join(sorted(known))}")
-    wanted = set(names) | {"bicubic"}
+    wanted = set(names) | {"bicubic", VAE_ROW}
     return [m for m in methods if m.name in wanted]
 
 
@@ -188,6 +195,10 @@ def check_targets(results: dict[str, dict], default: str) -> list[str]:
                      f"{d_sharp:.3f} vs bicubic {b_sharp:.3f} (must be smaller)")
     else:
         lines.append(f"(d) n/a: needs {default} in --methods")
+    if VAE_ROW in results:
+        e = results[VAE_ROW]["psnr"]
+        lines.append(f"(e) {ok(e >= VAE_BAR_DB)}: the VAE alone reconstructs the ground truth at {e:.2f} dB "
+                     f"(>= {VAE_BAR_DB:g})")
     return lines
 
 
@@ -249,7 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
         names = [n.format(default=default) for n in QUICK_METHODS]
     has_tcm = pipe.controlnet is not None
     methods = select(build_methods(args.weight, min(len(c.gt) for c in clips), tcm=has_tcm,
-                                   preview=getattr(pipe, "preview", None) is not None), names)
+                                   preview=getattr(pipe, "preview", None) is not None,
+                                   vae=getattr(pipe, "vae", None) is not None), names)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -263,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
         records = {}
         for method in methods:
             print(f"[{clip.name}] {method.name} ...", file=sys.stderr, flush=True)
-            run = run_method(pipe, method, clip.lr, base)
+            run = run_method(pipe, method, clip.gt if method.vae_roundtrip else clip.lr, base)
             metrics = evaluate(run.frames, ref) if run.frames is not None else None
             records[method.name] = run_record(run, metrics)
             if run.error:

@@ -62,7 +62,19 @@ def test_consistency_benchmark_has_the_tcm_rows_for_a_model_with_a_controlnet(tm
         report = consistency.main(["--clips", str(clip), "--model", str(model), "--steps", "1", "--strength", "1.0",
                                    "--weight", "0.5", "--device", "cpu", "--threads", "1", "--out", str(out),
                                    "--methods", "independent,tcm,tcm+fusion-w0.5"])
-        assert set(report["mean"]) == {"bicubic", "independent", "tcm", "tcm+fusion-w0.5"}
+        assert set(report["mean"]) == {"bicubic", "vae-reconstruction", "independent", "tcm", "tcm+fusion-w0.5"}
         assert report["mean"]["tcm"]["ewarp"] > 0 and report["notes"] == []
+        # The VAE row (issue 13's "VAE alone" bar) is the PSNR of D(mean E(gt)) against the ground truth:
+        # recomputed here per frame with diffusers' AutoencoderKL and the closed-form PSNR.
+        from diffusers import AutoencoderKL
+        from common import load_clip
+        vae = AutoencoderKL.from_pretrained(model / "vae")
+        gt = load_clip(clip, 4).gt
+        with torch.no_grad():
+            rec = vae.decode(vae.encode(gt).latent_dist.mean).sample.clamp(-1, 1)
+        expect = float(torch.stack([10 * torch.log10(4 / (r - g).pow(2).mean()) for r, g in zip(rec, gt)]).mean())
+        got = report["mean"]["vae-reconstruction"]["psnr"]
+        assert abs(got - expect) < 1e-3 and got != report["mean"]["bicubic"]["psnr"]
+        assert any(t.startswith(("(e) MET", "(e) NOT MET")) and f"{got:.2f} dB" in t for t in report["targets"])
     finally:
         torch.set_num_threads(threads)
