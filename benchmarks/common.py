@@ -161,7 +161,7 @@ def make_alignment(spec: dict, num_train_timesteps: int = 1000) -> Alignment:
         w = spec.get("fusion")
         return TCMAlignment(fusion=None if w is None else Fusion(w, "constant", num_train_timesteps),
                             decoder=spec.get("decoder", "vae"), warp_mode=spec.get("warp", "exact"),
-                            start=spec.get("start", 0.0), end=spec.get("end", 1.0))
+                            start=spec.get("start", 0.0), end=spec.get("end", 1.0), scale=spec.get("scale", 1.0))
     raise ValueError(f"alignment mode must be none, fusion or tcm, not {mode!r}")
 
 

@@ -220,6 +220,8 @@ def parse_args(argv):
     p.add_argument("--weight", type=float, default=DEFAULTS["weight"], help="fusion weight of the default method and variants")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="frames per model call where frames are independent")
+    p.add_argument("--tcm-scale", type=float, default=1.0,
+                   help="ControlNet conditioning scale of every tcm row (alignment.tcm_scale)")
     p.add_argument("--methods", default=None, help="comma list of methods to run (bicubic is always run)")
     p.add_argument("--quick", action="store_true", help="smoke run: 4 frames at 64x64, 4 steps, 4 methods")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "consistency"))
@@ -262,6 +264,9 @@ def main(argv: list[str] | None = None) -> dict:
     methods = select(build_methods(args.weight, min(len(c.gt) for c in clips), tcm=has_tcm,
                                    preview=getattr(pipe, "preview", None) is not None,
                                    vae=getattr(pipe, "vae", None) is not None), names)
+    for m in methods:
+        if m.alignment.get("mode") == "tcm":
+            m.alignment["scale"] = args.tcm_scale
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -298,6 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "command": cmd, "machine": info, "model": model_info(args.model),
         "options": {"num_inference_steps": args.steps, "strength": args.strength, "fusion_weight": args.weight,
+                    "tcm_scale": args.tcm_scale,
                     "seed": args.seed, "batch_size": args.batch_size, "scale": scale, "dtype": args.dtype},
         "default_method": default, "ewarp_unit_in_tables": EWARP_UNIT,
         "methods_spec": [method_dict(m) for m in methods], "clips": per_clip,
