@@ -139,3 +139,30 @@ def test_vae_decoder_only_fine_tune_starts_from_the_export_and_keeps_the_latents
     assert moved
     for k in moved:
         torch.testing.assert_close(a[k] - b[k], 1e-3 * (raw[k] - b[k]), rtol=1e-3, atol=1e-7)
+
+
+def test_vae_val_clip_is_left_out_of_training_and_validates(tiny_vae, tmp_path, monkeypatch, capsys):
+    """train_vae.py --val-clip NAME: that clip of ../shared/clips/train is read for validation only (the
+    others and the photos still train), and the run says so."""
+    import numpy as np
+    from pipelines.video_io import write_video
+    from training import train_vae
+
+    shared = tmp_path / "train"
+    (shared / "photos").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, n in (("kept.mp4", 16), ("held.mp4", 24)):
+        write_video(shared / name, rng.integers(0, 255, (n, 32, 48, 3), dtype=np.uint8), fps=8, audio_from=None)
+    monkeypatch.setattr(train_vae, "SHARED_TRAIN", shared)
+
+    pool, used = train_vae.shared_pool(exclude="held.mp4")
+    assert used == ["kept.mp4:2"] and len(pool) == 2 and pool[0].shape == (3, 32, 48)
+    assert len(train_vae.clip_frames(shared / "held.mp4")) == 3
+    train_vae.main(["--init", str(tiny_vae), "--val-clip", "held.mp4", "--steps", "1", "--every", "1",
+                    "--batch", "2", "--crop", "32", "--threads", "1", "--run", str(tmp_path / "run"),
+                    "--out", str(tmp_path / "export")])
+    out = capsys.readouterr().out
+    assert "from " + str(shared) + " (kept.mp4:2)" in out and "validation: 3 frames of held.mp4" in out
+    with pytest.raises(SystemExit, match="no frames"):
+        train_vae.main(["--init", str(tiny_vae), "--val-clip", "absent.mp4", "--steps", "1",
+                        "--run", str(tmp_path / "run2"), "--out", str(tmp_path / "export2")])
