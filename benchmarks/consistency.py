@@ -41,13 +41,14 @@ def default_method_name(weight: float) -> str:
 
 
 def build_methods(weight: float, num_frames: int, tcm: bool = False, preview: bool = False,
-                  vae: bool = False) -> list[Method]:
+                  vae: bool = False, tcm_scale: float = 1.0) -> list[Method]:
     """All methods of the comparison; fusion variants use ``weight`` unless the name says otherwise.
 
     Chains get a batch size of ``num_frames`` so each position along the chains is one model call.
     With a model that has a ControlNet (``tcm``): tcm, tcm + fusion and, with a preview decoder,
     tcm-preview (the issue's table rows: none, fusion, tcm, tcm + fusion, tcm with the preview decoder),
-    and tcm-preview on only the first or the last half of the steps. With a latent model (``vae``):
+    and tcm-preview on only the first or the last half of the steps, all at ControlNet conditioning
+    scale ``tcm_scale``. With a latent model (``vae``):
     vae-reconstruction, the VAE decoding its encoding of the ground truth (no sampling).
     """
     methods = [Method("bicubic", bicubic=True)]
@@ -66,14 +67,16 @@ def build_methods(weight: float, num_frames: int, tcm: bool = False, preview: bo
     farneback.flow = {"method": "farneback"}
     methods.append(farneback)
     methods += [fusion(f"chains-L{n}", weight, chain_length=n, batch_size=max(num_frames, 1)) for n in (8, 4, 2)]
+    def with_tcm(name: str, **spec) -> Method:
+        return Method(name, alignment={"mode": "tcm", "scale": tcm_scale, **spec})
+
     if tcm:
-        methods += [Method("tcm", alignment={"mode": "tcm"}),
-                    Method(f"tcm+fusion-w{weight:g}", alignment={"mode": "tcm", "fusion": weight})]
+        methods += [with_tcm("tcm"), with_tcm(f"tcm+fusion-w{weight:g}", fusion=weight)]
         if preview:
-            methods.append(Method("tcm-preview", alignment={"mode": "tcm", "decoder": "preview"}))
+            methods.append(with_tcm("tcm-preview", decoder="preview"))
             # which steps can skip the TCM (alignment.tcm_start / tcm_end): only the first or the last half
-            methods += [Method("tcm-preview-first-half", alignment={"mode": "tcm", "decoder": "preview", "end": 0.5}),
-                        Method("tcm-preview-last-half", alignment={"mode": "tcm", "decoder": "preview", "start": 0.5})]
+            methods += [with_tcm("tcm-preview-first-half", decoder="preview", end=0.5),
+                        with_tcm("tcm-preview-last-half", decoder="preview", start=0.5)]
     return methods
 
 
@@ -263,10 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
     has_tcm = pipe.controlnet is not None
     methods = select(build_methods(args.weight, min(len(c.gt) for c in clips), tcm=has_tcm,
                                    preview=getattr(pipe, "preview", None) is not None,
-                                   vae=getattr(pipe, "vae", None) is not None), names)
-    for m in methods:
-        if m.alignment.get("mode") == "tcm":
-            m.alignment["scale"] = args.tcm_scale
+                                   vae=getattr(pipe, "vae", None) is not None, tcm_scale=args.tcm_scale), names)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -157,7 +157,9 @@ def test_vae_val_clip_is_left_out_of_training_and_validates(tiny_vae, tmp_path, 
 
     pool, used = train_vae.shared_pool(exclude="held.mp4")
     assert used == ["kept.mp4:2"] and len(pool) == 2 and pool[0].shape == (3, 32, 48)
-    assert len(train_vae.clip_frames(shared / "held.mp4")) == 3
+    singles, pairs = train_vae.clip_frames(shared / "held.mp4"), train_vae.clip_frames(shared / "held.mp4", pairs=True)
+    assert len(singles) == len(pairs) == 3 and pairs[0].shape == (2, 3, 32, 48)  # frames 0+1, 8+9, 16+17
+    assert all(torch.equal(p[0], f) for p, f in zip(pairs, singles)) and not torch.equal(pairs[0][1], singles[0])
     train_vae.main(["--init", str(tiny_vae), "--val-clip", "held.mp4", "--steps", "1", "--every", "1",
                     "--batch", "2", "--crop", "32", "--threads", "1", "--run", str(tmp_path / "run"),
                     "--out", str(tmp_path / "export")])

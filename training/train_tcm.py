@@ -37,7 +37,7 @@ from pipelines.flow import FlowConfig, compute_clip_flows, warp  # noqa: E402
 from training.latent_parts import SCALE, empty_prompt_embedding  # noqa: E402
 from training.common import (Run, optimizer_step, parser, prefetch, replace_dir, rescaled_crop,  # noqa: E402
                              setup, step_randomness)
-from training.train_vae import SHARED_TRAIN, EVAL_CLIP_NAME, image_pool, to_tensor  # noqa: E402
+from training.train_vae import SHARED_TRAIN, EVAL_CLIP_NAME, clip_frames, image_pool, shrink, to_tensor  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- pairs
@@ -46,30 +46,15 @@ from training.train_vae import SHARED_TRAIN, EVAL_CLIP_NAME, image_pool, to_tens
 def clip_pairs(every: int = 8, max_side: int = 480) -> list[torch.Tensor]:
     """(2, 3, H, W): frames i and i+1, every ``every`` frames of the training clips (and wolf.mp4), long
     side <= max_side."""
-    import cv2
-
     from training.train_vsr import read_wolf
 
-    def shrink(img):
-        s = max_side / max(img.shape[:2])
-        return cv2.resize(img, None, fx=s, fy=s, interpolation=cv2.INTER_AREA) if s < 1 else img
-
-    pairs = []
     wolf = read_wolf()[:-4]  # the last wolf frames are validation for the other scripts
-    pairs += [torch.stack([to_tensor(shrink(a)), to_tensor(shrink(b))]) for a, b in zip(wolf[::every], wolf[1::every])]
+    pairs = [torch.stack([to_tensor(shrink(a, max_side)), to_tensor(shrink(b, max_side))])
+             for a, b in zip(wolf[::every], wolf[1::every])]
     if SHARED_TRAIN.is_dir():
         for clip in sorted(SHARED_TRAIN.glob("*.mp4")):
-            if EVAL_CLIP_NAME in clip.name:
-                continue
-            cap, prev, i = cv2.VideoCapture(str(clip)), None, 0
-            while True:
-                ok, f = cap.read()
-                if not ok:
-                    break
-                f = cv2.cvtColor(f, cv2.COLOR_BGR2RGB)
-                if prev is not None and (i - 1) % every == 0:
-                    pairs.append(torch.stack([to_tensor(shrink(prev)), to_tensor(shrink(f))]))
-                prev, i = f, i + 1
+            if EVAL_CLIP_NAME not in clip.name:
+                pairs += clip_frames(clip, every, max_side, pairs=True)
     return pairs
 
 

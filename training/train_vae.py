@@ -47,21 +47,32 @@ def vae_config(blocks=(32, 64, 64), mid_attention: bool = True, layers: int = 1)
     )
 
 
-def _shrink(img: np.ndarray, max_side: int) -> np.ndarray:
+def shrink(img: np.ndarray, max_side: int) -> np.ndarray:
+    """``img`` (H, W, C) resized (area) so that its long side is at most ``max_side``."""
     s = max_side / max(img.shape[:2])
     return cv2.resize(img, None, fx=s, fy=s, interpolation=cv2.INTER_AREA) if s < 1 else img
 
 
-def clip_frames(path: Path, every: int = 8, max_side: int = 720) -> list[torch.Tensor]:
-    """Every ``every``-th frame of the video ``path`` (long side <= max_side), as (3, H, W) in [-1, 1]."""
-    frames, cap, i = [], cv2.VideoCapture(str(path)), 0
+def clip_frames(path: Path, every: int = 8, max_side: int = 720, pairs: bool = False) -> list[torch.Tensor]:
+    """Frame i of the video ``path`` for every i divisible by ``every`` (long side <= max_side), as
+    (3, H, W) in [-1, 1]; with ``pairs``, frames i and i + 1 stacked as (2, 3, H, W)."""
+    if pairs and every < 2:
+        raise ValueError("pairs need every >= 2")
+    out, cap, i, first = [], cv2.VideoCapture(str(path)), 0, None
     while True:
         ok, f = cap.read()
         if not ok:
-            return frames
-        if i % every == 0:
-            frames.append(to_tensor(_shrink(cv2.cvtColor(f, cv2.COLOR_BGR2RGB), max_side)))
-        i += 1
+            return out
+        k, i = i % every, i + 1
+        if k > int(pairs):
+            continue  # a frame no one uses: not converted
+        img = to_tensor(shrink(cv2.cvtColor(f, cv2.COLOR_BGR2RGB), max_side))
+        if not pairs:
+            out.append(img)
+        elif k == 0:
+            first = img
+        else:
+            out.append(torch.stack([first, img]))
 
 
 def shared_pool(every: int = 8, max_side: int = 720, exclude: str | None = None) -> tuple[list[torch.Tensor], list[str]]:
@@ -79,7 +90,7 @@ def shared_pool(every: int = 8, max_side: int = 720, exclude: str | None = None)
     for photo in sorted((SHARED_TRAIN / "photos").glob("*")):
         img = cv2.imread(str(photo), cv2.IMREAD_COLOR)
         if img is not None:
-            pool.append(to_tensor(_shrink(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), max_side)))
+            pool.append(to_tensor(shrink(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), max_side)))
             used.append(photo.name)
     return pool, used
 
