@@ -35,7 +35,7 @@ from pipelines.loading import ModelLoadError, make_scheduler  # noqa: E402
 from pipelines.metrics import psnr, sharpness, ssim, tof, warp_error  # noqa: E402
 from pipelines.timing import StageTimer  # noqa: E402
 from pipelines.video_io import read_clip, to_tensor  # noqa: E402
-from pipelines.video_pipeline import SamplingOptions, VideoPipeline, read_vsr_config  # noqa: E402
+from pipelines.video_pipeline import SamplingOptions, VideoPipeline, auto_batch, read_vsr_config  # noqa: E402
 
 EXAMPLE_GT = ROOT / "assets" / "example_gt"
 SHARED_CLIPS = ROOT.parent / "shared" / "clips"
@@ -253,7 +253,8 @@ def run_method(pipe: VideoPipeline, method: Method, lr: torch.Tensor, base: Samp
     device = pipe.device
     if method.vae_roundtrip:  # lr is the ground truth here (see Method)
         start = time.perf_counter()
-        out = vae_roundtrip(pipe.vae, lr.to(device, pipe.vae.dtype), base.batch_size)
+        out = vae_roundtrip(pipe.vae, lr.to(device, pipe.vae.dtype),
+                           base.decode_batch_size or auto_batch(device, lr.shape[-2] * lr.shape[-1]))
         sync(device)
         return Run(method.name, out.float().cpu(), time.perf_counter() - start, {}, {}, 0)
     if method.bicubic:

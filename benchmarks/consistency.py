@@ -222,7 +222,7 @@ def parse_args(argv):
     p.add_argument("--strength", type=float, default=DEFAULTS["strength"])
     p.add_argument("--weight", type=float, default=DEFAULTS["weight"], help="fusion weight of the default method and variants")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8, help="frames per model call where frames are independent")
+    p.add_argument("--batch-size", type=int, default=0, help="frames per model call (0: auto, as the job)")
     p.add_argument("--tcm-scale", type=float, default=1.0,
                    help="ControlNet conditioning scale of every tcm row (alignment.tcm_scale)")
     p.add_argument("--methods", default=None, help="comma list of methods to run (bicubic is always run)")

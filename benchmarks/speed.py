@@ -426,7 +426,7 @@ def parse_args(argv):
     p.add_argument("--strength", type=float, default=DEFAULTS["strength"])
     p.add_argument("--weight", type=float, default=DEFAULTS["weight"], help="fusion weight")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8, help="frames per model call where frames are independent")
+    p.add_argument("--batch-size", type=int, default=0, help="frames per model call (0: auto, as the job)")
     p.add_argument("--limit-frames", type=int, default=None, help="frames for limit/schedulers (default 16)")
     p.add_argument("--scaling-frames", default=None, help="comma list of clip lengths (default 8,16,32,64)")
     p.add_argument("--chain-frames", type=int, default=None, help="frames for the chains section (default 32)")

@@ -46,6 +46,10 @@ class Alignment:
 
     name = "none"
     uses_neighbours = False
+    # True while the model's inputs depend on the neighbours (the TCM's condition). False means a
+    # frame's model output does not depend on the sweep, so the sampler may evaluate it ahead of the
+    # frame's turn, batched with the frames that come next.
+    conditions_model = False
 
     def model_kwargs(self, nb: Neighbours | None, t) -> dict:
         return {}

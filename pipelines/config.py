@@ -91,8 +91,8 @@ class SamplingConfig:
     prompt: str = ""
     negative_prompt: str = ""
     noise_level: int = 20  # latent upscaler only
-    batch_size: int = 8  # frames per model call
-    decode_batch_size: int = 8  # frames per VAE call
+    batch_size: int = 0  # frames per model call; 0 = auto (8 on a GPU, CPU: see video_pipeline.auto_batch)
+    decode_batch_size: int = 0  # frames per VAE call; 0 = auto, as batch_size
 
 
 @dataclass
@@ -277,8 +277,8 @@ def validate(cfg: DictConfig) -> None:
                           " leaves no denoising step to run (int(steps * strength) must be >= 1)")
     _check(s.guidance_scale >= 0, "sampling.guidance_scale", ">= 0", s.guidance_scale)
     _check(s.noise_level >= 0, "sampling.noise_level", ">= 0", s.noise_level)
-    _check(s.batch_size >= 1, "sampling.batch_size", ">= 1", s.batch_size)
-    _check(s.decode_batch_size >= 1, "sampling.decode_batch_size", ">= 1", s.decode_batch_size)
+    _check(s.batch_size >= 0, "sampling.batch_size", ">= 0 (0 = auto)", s.batch_size)
+    _check(s.decode_batch_size >= 0, "sampling.decode_batch_size", ">= 0 (0 = auto)", s.decode_batch_size)
 
     _check(sc.passes >= 0, "schedule.passes", ">= 0 (0 = flip every step)", sc.passes)
     _check(sc.chain_length >= 0, "schedule.chain_length", ">= 0 (0 = exact sweep)", sc.chain_length)

@@ -84,6 +84,27 @@ def _neighbours(visits, x0_of: Callable[[torch.Tensor], torch.Tensor], flows: Cl
     return Neighbours(frames, index, present, x0, flow.to(x0.dtype), mask.to(x0.dtype))
 
 
+class _Ahead:
+    """Model outputs computed ahead of the sweep: ``take(frames)`` returns (samples, outputs) of the
+    frames whose turn it is, evaluating the next ``batch`` frames of the visiting ``order`` in one
+    call whenever one of them is missing. At most about two batches are held at a time."""
+
+    def __init__(self, order: list[int], batch: int, evaluate):
+        self.order, self.batch, self.evaluate = order, batch, evaluate
+        self.next, self.ready = 0, {}
+
+    def take(self, frames: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        while any(f not in self.ready for f in frames):
+            chunk = self.order[self.next:self.next + self.batch]
+            if not chunk:
+                raise RuntimeError(f"frames {frames} are not in this sweep's order")
+            self.next += len(chunk)
+            xs, outs = self.evaluate(chunk)
+            self.ready.update(zip(chunk, zip(xs, outs)))
+        xs, outs = zip(*(self.ready.pop(f) for f in frames))
+        return torch.stack(xs), torch.stack(outs)
+
+
 def sample_frames(
     denoiser: Callable[..., torch.Tensor],
     scheduler,
@@ -150,6 +171,17 @@ def sample_frames(
             return x0_buf[index.to(x0_buf.device)].to(device)
         return torch.stack([last.get(int(f), zero) for f in index]).to(device)
 
+    def evaluate(xi: torch.Tensor, host_idx: torch.Tensor, t, extra: dict) -> torch.Tensor:
+        with timer("condition"):
+            cond = None if cond_of is None else cond_of(host_idx).to(device)
+        with timer("model"):
+            return denoiser(xi, t, concat=cond, **extra)
+
+    def _read_and_evaluate(chunk: list[int], t) -> tuple[torch.Tensor, torch.Tensor]:
+        host_idx = torch.tensor(chunk)
+        xi = x[host_idx.to(x.device)].to(device)  # frames not yet stepped in this step: their current samples
+        return xi, evaluate(xi, host_idx, t, {})
+
     first = 0
     if checkpoint is not None:
         resumed = checkpoint.load(generators, scheduler, x.device)
@@ -170,6 +202,12 @@ def sample_frames(
         if chain_log is not None:
             chain_log.append(chain_starts(num_frames, chain_length or num_frames, s))
         last = {}
+        ahead = None
+        if align and not alignment.conditions_model and batch_size > 1:
+            # the model's inputs do not depend on the sweep: evaluate the frames in visiting order,
+            # batch_size at a time, ahead of their turn (the same outputs, far fewer calls)
+            order = [v.frame for position in positions for v in position]
+            ahead = _Ahead(order, batch_size, lambda chunk, t=t: _read_and_evaluate(chunk, t))
         # A fresh buffer every step: multistep schedulers keep a reference to the output they are
         # given as history, so reusing one buffer would overwrite their past steps.
         out_buf = None if per_batch else torch.empty(x.shape, dtype=torch.float32, device=x.device)
@@ -187,13 +225,13 @@ def sample_frames(
                     nb = Neighbours.absent(host_idx)
                 else:
                     nb = Neighbours(*(f[lo:lo + batch_size] for f in vars(nb_all).values()))
-                xi = x[idx].to(device)
-                with timer("align"):
-                    extra = alignment.model_kwargs(nb, t)
-                with timer("condition"):
-                    cond = None if cond_of is None else cond_of(host_idx).to(device)
-                with timer("model"):
-                    out = denoiser(xi, t, concat=cond, **extra)
+                if ahead is not None:
+                    xi, out = ahead.take(frames)
+                else:
+                    xi = x[idx].to(device)
+                    with timer("align"):
+                        extra = alignment.model_kwargs(nb, t)
+                    out = evaluate(xi, host_idx, t, extra)
                 with timer("align"):
                     x0 = approx_x0(scheduler, out, t, xi.float())
                     fused = alignment.fuse(x0, nb, t)

@@ -68,6 +68,11 @@ class TCMAlignment(Alignment):
         (i + 1) / N > end; skipped steps decode nothing."""
         self.active = not (step / num_steps < self.start or (step + 1) / num_steps > self.end)
 
+    @property
+    def conditions_model(self) -> bool:
+        """The ControlNet's condition is the neighbour's x0 from this sweep, on the steps it runs."""
+        return self.active
+
     def model_kwargs(self, nb: Neighbours | None, t) -> dict:
         if nb is None or not bool(nb.present.any()) or not self.active:
             return {}  # first frame of the sweep, or a step outside [start, end]: no temporal conditioning

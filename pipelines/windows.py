@@ -56,6 +56,10 @@ class Anchored(Alignment):
         if hasattr(self.base, "begin_step"):
             self.base.begin_step(step, num_steps)
 
+    @property
+    def conditions_model(self) -> bool:
+        return self.base.uses_neighbours and self.base.conditions_model
+
     def model_kwargs(self, nb, t):
         return self.base.model_kwargs(nb, t) if self.base.uses_neighbours else {}
 

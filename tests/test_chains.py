@@ -20,9 +20,11 @@ def pipe_ddim():
 def test_chain_length_n_is_the_exact_sweep_bit_for_bit():
     clip = tiny.textured_clip(6, 16)
     pipe = VideoPipeline(tiny.pixel_unet(6), tiny.ddpm_v(), scale=2, residual_scale=0.1)
-    opts = dict(num_inference_steps=4, seed=3)
+    # one batch size throughout: fusion's model calls are batched ahead of the sweep (pipelines.sampler),
+    # and a batch of another size may round differently
+    opts = dict(num_inference_steps=4, seed=3, batch_size=4)
     exact = pipe(clip, options=SamplingOptions(**opts), alignment=Fusion(0.6)).frames
-    chained = pipe(clip, options=SamplingOptions(**opts, chain_length=6, batch_size=4), alignment=Fusion(0.6)).frames
+    chained = pipe(clip, options=SamplingOptions(**opts, chain_length=6), alignment=Fusion(0.6)).frames
     longer = pipe(clip, options=SamplingOptions(**opts, chain_length=50), alignment=Fusion(0.6)).frames
     assert torch.equal(exact, chained) and torch.equal(exact, longer)
 
