@@ -18,6 +18,8 @@ Sections (``--sections``):
   in turn with ``model.path=M``, ``--compare-models``): the wall time of the command (imports and
   loading included) and the report's sampling time (its timed stages without loading, I/O and
   metrics), with PSNR against the ground truth and the ratio of each model's sampling time to the first's.
+* ``batches``: seconds per frame of one UNet call and one VAE decoder call at batch sizes 1 to 16, per
+  ``--compare-models`` model, next to the batch size ``auto`` picks (what ``auto_batch`` is based on).
 
 Figures and ratios are printed and written to ``<out>.md`` / ``<out>.json``; nothing is asserted.
 """
@@ -46,7 +48,7 @@ from pipelines.sampler import img2img_timesteps  # noqa: E402
 from pipelines.video_io import read_clip, to_tensor, to_uint8, write_video  # noqa: E402
 from pipelines.video_pipeline import SamplingOptions  # noqa: E402
 
-SECTIONS = ("limit", "scaling", "schedulers", "chains", "models")
+SECTIONS = ("limit", "scaling", "schedulers", "chains", "models", "batches")
 NOT_SAMPLING = ("total", "io", "load", "metrics")  # a report's timings that are not sampling
 STAGES = ("model", "flow", "align", "scheduler", "decode", "vae")
 CHAIN_CLIP = SHARED_CLIPS / "woman-running.mp4"
@@ -308,6 +310,63 @@ def section_models(args) -> dict:
     return {"command": "python run_video.py --reference assets/example_gt model.path=M", "rows": rows}
 
 
+BATCHES = (1, 2, 4, 8, 16)
+
+
+def time_per_frame(fn, batch: int, repeats: int = 3) -> float:
+    """Seconds per frame of ``fn(batch)`` (one untimed warm-up call, then the mean of ``repeats``)."""
+    fn(batch)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn(batch)
+    return (time.perf_counter() - start) / repeats / batch
+
+
+def section_batches(args) -> dict:
+    """Seconds per frame of one model (and VAE decoder) call at batch sizes 1 to 16, per model, on
+    the example clip's sizes, next to the batch size ``auto`` picks (pipelines.video_pipeline.auto_batch)."""
+    from pipelines.denoiser import Denoiser
+    from pipelines.video_pipeline import auto_batch
+
+    device = pick_device(args.device)
+    rows = {}
+    for model in args.compare_models.split(","):
+        pipe = load_pipeline(model, device, pick_dtype(args.dtype, device))
+        lr = load_clip(EXAMPLE_GT, pipe.scale, max_frames=1, resize=args.resize).lr
+        shape = sample_shape(pipe, lr)[1:]
+        size = pipe.output_size(lr)
+        cond = pipe.conditioning_frames(lr) if pipe.kind == "residual_sr" else lr
+        prompt = pipe.encode_prompt("") if pipe.text_encoder is not None else None
+        den = Denoiser(pipe.unet, pipe.scheduler, prompt_embeds=prompt)
+        t = pipe.scheduler.config.num_train_timesteps // 2
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn((max(BATCHES), *shape), generator=gen).to(device, pipe.unet.dtype)
+        c = cond.expand(max(BATCHES), *cond.shape[1:]).to(device)
+
+        def unet(b):
+            with torch.no_grad():
+                den(x[:b], t, concat=c[:b] if pipe.kind in ("residual_sr", "upscale") else None)
+            sync(device)
+
+        row = {"model_kind": pipe.kind, "input": list(shape),
+               "unet_s_per_frame": {b: time_per_frame(unet, b) for b in BATCHES},
+               "auto_model_batch": auto_batch(device, shape[-2] * shape[-1])}
+        if pipe.vae is not None:
+            z = x[:, :pipe.vae.config.latent_channels].to(pipe.vae.dtype)
+
+            def decode(b):
+                with torch.no_grad():
+                    pipe.vae.decode(z[:b])
+                sync(device)
+
+            row["decode_s_per_frame"] = {b: time_per_frame(decode, b, 2) for b in BATCHES}
+            row["auto_decode_batch"] = auto_batch(device, size[0] * size[1])
+        rows[model] = row
+        print(f"[batches] {model}: " + ", ".join(f"{b}: {v * 1e3:.1f} ms" for b, v in row["unet_s_per_frame"].items()),
+              file=sys.stderr, flush=True)
+    return {"rows": rows}
+
+
 def markdown_report(report: dict) -> str:
     o, model = report["options"], report["model"]
     snapshot = f" (snapshot after {model['train_steps']} training steps)" if "train_steps" in model else ""
@@ -387,6 +446,19 @@ def markdown_report(report: dict) -> str:
                          f"{r['wall_s']:.2f}", f"{r['wall_ratio_vs_first']:.3f}",
                          "-" if r["psnr"] is None else f"{r['psnr']:.2f}"])
         lines += [markdown_table(["model", "sampling s", "ratio", "wall s (CLI)", "ratio", "PSNR (dB)"], body), ""]
+    if "batches" in s:
+        lines += ["## batches: seconds per frame of one call, by batch size", "",
+                  "The UNet (with its conditioning) on the example clip's input, and the VAE decoder; **bold**: "
+                  "the batch size `sampling.batch_size: 0` (auto) picks on this device.", ""]
+        body = []
+        for m, r in s["batches"]["rows"].items():
+            for part, key, auto in (("UNet", "unet_s_per_frame", "auto_model_batch"),
+                                    ("VAE decoder", "decode_s_per_frame", "auto_decode_batch")):
+                if key in r:
+                    cells = [(f"**{v * 1e3:.1f}**" if int(b) == r[auto] else f"{v * 1e3:.1f}")
+                             for b, v in r[key].items()]
+                    body.append([f"`{m}` {part}", *cells])
+        lines += [markdown_table(["ms per frame at batch", *map(str, BATCHES)], body), ""]
     if "chains" in s:
         ch = s["chains"]
         lines += ["## Chains (issue 8)", "",
@@ -474,7 +546,7 @@ def main(argv: list[str] | None = None) -> dict:
         return result
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    pipe = load_pipeline(args.model, device, dtype) if set(args.sections) - {"scaling", "models"} else None
+    pipe = load_pipeline(args.model, device, dtype) if set(args.sections) - {"scaling", "models", "batches"} else None
     out = Path(args.out)
     report = {
         "command": command_line("benchmarks/speed.py", argv), "machine": machine_info(device),
@@ -497,6 +569,8 @@ def main(argv: list[str] | None = None) -> dict:
             report["sections"]["chains"] = section_chains(pipe, args)
         elif name == "models":
             report["sections"]["models"] = section_models(args)
+        elif name == "batches":
+            report["sections"]["batches"] = section_batches(args)
         sync(device)
         print(f"   {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
         write_json(out.with_suffix(".json"), report)  # partial results survive a long run's interruption

@@ -48,6 +48,15 @@ def run_all(tmp_path):
     assert set(report["sections"]["chains"]["rows"]) == {"L=3 (exact)", "L=2", "independent"}
     assert "Chains (issue 8)" in out.with_suffix(".md").read_text()
 
+    latent = tiny.save_stablevsr_layout(tmp_path / "latent")
+    report = speed.main(["--sections", "batches", "--compare-models", f"{model},{latent}", "--resize", "32",
+                         "--device", "cpu", "--threads", "1", "--out", str(tmp_path / "res" / "batches")])
+    rows = report["sections"]["batches"]["rows"]
+    assert set(rows[str(model)]) == {"model_kind", "input", "unet_s_per_frame", "auto_model_batch"}
+    assert rows[str(latent)]["auto_decode_batch"] == 16 and len(rows[str(latent)]["decode_s_per_frame"]) == 5
+    assert all(v > 0 for v in rows[str(model)]["unet_s_per_frame"].values())
+    assert "ms per frame at batch" in (tmp_path / "res" / "batches.md").read_text()
+
     fig = x0_vs_t.main(["--model", str(model), "--clip", str(clip), "--num-t", "2", "--show-t", "999",
                         "--device", "cpu", "--threads", "1", "--out-dir", str(tmp_path / "docs")])
     assert fig["timesteps"] == [0, 999] and (tmp_path / "docs" / "x0_vs_t_frames.png").exists()

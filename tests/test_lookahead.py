@@ -15,6 +15,7 @@ from pipelines.flow import FlowConfig, compute_clip_flows
 from pipelines.sampler import img2img_timesteps, sample_frames
 from pipelines.tcm import TCMAlignment
 from pipelines.video_pipeline import auto_batch
+from pipelines.windows import Anchored
 
 F, STEPS = 7, 4
 
@@ -118,6 +119,11 @@ def test_tcm_conditions_the_model_only_inside_its_window():
         tcm.begin_step(s, 4)
         states.append(tcm.conditions_model)
     assert states == [False, False, True, True]  # steps without the TCM may be evaluated ahead
+    anchored = Anchored(tcm, {}, 0.5)  # long clips' windows wrap the alignment
+    anchored.begin_step(0, 4)
+    assert not anchored.conditions_model
+    anchored.begin_step(2, 4)
+    assert anchored.conditions_model and not Anchored(Fusion(0.5), {}, 0.5).conditions_model
 
 
 def test_auto_batch_sizes():

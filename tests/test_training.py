@@ -162,9 +162,44 @@ def test_vae_val_clip_is_left_out_of_training_and_validates(tiny_vae, tmp_path, 
     assert all(torch.equal(p[0], f) for p, f in zip(pairs, singles)) and not torch.equal(pairs[0][1], singles[0])
     train_vae.main(["--init", str(tiny_vae), "--val-clip", "held.mp4", "--steps", "1", "--every", "1",
                     "--batch", "2", "--crop", "32", "--threads", "1", "--run", str(tmp_path / "run"),
-                    "--out", str(tmp_path / "export")])
+                    "--out", str(tmp_path / "export"), "--color-jitter", "1.0"])
     out = capsys.readouterr().out
     assert "from " + str(shared) + " (kept.mp4:2)" in out and "validation: 3 frames of held.mp4" in out
+    assert "colour-jittered copies" in out
+    from training import train_latent_unet  # the UNet's --val-clip: the same split
+
+    train_latent_unet.main(["--vae", str(tiny_vae), "--val-clip", "held.mp4", "--steps", "1", "--every", "1",
+                            "--batch", "2", "--crop", "32", "--blocks", "32,32,32", "--threads", "1",
+                            "--run", str(tmp_path / "unet"), "--out", str(tmp_path / "model")])
+    out = capsys.readouterr().out
+    assert "(1 files)" in out and "validation: 3 frames of held.mp4 (left out of training)" in out
     with pytest.raises(SystemExit, match="no frames"):
         train_vae.main(["--init", str(tiny_vae), "--val-clip", "absent.mp4", "--steps", "1",
                         "--run", str(tmp_path / "run2"), "--out", str(tmp_path / "export2")])
+
+
+def test_color_jitter_turns_hue_and_scales_saturation_keeping_luma():
+    """Reference kind: closed form. In YIQ, a hue turn of pi negates the chroma (I, Q): grey stays grey,
+    pure red's chroma flips; a saturation gain s scales chroma by s; luma Y never changes."""
+    import math
+
+    import numpy as np
+    from training import train_vae
+
+    yiq = train_vae.YIQ
+    np.testing.assert_allclose(train_vae.color_matrix(0.0, 1.0), np.eye(3), atol=1e-12)
+    red = np.array([1.0, 0.0, 0.0])
+    for hue, sat in ((math.pi, 1.0), (0.7, 1.6), (-2.0, 0.5)):
+        out = yiq @ train_vae.color_matrix(hue, sat) @ red
+        y, i, q = yiq @ red
+        c, s_ = math.cos(hue), math.sin(hue)
+        np.testing.assert_allclose(out, [y, sat * (c * i - s_ * q), sat * (s_ * i + c * q)], atol=1e-12)
+    grey = torch.full((3, 4, 4), 0.2)
+    torch.testing.assert_close(train_vae.color_jitter(grey, np.random.default_rng(0)), grey, atol=1e-6, rtol=0)
+    # pixels stay in [-1, 1] and the crops' colour changes with probability jitter
+    pool = [torch.rand(3, 40, 40, generator=torch.Generator().manual_seed(0)) * 2 - 1]
+    plain = train_vae.sample_crops(pool, np.random.default_rng(3), 4, 16)
+    same = train_vae.sample_crops(pool, np.random.default_rng(3), 4, 16, jitter=0.0)
+    jittered = train_vae.sample_crops(pool, np.random.default_rng(3), 4, 16, jitter=1.0)
+    assert torch.equal(plain, same)
+    assert jittered.abs().max() <= 1 and not torch.allclose(jittered, plain, atol=1e-2)

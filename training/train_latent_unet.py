@@ -32,7 +32,7 @@ from training.latent_parts import (SCALE, empty_prompt_embedding, hr_lr_batch, s
                                    tiny_text_encoder, unet_config)
 from training.common import (Run, ema_update, optimizer_step, parser, plot_log, prefetch, replace_dir,  # noqa: E402
                              setup, step_randomness)
-from training.train_vae import image_pool, pool_to, psnr, shared_pool  # noqa: E402
+from training.train_vae import image_pool, pool_to, psnr, shared_pool, validation_frames  # noqa: E402
 
 
 def export(ema: UNet2DConditionModel, vae_dir: Path, enc, tok, out: Path, meta: dict) -> None:
@@ -72,6 +72,8 @@ def main(argv=None) -> None:
     p.add_argument("--init", type=Path, default=None,
                    help="a model folder to continue from (its unet/, text_encoder/, tokenizer/)")
     p.add_argument("--no-shared", action="store_true", help="skip ../shared/clips/train (tests)")
+    p.add_argument("--val-clip", default=None, help="validate on every 8th frame of this ../shared/clips/train "
+                   "clip (a file name), left out of training; default: wolf.mp4's last frames")
     args = p.parse_args(argv)
 
     device = setup(args)
@@ -97,10 +99,11 @@ def main(argv=None) -> None:
     alphas = sched.alphas_cumprod.to(device)
 
     base, val = image_pool()
-    extra, used = ([], []) if args.no_shared else shared_pool()
+    extra, used = ([], []) if args.no_shared else shared_pool(exclude=args.val_clip)
+    val, val_name = validation_frames(args.val_clip, val)
     pool = pool_to(base + extra, device, args.workers > 0)
     print(f"data: {len(base)} skimage/wolf images, {len(extra)} from ../shared/clips/train "
-          f"({len(used)} files), procedural textures; validation: {len(val)} held-out wolf frames", flush=True)
+          f"({len(used)} files), procedural textures; validation: {len(val)} {val_name}", flush=True)
     val_hr = torch.stack([bicubic_resize(v, (256, 448))[:, 64:192, 160:288] for v in val]).clamp(-1, 1)
     val_lr = downscale(val_hr, SCALE).clamp(-1, 1)
     run = Run(args.run, {"model": unet, "ema": ema}, opt,
@@ -142,7 +145,7 @@ def main(argv=None) -> None:
                 train_crop=args.crop, train_seconds=round(run.seconds()), train_device=str(device)))
             plot_log(run.log_csv, args.run / "unet-loss.png", "v-prediction MSE", "latent UNet training loss",
                      [("val_psnr_db", "one-call x0 at t=T, decoded"), ("val_bicubic_db", "bicubic")], "PSNR (dB)",
-                     "held-out wolf frames (EMA)")
+                     f"{val_name} (EMA)")
             continue
         run.writer.writerow(row)
     run.close()
