@@ -203,3 +203,17 @@ def test_color_jitter_turns_hue_and_scales_saturation_keeping_luma():
     jittered = train_vae.sample_crops(pool, np.random.default_rng(3), 4, 16, jitter=1.0)
     assert torch.equal(plain, same)
     assert jittered.abs().max() <= 1 and not torch.allclose(jittered, plain, atol=1e-2)
+
+
+def test_vae_from_scratch_takes_its_norm_groups(tmp_path):
+    """--norm-groups reaches the exported AutoencoderKL (8 groups keep 4 channels per group in a
+    32-channel stage; 32 groups there normalise every channel alone and grey out uniform colours)."""
+    from diffusers import AutoencoderKL
+    from training import train_vae
+
+    train_vae.main(["--blocks", "8,16,16", "--layers", "1", "--no-mid-attention", "--norm-groups", "4",
+                    "--steps", "1", "--every", "1", "--batch", "2", "--crop", "32", "--threads", "1",
+                    "--color-jitter", "0.5", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "export")])
+    vae = AutoencoderKL.from_pretrained(tmp_path / "export")
+    assert vae.config.norm_num_groups == 4 and vae.encoder.conv_norm_out.num_groups == 4
+    assert tuple(vae.config.block_out_channels) == (8, 16, 16)

@@ -38,10 +38,10 @@ SHARED_TRAIN = SHARED / "clips" / "train"
 EVAL_CLIP_NAME = "woman-running"
 
 
-def vae_config(blocks=(32, 64, 64), mid_attention: bool = True, layers: int = 1) -> dict:
+def vae_config(blocks=(32, 64, 64), mid_attention: bool = True, layers: int = 1, groups: int = 32) -> dict:
     return dict(
         in_channels=3, out_channels=3, latent_channels=4, layers_per_block=layers,
-        block_out_channels=tuple(blocks), norm_num_groups=32, sample_size=256,
+        block_out_channels=tuple(blocks), norm_num_groups=groups, sample_size=256,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
         mid_block_add_attention=mid_attention,
     )
@@ -190,6 +190,8 @@ def main(argv=None) -> None:
     p.add_argument("--layers", type=int, default=1, help="resnet layers per block (the decoder has one more)")
     p.add_argument("--no-mid-attention", dest="mid_attention", action="store_false")
     p.add_argument("--loss", default="l1", choices=("l1", "l1+mse", "mse"))
+    p.add_argument("--norm-groups", type=int, default=32,
+                   help="GroupNorm groups (32 with a 32-channel stage normalises every channel on its own)")
     p.add_argument("--init", type=Path, default=None, help="an exported VAE folder to start from (fine-tuning)")
     p.add_argument("--decoder-only", action="store_true",
                    help="train only the decoder: the encoder, and so the latents a UNet was trained on, stay fixed")
@@ -206,7 +208,8 @@ def main(argv=None) -> None:
         arch = {k: v for k, v in AutoencoderKL.load_config(args.init).items() if not k.startswith("_")}
         vae = AutoencoderKL.from_pretrained(args.init, torch_dtype=torch.float32).to(device)
     else:
-        arch = vae_config(tuple(int(b) for b in args.blocks.split(",")), args.mid_attention, args.layers)
+        arch = vae_config(tuple(int(b) for b in args.blocks.split(",")), args.mid_attention, args.layers,
+                          args.norm_groups)
         vae = AutoencoderKL(**arch).to(device)
     ema = AutoencoderKL(**arch).to(device).requires_grad_(False)
     ema.load_state_dict(vae.state_dict())
