@@ -95,3 +95,32 @@ def test_consistency_benchmark_has_the_tcm_rows_for_a_model_with_a_controlnet(tm
         assert tcm_gap("1") > 5e-3 and tcm_gap("0") < 1e-5
     finally:
         torch.set_num_threads(threads)
+
+
+def test_vae_colour_benchmark_measures_error_shares_and_uniform_colours(tmp_path):
+    """benchmarks/vae_colour.py on a tiny VAE; the error share is checked against its definition
+    (reference kind: closed form, recomputed here from the same reconstruction)."""
+    import vae_colour
+
+    folder = tmp_path / "vae"
+    tiny.vae(down=3).save_pretrained(folder)
+    report = vae_colour.main([str(folder), "--held-out", "", "--resize", "32", "--threads", "1",
+                              "--out", str(tmp_path / "res" / "vc")])
+    r = report["vaes"][str(folder)]
+    assert set(r["uniform"]) == {"red", "green", "blue", "light grey", "dark grey"}
+    assert 0 <= r["saturated_error_share"] <= 1 and 0 < r["saturated_pixel_share"] < 1
+    assert "held_out_psnr_db" not in r and (tmp_path / "res" / "vc.json").exists()
+    from diffusers import AutoencoderKL
+    from common import EXAMPLE_GT, load_clip, vae_roundtrip
+
+    gt = load_clip(EXAMPLE_GT, 4, max_frames=16, resize=32).gt
+    with torch.no_grad():
+        rec = vae_roundtrip(AutoencoderKL.from_pretrained(folder).eval(), gt, 4)
+    err = ((rec - gt) ** 2).mean(1)
+    rgb = (gt + 1) / 2
+    sat = (rgb.max(1).values - rgb.min(1).values) / rgb.max(1).values.clamp_min(1e-6) > 0.3
+    assert abs(r["saturated_error_share"] - float((err * sat).sum() / err.sum())) < 1e-4
+    assert abs(r["psnr_db"] - float(10 * torch.log10(4 / ((rec - gt) ** 2).mean()))) < 1e-3
+    # saturation: pure red is 1, greys 0
+    sat = vae_colour.saturation(torch.tensor([[1.0, -1, -1], [0.2, 0.2, 0.2]]).view(2, 3, 1, 1))
+    torch.testing.assert_close(sat.flatten(), torch.tensor([1.0, 0.0]))
