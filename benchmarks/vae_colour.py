@@ -23,7 +23,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -35,11 +34,6 @@ UNIFORM = {"red": (1, -1, -1), "green": (-1, 1, -1), "blue": (-1, -1, 1), "light
 SATURATED = 0.3
 
 
-def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
-    """10 log10(2^2 / MSE) for values in [-1, 1]."""
-    return float(10 * torch.log10(4 / ((a - b) ** 2).mean()))
-
-
 def saturation(x: torch.Tensor) -> torch.Tensor:
     """HSV saturation (max - min) / max of (N, 3, H, W) frames in [-1, 1] -> (N, H, W)."""
     rgb = (x + 1) / 2
@@ -48,7 +42,10 @@ def saturation(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def measure(vae, gt: torch.Tensor, held_out: torch.Tensor | None) -> dict:
+def measure(vae, gt: torch.Tensor, held_out: tuple[torch.Tensor, torch.Tensor] | None) -> dict:
+    """``held_out``: (frames, colour-jittered copies), as training/train_vae.validation_tensors makes them."""
+    from training.train_vae import psnr as psnr_db  # 10 log10(2^2 / MSE) over the whole batch
+
     rec = vae_roundtrip(vae, gt, 1)
     err = ((rec - gt) ** 2).mean(1)
     sat = saturation(gt) > SATURATED
@@ -59,11 +56,8 @@ def measure(vae, gt: torch.Tensor, held_out: torch.Tensor | None) -> dict:
            "saturated_error_share": float((err * sat).sum() / err.sum()),
            "uniform": {k: [round(v, 3) for v in o.tolist()] for k, o in zip(UNIFORM, out)}}
     if held_out is not None:
-        from training.train_vae import color_jitter
-
-        rng = np.random.default_rng(12345)  # the copies train_vae.py validates on
-        jittered = torch.stack([color_jitter(v, rng) for v in held_out])
-        res["held_out_psnr_db"] = psnr_db(vae_roundtrip(vae, held_out, 1), held_out)
+        plain, jittered = held_out
+        res["held_out_psnr_db"] = psnr_db(vae_roundtrip(vae, plain, 1), plain)
         res["held_out_jittered_psnr_db"] = psnr_db(vae_roundtrip(vae, jittered, 1), jittered)
     return res
 
@@ -80,14 +74,12 @@ def main(argv: list[str] | None = None) -> dict:
     from diffusers import AutoencoderKL
 
     sys.path.insert(0, str(ROOT))
-    from pipelines.degradation import bicubic_resize
-    from training.train_vae import SHARED_TRAIN, clip_frames
+    from training.train_vae import SHARED_TRAIN, clip_frames, validation_tensors
 
     gt = load_clip(EXAMPLE_GT, 4, max_frames=16, resize=args.resize).gt
     held = None
     if args.held_out and (SHARED_TRAIN / args.held_out).exists():
-        held = torch.stack([bicubic_resize(v, (256, 448)) for v in clip_frames(SHARED_TRAIN / args.held_out)])
-        held = held.clamp(-1, 1)
+        held = validation_tensors(clip_frames(SHARED_TRAIN / args.held_out))  # what train_vae.py validates on
     report = {"example_clip": str(EXAMPLE_GT), "held_out": args.held_out if held is not None else None, "vaes": {}}
     for path in args.vaes:
         vae = AutoencoderKL.from_pretrained(path, torch_dtype=torch.float32).eval()

@@ -177,7 +177,7 @@ def sample_frames(
         with timer("model"):
             return denoiser(xi, t, concat=cond, **extra)
 
-    def _read_and_evaluate(chunk: list[int], t) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_and_evaluate(chunk: list[int], t) -> tuple[torch.Tensor, torch.Tensor]:
         host_idx = torch.tensor(chunk)
         xi = x[host_idx.to(x.device)].to(device)  # frames not yet stepped in this step: their current samples
         return xi, evaluate(xi, host_idx, t, {})
@@ -207,7 +207,7 @@ def sample_frames(
             # the model's inputs do not depend on the sweep: evaluate the frames in visiting order,
             # batch_size at a time, ahead of their turn (the same outputs, far fewer calls)
             order = [v.frame for position in positions for v in position]
-            ahead = _Ahead(order, batch_size, lambda chunk, t=t: _read_and_evaluate(chunk, t))
+            ahead = _Ahead(order, batch_size, lambda chunk, t=t: read_and_evaluate(chunk, t))
         # A fresh buffer every step: multistep schedulers keep a reference to the output they are
         # given as history, so reusing one buffer would overwrite their past steps.
         out_buf = None if per_batch else torch.empty(x.shape, dtype=torch.float32, device=x.device)

@@ -41,7 +41,8 @@ def auto_batch(device, pixels: int, accelerator: int = 8) -> int:
     """Frames per call for batch size 0 ("auto"): ``accelerator`` on a GPU; on the CPU as many frames
     of ``pixels`` as fit ``AUTO_BATCH_PIXELS``, between 1 and 16.
 
-    Measured on a 2-core x86 CPU (README, "Batch sizes"): batching 8 frames of 64x64 latents runs the
+    Measured on a 2-core x86 CPU (``benchmarks/speed.py --sections batches``; README, "Batched model
+    calls in the exact sweep"): batching 8 frames of 64x64 latents runs the
     latent UNet 1.6x faster per frame than one at a time, but batching 8 frames of 256x256 runs the
     pixel UNet and the VAE decoder 1.6x and 1.7x *slower* per frame (their activations leave the caches).
     """

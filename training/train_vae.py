@@ -128,6 +128,14 @@ def validation_frames(val_clip: str | None, wolf: list[torch.Tensor]) -> tuple[l
     return val, f"frames of {val_clip} (left out of training)"
 
 
+def validation_tensors(frames: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validation frames resized to 256x448 (N, 3, 256, 448), and colour-jittered copies of them that
+    are the same every time (a fixed seed)."""
+    plain = torch.stack([bicubic_resize(v, (256, 448)) for v in frames]).clamp(-1, 1)
+    rng = np.random.default_rng(12345)
+    return plain, torch.stack([color_jitter(v, rng) for v in plain])
+
+
 def sample_crops(pool, rng: np.random.Generator, batch: int, crop: int, jitter: float = 0.0) -> torch.Tensor:
     """(B, 3, crop, crop) in [-1, 1]: random rescale (0.25..1), crop, flip, rotation; some procedural;
     with probability ``jitter`` a :func:`color_jitter` (no extra draws at 0, so older runs replay).
@@ -226,9 +234,7 @@ def main(argv=None) -> None:
     print(f"data: {len(base)} skimage/wolf images, {len(extra)} from {SHARED_TRAIN} "
           f"({', '.join(used) if used else 'absent'}), procedural textures; validation: {len(val)} "
           f"{val_name}", flush=True)
-    val_x = torch.stack([bicubic_resize(v, (256, 448)) for v in val]).clamp(-1, 1)
-    val_rng = np.random.default_rng(12345)  # the same colour-jittered copies of the held-out frames every time
-    val_c = torch.stack([color_jitter(v, val_rng) for v in val_x])
+    val_x, val_c = validation_tensors(val)
     run = Run(args.run, {"model": vae, "ema": ema}, opt, ["step", "loss", "seconds", "val_psnr_db", "latent_std",
                                                            "val_color_psnr_db"])
     print(f"params={sum(x.numel() for x in vae.parameters()) / 1e6:.2f}M "
