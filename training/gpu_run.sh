@@ -7,9 +7,10 @@
 # Results: $OUT (default runs/gpu/out): the model folder as model.tar.part-* (weights stored as fp16),
 # the preview-tuned ControlNet, logs and loss curves. Minutes per stage: M1 M2 M3 M4 (env).
 # INIT=weights/latent-x4 continues every part from that model folder instead of starting from scratch
-# (one candidate per stage then; it keeps the shipped VAE's 32 norm groups and so its greyed colours:
-# prefer a run from scratch, which trains three 8-group, colour-jittered VAE candidates). The first lease (which used CPU threads for the crops) was data-bound:
-# 9 VAE steps/s per process with three sharing 16 cores, 1.3 UNet steps/s in stage 2, 11 alone.
+# (one candidate per stage then, the VAE with the shipped recipe: MSE, colour jitter; its architecture,
+# 8 norm groups since the H100 lease, comes from the folder). The first lease (CPU threads cutting the
+# crops) ran 9 VAE steps/s per process with three sharing 16 cores; the H100 lease (crops cut on the GPU)
+# 7 VAE steps/s per process (three at once) and 8 UNet steps/s (two at once): per-crop Python work bounds it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu/out}
@@ -47,8 +48,8 @@ log "card: $($py -c 'import torch; print(torch.cuda.get_device_name(0))')"
 (timeout 200 $py -m pytest -q tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1; echo "gpu tests exit $?" >> "$OUT/gpu_tests.log") &
 vae_args="--blocks 32,64,128 --layers 2 --batch 32 --crop 128 --every 1000 --minutes $M1 --val-clip $VAL_CLIP $ondev"
 if [ -n "${INIT:-}" ]; then
-  timeout 260 $py training/train_vae.py --init "$INIT/vae" --lr 3e-4 --batch 32 --crop 128 --every 1000 --minutes $M1 \
-    --val-clip $VAL_CLIP $ondev --run $R/vae-init --out $R/vae-init/export > $R/vae-init.log 2>&1
+  timeout $(( ${M1%.*} * 60 + 120 )) $py training/train_vae.py --init "$INIT/vae" --lr 3e-4 --batch 32 --crop 128 \
+    --every 1000 --minutes $M1 --loss mse --color-jitter 0.5 --val-clip $VAL_CLIP $ondev --run $R/vae-init --out $R/vae-init/export > $R/vae-init.log 2>&1
   VAE=$R/vae-init
 else
   # The shipped VAE (32 GroupNorm groups, no colour augmentation) pulls saturated colours to grey: with a
