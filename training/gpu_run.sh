@@ -47,17 +47,18 @@ log "card: $($py -c 'import torch; print(torch.cuda.get_device_name(0))')"
 # ---- stage 1: GPU tests + three VAE candidates (decoders cheap enough for the 2-core CPU: <= 0.2 s at 256^2)
 (timeout 200 $py -m pytest -q tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1; echo "gpu tests exit $?" >> "$OUT/gpu_tests.log") &
 vae_args="--blocks 32,64,128 --layers 2 --batch 32 --crop 128 --every 1000 --minutes $M1 --val-clip $VAL_CLIP $ondev"
+t1=$(( ${M1%.*} * 60 + 120 ))  # stage 1's limit: its minutes plus two for loading, validation and export
 if [ -n "${INIT:-}" ]; then
-  timeout $(( ${M1%.*} * 60 + 120 )) $py training/train_vae.py --init "$INIT/vae" --lr 3e-4 --batch 32 --crop 128 \
-    --every 1000 --minutes $M1 --loss mse --color-jitter 0.5 --val-clip $VAL_CLIP $ondev --run $R/vae-init --out $R/vae-init/export > $R/vae-init.log 2>&1
+  # (--init takes the architecture from the folder: vae_args' --blocks and --layers are ignored)
+  timeout $t1 $py training/train_vae.py --init "$INIT/vae" $vae_args --lr 3e-4 --loss mse --color-jitter 0.5 \
+    --run $R/vae-init --out $R/vae-init/export > $R/vae-init.log 2>&1
   VAE=$R/vae-init
 else
-  # The shipped VAE (32 GroupNorm groups, no colour augmentation) pulls saturated colours to grey: with a
+  # The H200 lease's VAE (32 GroupNorm groups, no colour augmentation) pulled saturated colours to grey: with a
   # 32-channel stage, 32 groups normalise each channel on its own, so a uniform crop loses its colour. On
   # this CPU, 5 minutes from scratch with colour jitter: 8 groups 18.9 dB held out against 15.3 with 32.
   cj="--no-mid-attention --color-jitter 0.5"
   # Three 8-group candidates that differ in the loss (the first lease: MSE beat L1 by 3 dB with mid attention)
-  t1=$(( ${M1%.*} * 60 + 120 ))
   timeout $t1 $py training/train_vae.py $vae_args $cj --norm-groups 8 --run $R/vae-g8 --out $R/vae-g8/export \
     > $R/vae-g8.log 2>&1 &
   timeout $t1 $py training/train_vae.py $vae_args $cj --norm-groups 8 --loss l1+mse --run $R/vae-g8mse \
