@@ -59,11 +59,12 @@ class Clip:
 
 
 def project_defaults() -> dict:
-    """Steps, strength and fusion weight of configs/default.yaml: the benchmarks measure the defaults."""
+    """Steps, strength, fusion weight and back-projection of configs/default.yaml: the benchmarks measure the defaults."""
     from pipelines.config import load_config
 
     cfg = load_config(ROOT / "configs" / "default.yaml")
-    return dict(steps=cfg.sampling.num_inference_steps, strength=cfg.sampling.strength, weight=cfg.alignment.weight)
+    return dict(steps=cfg.sampling.num_inference_steps, strength=cfg.sampling.strength, weight=cfg.alignment.weight,
+                back_projection=cfg.sampling.back_projection)
 
 
 DEFAULTS = project_defaults()

@@ -57,6 +57,9 @@ def build_methods(weight: float, num_frames: int, tcm: bool = False, preview: bo
     methods += [Method("independent"),
                fusion("forward-fusion", weight, direction="forward")]
     methods += [fusion(default_method_name(w), w) for w in sorted({0.3, 0.5, 0.8, weight})]
+    # the same without back-projection (sampling.back_projection; it is on in the rows above when the run's is)
+    methods += [Method("independent-no-bp", options={"back_projection": False}),
+                fusion(f"{default_method_name(weight)}-no-bp", weight, back_projection=False)]
     methods += [
         fusion(f"{default_method_name(weight)}-linear", weight, "linear"),
         fusion("bidir-fusion-passes2", weight, passes=2),
@@ -72,6 +75,8 @@ def build_methods(weight: float, num_frames: int, tcm: bool = False, preview: bo
 
     if tcm:
         methods += [with_tcm("tcm"), with_tcm(f"tcm+fusion-w{weight:g}", fusion=weight)]
+        methods.append(Method("tcm-no-bp", options={"back_projection": False},
+                              alignment={"mode": "tcm", "scale": tcm_scale}))
         if preview:
             methods.append(with_tcm("tcm-preview", decoder="preview"))
             # which steps can skip the TCM (alignment.tcm_start / tcm_end): only the first or the last half
@@ -222,6 +227,8 @@ def parse_args(argv):
     p.add_argument("--strength", type=float, default=DEFAULTS["strength"])
     p.add_argument("--weight", type=float, default=DEFAULTS["weight"], help="fusion weight of the default method and variants")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--back-projection", choices=("on", "off"), default="on" if DEFAULTS["back_projection"] else "off",
+                   help="sampling.back_projection of every row but the -no-bp ones (default: configs/default.yaml)")
     p.add_argument("--batch-size", type=int, default=0, help="frames per model call (0: auto, as the job)")
     p.add_argument("--tcm-scale", type=float, default=1.0,
                    help="ControlNet conditioning scale of every tcm row (alignment.tcm_scale)")
@@ -252,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
     if scale != pipe.scale:
         raise ValueError(f"--scale {args.scale} does not match the model's scale {pipe.scale}")
     base = SamplingOptions(num_inference_steps=args.steps, strength=args.strength, seed=args.seed,
-                           batch_size=args.batch_size)
+                           batch_size=args.batch_size, back_projection=args.back_projection == "on")
     default = default_method_name(args.weight)
     clips = [load_clip(c, scale, start=args.start, max_frames=args.max_frames, stride=args.stride,
                        resize=args.resize) for c in args.clips]
@@ -303,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "command": cmd, "machine": info, "model": model_info(args.model),
         "options": {"num_inference_steps": args.steps, "strength": args.strength, "fusion_weight": args.weight,
-                    "tcm_scale": args.tcm_scale,
+                    "tcm_scale": args.tcm_scale, "back_projection": args.back_projection == "on",
                     "seed": args.seed, "batch_size": args.batch_size, "scale": scale, "dtype": args.dtype},
         "default_method": default, "ewarp_unit_in_tables": EWARP_UNIT,
         "methods_spec": [method_dict(m) for m in methods], "clips": per_clip,
@@ -354,7 +361,9 @@ def markdown_report(report: dict, per_clip: list[dict], summary: dict, methods: 
         f"- clips: " + "; ".join(f"{c['clip']} ({c['frames']} frames, GT {c['gt_size'][1]}x{c['gt_size'][0]})"
                                  for c in per_clip),
         f"- base options: {o['num_inference_steps']} steps, strength {o['strength']}, fusion weight "
-        f"{o['fusion_weight']}, seed {o['seed']}, {o['dtype']}; default method `{report['default_method']}`",
+        f"{o['fusion_weight']}, seed {o['seed']}, {o['dtype']}, back-projection "
+        f"{'on' if o.get('back_projection') else 'off'} (not in the -no-bp rows); default method "
+        f"`{report['default_method']}`",
         "- E_warp (Lai et al. 2018) on [-1, 1] values, with DIS flows and forward-backward occlusion masks computed "
         "on the ground truth, shown **x 1000**; tOF in pixels (DIS flows of the output vs the GT's); sharpness "
         "ratio = mean luma gradient of the output / of the GT; s/frame = wall time of the pipeline call / frames.",

@@ -93,6 +93,9 @@ class SamplingConfig:
     noise_level: int = 20  # latent upscaler only
     batch_size: int = 0  # frames per model call; 0 = auto (8 on a GPU, CPU: see video_pipeline.auto_batch)
     decode_batch_size: int = 0  # frames per VAE call; 0 = auto, as batch_size
+    # super-resolution models: add U(y - D(x)) so the output downscales to its input, the correction
+    # averaged along the flow with the neighbours' (pipelines/backproject.py); no effect at scale 1
+    back_projection: bool = False
 
 
 @dataclass
@@ -340,7 +343,8 @@ def sampling_options(cfg: DictConfig) -> SamplingOptions:
         eta=cfg.scheduler.eta, prompt=s.prompt, negative_prompt=s.negative_prompt,
         guidance_scale=s.guidance_scale, noise_level=s.noise_level, direction=sc.direction, start=sc.start,
         passes=sc.passes, chain_length=sc.chain_length or None, batch_size=s.batch_size,
-        decode_batch_size=s.decode_batch_size, offload_state=cfg.runtime.offload_state)
+        decode_batch_size=s.decode_batch_size, offload_state=cfg.runtime.offload_state,
+        back_projection=s.back_projection)
 
 
 def flow_config(cfg: DictConfig) -> FlowConfig:

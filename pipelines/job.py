@@ -501,11 +501,9 @@ def run_clip(cfg: DictConfig, input=None, output=None, *, config_path=DEFAULT_CO
             inputs[torch.arange(a, min(n, a + CHUNK))] = model_input(a, min(n, a + CHUNK))
         result = pipe(inputs, options=sampling_options(cfg), alignment=alignment, flow=flow_cfg, progress=bar.update,
                       timer=timer, checkpoint=ckpt, state_dir=state_dir)
-        for a in range(0, n, CHUNK):
-            b = min(n, a + CHUNK)
-            with timer("vae" if pipe.vae is not None else "decode"):
-                u8 = pipe.decode(result.state[a:b], inputs[a:b], s.decode_batch_size, as_uint8=True)
-            yield a, u8[:, :out_size[0], :out_size[1]], inputs[a:b]
+        for a, u8 in pipe.iter_output(result.state, inputs, s.decode_batch_size, chunk=CHUNK, back_projection=s.back_projection,
+                                      flows=result.flows, as_uint8=True, timer=timer):
+            yield a, u8[:, :out_size[0], :out_size[1]], inputs[a:a + len(u8)]
 
     # the writers and the scores, fed chunk by chunk
     o = cfg.output
@@ -569,7 +567,7 @@ def run_clip(cfg: DictConfig, input=None, output=None, *, config_path=DEFAULT_CO
 
     timings = {"total": round(time.perf_counter() - t0, 4)}
     timings.update({k: 0.0 for k in ("model", "flow", "align", "scheduler", "vae" if pipe.vae else "decode",
-                                      "io", "load", "metrics")})
+                                      "backproject", "io", "load", "metrics")})
     timings.update(timer.report())
     video = dict(fps=fps, codec="h264", pix_fmt="yuv420p", crf=o.crf, encoded_size=list(written.size),
                  padded=written.padded, audio="copied" if written.audio is None else written.audio,

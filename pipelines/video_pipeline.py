@@ -69,6 +69,7 @@ class SamplingOptions:
     batch_size: int = 0  # frames per model call; 0 = auto_batch
     decode_batch_size: int = 0  # frames per VAE call; 0 = auto_batch
     offload_state: bool = False  # keep per-frame state on the host, move only the batch to the device
+    back_projection: bool = False  # SR models: the output made to agree with its input (pipelines.backproject)
 
 
 @dataclass
@@ -184,26 +185,70 @@ class VideoPipeline:
                 for k in range(len(chunk))]))
         return torch.cat(out) * sf
 
+    def _decode_chunk(self, xi: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """Samples (k, C, h, w) of input ``frames`` (k, 3, h', w') -> float RGB (k, 3, H, W) on the device."""
+        xi = xi.to(self.device)
+        if self.kind in ("upscale", "img2img"):
+            img = self.vae.decode(xi.to(self.vae.dtype) / self.vae.config.scaling_factor).sample.float()
+        elif self.kind == "residual_sr":
+            img = self.conditioning_frames(frames).to(xi.device) + self.residual_scale * xi.float()
+        else:
+            img = xi.float()
+        return img.clamp(-1, 1)
+
+    @staticmethod
+    def _finish(img: torch.Tensor, as_uint8: bool) -> torch.Tensor:
+        img = img.cpu()
+        return ((img + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1) if as_uint8 else img
+
+    @torch.no_grad()
     def decode(self, x: torch.Tensor, frames: torch.Tensor, batch: int, as_uint8: bool = False) -> torch.Tensor:
         """Samples (F, C, h, w) -> RGB frames (F, 3, H, W) in [-1, 1] (or (F, H, W, 3) uint8), in chunks.
 
         ``frames`` are the input frames; residual models add their bicubic upscale back per chunk.
         ``batch``: frames per decoder call (0: :func:`auto_batch` for the output size).
         """
-        out = []
         batch = batch or auto_batch(self.device, self.pixels(frames, True))
-        for lo in range(0, len(x), batch):
-            xi = x[lo:lo + batch].to(self.device)
-            if self.kind in ("upscale", "img2img"):
-                img = self.vae.decode(xi.to(self.vae.dtype) / self.vae.config.scaling_factor).sample.float()
-            elif self.kind == "residual_sr":
-                cond = self.conditioning_frames(frames[lo:lo + batch]).to(xi.device)
-                img = cond + self.residual_scale * xi.float()
-            else:
-                img = xi.float()
-            img = img.clamp(-1, 1).cpu()
-            out.append(((img + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1) if as_uint8 else img)
-        return torch.cat(out)
+        return torch.cat([self._finish(self._decode_chunk(x[lo:lo + batch], frames[lo:lo + batch]), as_uint8)
+                          for lo in range(0, len(x), batch)])
+
+    @torch.no_grad()
+    def iter_output(self, x, frames, batch: int = 0, *, chunk: int = 0, back_projection: bool = False,
+                    flows: ClipFlows | None = None, as_uint8: bool = False, timer=None):
+        """Decode samples ``x`` of input ``frames`` and yield ``(first frame, RGB frames)`` in order, ``chunk``
+        frames at a time (0: one decoder batch), ``batch`` frames per decoder call (0: auto); ``x`` and
+        ``frames`` may be FileTensors.
+
+        ``back_projection`` (super-resolution models): each output is made to agree with its input
+        (:mod:`pipelines.backproject`), its correction averaged along ``flows`` when given.
+        """
+        timer = timer or NullTimer()
+        batch = batch or auto_batch(self.device, self.pixels(frames[:1], True))
+        chunk = chunk or batch
+        stage = "vae" if self.vae is not None else "decode"
+
+        def decoded():
+            for lo in range(0, len(x), chunk):
+                fi, parts = frames[lo:lo + chunk], []
+                for a in range(0, len(fi), batch):
+                    with timer(stage):
+                        parts.append(self._decode_chunk(x[lo + a:lo + min(a + batch, len(fi))], fi[a:a + batch]))
+                img = torch.cat(parts)
+                yield lo, img, fi.to(img.device)
+
+        if not back_projection or self.scale == 1:
+            for lo, img, _ in decoded():
+                yield lo, self._finish(img, as_uint8)
+            return
+        from .backproject import back_project
+
+        chunks = back_project(decoded(), self.scale, flows)
+        while True:
+            with timer("backproject"):
+                item = next(chunks, None)
+            if item is None:
+                return
+            yield item[0], self._finish(item[1], as_uint8)
 
     # ------------------------------------------------------------------ the call
     @torch.no_grad()
@@ -330,7 +375,7 @@ class VideoPipeline:
             progress=progress, timer=timer, chain_log=chain_log, checkpoint=checkpoint, device=dev)
         if state_dir is not None:  # the caller decodes chunk by chunk: pipe.decode(state[a:b], frames[a:b], ...)
             return Result(None, flows, timer.report(), None, state=x.final())
-        with timer("vae" if self.vae is not None else "decode"):
-            out = self.decode(x, frames, o.decode_batch_size, output_uint8)
+        out = torch.cat([img for _, img in self.iter_output(x, frames, o.decode_batch_size, flows=flows, timer=timer,
+                                                            back_projection=o.back_projection, as_uint8=output_uint8)])
         samples = x[len(x) - keep_last:].float().cpu().clone() if keep_last else None
         return Result(out, flows, timer.report(), samples)
