@@ -125,3 +125,25 @@ def test_vae_colour_benchmark_measures_error_shares_and_uniform_colours(tmp_path
     # saturation: pure red is 1, greys 0
     sat = vae_colour.saturation(torch.tensor([[1.0, -1, -1], [0.2, 0.2, 0.2]]).view(2, 3, 1, 1))
     torch.testing.assert_close(sat.flatten(), torch.tensor([1.0, 0.0]))
+
+
+def test_backprojection_benchmark_corrects_one_output_three_ways(tmp_path):
+    import backprojection
+
+    threads = torch.get_num_threads()
+    try:
+        model = tiny.save_residual_sr(tmp_path / "m", scale=4)
+        clip = tmp_path / "clip"
+        write_frames(clip, to_uint8(tiny.textured_clip(3, 32, shift=(1.0, 0.5))))
+        report = backprojection.main(["--models", str(model), "--clips", str(clip), "--steps", "1", "--threads", "1",
+                                      "--out", str(tmp_path / "bp")])
+    finally:
+        torch.set_num_threads(threads)
+    rows = {(r["method"], r["correction"]): r for r in report["rows"]}
+    assert set(rows) == {("bicubic", None), ("independent", "none"), ("independent", "per frame"),
+                         ("bidir-fusion-w0.3", "none"), ("bidir-fusion-w0.3", "per frame"),
+                         ("bidir-fusion-w0.3", "flow-averaged")}
+    # the three corrections of one output give three different outputs
+    f = [rows[("bidir-fusion-w0.3", how)]["psnr"] for how in ("none", "per frame", "flow-averaged")]
+    assert len({round(v, 6) for v in f}) == 3
+    assert (tmp_path / "bp.md").read_text().count("\n|") >= 7
