@@ -4,6 +4,8 @@
 * every tensor a model sees is on the configured device;
 * no device-to-host copy (a host sync) inside the sampler's per-frame loop.
 """
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -17,20 +19,22 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 DEVICE = "cuda"
 
 
-def _pipes(tmp_path_factory):
-    """(name, pipeline factory for a dtype, input clip, alignment factory) for each model kind."""
+def _pipes(tmp_path_factory, device=None):
+    """(name, pipeline factory for a dtype, input clip, alignment factory) for each model kind on
+    ``device`` (default: CUDA; tests/test_half_precision.py runs them on the CPU)."""
+    device = device or DEVICE
     layout = tiny.save_stablevsr_layout(tmp_path_factory.mktemp("svsr"))
     sr = tiny.save_residual_sr(tmp_path_factory.mktemp("sr"), scale=2)
     enc, tok = tiny.clip_parts(tmp_path_factory.mktemp("clip"))
 
     def img2img(dtype):
-        return VideoPipeline(tiny.cond_unet().to(DEVICE, dtype), tiny.ddpm_v(), vae=tiny.vae().to(DEVICE, dtype),
-                             text_encoder=enc.to(DEVICE, dtype), tokenizer=tok)
+        return VideoPipeline(tiny.cond_unet().to(device, dtype), tiny.ddpm_v(), vae=tiny.vae().to(device, dtype),
+                             text_encoder=enc.to(device, dtype), tokenizer=tok)
 
     return [
-        ("residual_sr", lambda dt: VideoPipeline.from_pretrained(sr, device=DEVICE, dtype=dt),
+        ("residual_sr", lambda dt: VideoPipeline.from_pretrained(sr, device=device, dtype=dt),
          tiny.textured_clip(4, 16), lambda: Fusion(0.3)),
-        ("upscale+tcm", lambda dt: VideoPipeline.from_pretrained(layout, device=DEVICE, dtype=dt),
+        ("upscale+tcm", lambda dt: VideoPipeline.from_pretrained(layout, device=device, dtype=dt),
          tiny.textured_clip(4, 8), TCMAlignment),
         ("img2img", img2img, tiny.textured_clip(4, 32), lambda: Fusion(0.3)),
     ]
@@ -41,18 +45,37 @@ def kinds(tmp_path_factory):
     return _pipes(tmp_path_factory)
 
 
-@torch.no_grad()
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_matches_fp32(kinds, dtype):
+@contextmanager
+def true_fp32():
+    """fp32 without TF32: CUDA convolutions default to TF32 (a 10-bit mantissa, like fp16's), which would
+    make the "fp32" reference itself a reduced-precision run."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def half_precision_scores(kinds, dtype) -> dict:
+    """PSNR of each kind's ``dtype`` run against its fp32 run, and of a second fp32 run against the first."""
     opts = SamplingOptions(num_inference_steps=4, seed=3)
     scores = {}
     for name, make, clip, align in kinds:  # every kind is measured before any assertion
-        ref = make(torch.float32)(clip, options=opts, alignment=align()).frames
-        again = make(torch.float32)(clip, options=opts, alignment=align()).frames
+        with true_fp32():
+            ref = make(torch.float32)(clip, options=opts, alignment=align()).frames
+            again = make(torch.float32)(clip, options=opts, alignment=align()).frames
         got = make(dtype)(clip, options=opts, alignment=align()).frames
         scores[name] = round(float(psnr(got.float(), ref.float())), 2)
         # a diagnosis as well as a check: fp32 twice on the device must agree (else the gap is not precision)
         scores[f"{name} fp32 repeat"] = round(float(psnr(again.float(), ref.float())), 2)
+    return scores
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_matches_fp32(kinds, dtype):
+    scores = half_precision_scores(kinds, dtype)
     # a plain string: pytest shortens a dict's repr and hid the last kinds' figures on the H100 lease
     assert all(v >= 40 for v in scores.values()), "; ".join(f"{k}: {v}" for k, v in scores.items())
 
