@@ -38,7 +38,8 @@ def main(argv=None) -> Path:
     pipe = load_pipeline(a.model)
     gt = to_tensor(read_clip(EXAMPLE_GT, max_frames=a.frames).frames)
     lr = downscale(gt, pipe.scale).clamp(-1, 1)
-    opts = SamplingOptions(num_inference_steps=DEFAULTS["steps"], strength=DEFAULTS["strength"], seed=0)
+    opts = SamplingOptions(num_inference_steps=DEFAULTS["steps"], strength=DEFAULTS["strength"], seed=0,
+                           back_projection=DEFAULTS["back_projection"])
     with torch.no_grad():
         out = pipe(lr, options=opts, alignment=Fusion(DEFAULTS["weight"])).frames
     bic = pipe.conditioning_frames(lr)
