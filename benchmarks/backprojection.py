@@ -25,7 +25,6 @@ from common import (EWARP_UNIT, EXAMPLE_GT, ROOT, DEFAULTS, Method, Reference, c
 import torch  # noqa: E402
 
 from pipelines.backproject import back_project  # noqa: E402
-from pipelines.degradation import upscale  # noqa: E402
 from pipelines.flow import FlowConfig, compute_clip_flows  # noqa: E402
 from pipelines.video_pipeline import SamplingOptions  # noqa: E402
 
@@ -61,8 +60,9 @@ def main(argv: list[str] | None = None) -> dict:
         for path in args.clips:
             clip = load_clip(path, pipe.scale, start=args.start, max_frames=args.max_frames, resize=args.resize)
             ref = Reference.of(clip.gt)
-            flows = compute_clip_flows(upscale(clip.lr, pipe.scale).clamp(-1, 1), FlowConfig())
-            bic = evaluate(upscale(clip.lr, pipe.scale).clamp(-1, 1), ref)
+            bicubic = pipe.conditioning_frames(clip.lr)  # what the pipeline computes its flows on
+            flows = compute_clip_flows(bicubic, FlowConfig())
+            bic = evaluate(bicubic, ref)
             rows.append([Path(model).name, clip.name, "bicubic", "-", fmt(bic["psnr"]),
                          fmt(bic["ewarp"] * EWARP_UNIT, 3), fmt(bic["sharpness_ratio"], 3)])
             records.append({"model": model, "clip": clip.name, "method": "bicubic", "correction": None, **bic})

@@ -208,9 +208,7 @@ class VideoPipeline:
         ``frames`` are the input frames; residual models add their bicubic upscale back per chunk.
         ``batch``: frames per decoder call (0: :func:`auto_batch` for the output size).
         """
-        batch = batch or auto_batch(self.device, self.pixels(frames, True))
-        return torch.cat([self._finish(self._decode_chunk(x[lo:lo + batch], frames[lo:lo + batch]), as_uint8)
-                          for lo in range(0, len(x), batch)])
+        return torch.cat([img for _, img in self.iter_output(x, frames, batch, as_uint8=as_uint8)])
 
     @torch.no_grad()
     def iter_output(self, x, frames, batch: int = 0, *, chunk: int = 0, back_projection: bool = False,
@@ -223,7 +221,7 @@ class VideoPipeline:
         (:mod:`pipelines.backproject`), its correction averaged along ``flows`` when given.
         """
         timer = timer or NullTimer()
-        batch = batch or auto_batch(self.device, self.pixels(frames[:1], True))
+        batch = batch or auto_batch(self.device, self.pixels(frames, True))
         chunk = chunk or batch
         stage = "vae" if self.vae is not None else "decode"
 
@@ -373,7 +371,7 @@ class VideoPipeline:
             flows=flows, directions=step_directions(len(timesteps), o.direction, o.passes, o.start),
             chain_length=o.chain_length, batch_size=batch, eta=o.eta, callback=callback,
             progress=progress, timer=timer, chain_log=chain_log, checkpoint=checkpoint, device=dev)
-        if state_dir is not None:  # the caller decodes chunk by chunk: pipe.decode(state[a:b], frames[a:b], ...)
+        if state_dir is not None:  # the caller decodes chunk by chunk: pipe.iter_output(state, frames, chunk=...)
             return Result(None, flows, timer.report(), None, state=x.final())
         out = torch.cat([img for _, img in self.iter_output(x, frames, o.decode_batch_size, flows=flows, timer=timer,
                                                             back_projection=o.back_projection, as_uint8=output_uint8)])
