@@ -65,12 +65,45 @@ def test_one_tcm_training_step_and_the_result_runs_through_the_stablevsr_config(
                     "--steps", "1", "--every", "1", "--batch", "2", "--crop", "64", "--no-shared", "--threads", "1"])
     assert (out / "controlnet" / "diffusion_pytorch_model.safetensors").exists()
     assert json.loads((tmp_path / "run" / "state.json").read_text())["step"] == 1
+    header, row = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    assert header == "step,loss,seconds,val_gain_db" and row.startswith("1,")
+    assert abs(float(row.split(",")[3])) < 1.0  # validated (one step from zero convolutions: near 0 dB)
+    assert (tmp_path / "run" / "tcm-loss.png").stat().st_size > 1000
     clip = tmp_path / "lr.mp4"
     write_video(clip, to_uint8(tiny.textured_clip(3, 16, shift=(0.5, 0.0))), 10)
     cfg = load_config(ROOT / "configs" / "stablevsr.yaml", [f"model.path={out}", "sampling.num_inference_steps=2",
                                                               "runtime.threads=1"])
     rep = run_clip(cfg, clip, tmp_path / "sr.mp4", log=lambda m: None, progress=False)
     assert rep["model_kind"] == "upscale" and rep["output_size"] == [64, 64] and rep["timings"]["vae"] > 0
+
+
+def test_tcm_validation_gain_is_zero_for_zero_convolutions_and_measures_the_condition(latent_model):
+    """train_tcm's held-out figure 10 log10(MSE_without / MSE_with): exactly 0 dB for a fresh
+    ``ControlNetModel.from_unet`` (its output convolutions are zero), and for a ControlNet with non-zero
+    outputs it is not (a formula comparing the prediction with itself, or ignoring the ControlNet, gives 0)."""
+    import numpy as np
+    from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from pipelines.flow import FlowConfig
+    from training import train_tcm
+    from training.latent_parts import empty_prompt_embedding
+
+    m = latent_model / "model"
+    unet = UNet2DConditionModel.from_pretrained(m, subfolder="unet").eval()
+    vae = AutoencoderKL.from_pretrained(m, subfolder="vae").eval()
+    emb = empty_prompt_embedding(CLIPTextModel.from_pretrained(m, subfolder="text_encoder"),
+                                 CLIPTokenizer.from_pretrained(m, subfolder="tokenizer"))
+    alphas = DDPMScheduler.from_pretrained(m, subfolder="scheduler").alphas_cumprod
+    frozen = train_tcm.Frozen(unet, vae, vae, emb, alphas)
+    photos = [tiny.textured_clip(1, 64)[0] for _ in range(2)]
+    val = train_tcm.sample_pairs([], photos, np.random.default_rng(0), 2, 64, FlowConfig())
+    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 64))
+    assert train_tcm.condition_gain_db(frozen, cn, val, "cpu") == 0.0
+    torch.manual_seed(0)
+    for block in [*cn.controlnet_down_blocks, cn.controlnet_mid_block]:
+        torch.nn.init.normal_(block.weight, std=0.05)
+    assert abs(train_tcm.condition_gain_db(frozen, cn, val, "cpu")) > 1e-3
 
 
 def test_preview_decoder_trains_and_replaces_the_vae_for_the_tcm_condition(latent_model, tmp_path, monkeypatch):
@@ -89,6 +122,7 @@ def test_preview_decoder_trains_and_replaces_the_vae_for_the_tcm_condition(laten
     train_tcm.main(["--model", str(latent_model / "model"), "--run", str(tmp_path / "tcm"), "--out", str(model),
                     "--decoder", str(tmp_path / "prev" / "export"), "--steps", "1", "--every", "1", "--batch", "1",
                     "--crop", "64", "--no-shared", "--threads", "1"])
+    assert (tmp_path / "prev" / "preview-loss.png").stat().st_size > 1000
     shutil.copytree(tmp_path / "prev" / "export", model / "preview_decoder")
     pipe = VideoPipeline.from_pretrained(model)
     assert pipe.preview is not None and pipe.controlnet is not None

@@ -5,7 +5,7 @@ diffusers ``AutoencoderTiny`` (TAESD's architecture, 4x up here) whose decoder i
 reproduce ``vae.decode(z)`` from the same latents ``z`` (the unscaled posterior means of training
 crops, and noisy versions of them, since the TCM decodes approximated x0 at every noise level).
 Only its decoder is used (``alignment.tcm_decoder=preview``, loaded from the model's
-``preview_decoder/`` folder). Seeded, resumable, CSV log, CUDA when present; reports the preview's
+``preview_decoder/`` folder). Seeded, resumable, CSV log and plot, CUDA when present; reports the preview's
 PSNR against the VAE decoder on held-out wolf frames.
 
     nohup python training/train_preview.py --model weights/latent-x4 --threads 2 > runs/preview.log 2>&1 &
@@ -24,7 +24,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pipelines.degradation import bicubic_resize  # noqa: E402
-from training.common import (Run, optimizer_step, parser, prefetch, replace_dir, setup,  # noqa: E402
+from training.common import (Run, optimizer_step, parser, plot_log, prefetch, replace_dir, setup,  # noqa: E402
                              step_randomness)
 from training.train_vae import image_pool, pool_to, psnr, sample_crops, shared_pool  # noqa: E402
 
@@ -88,6 +88,8 @@ def main(argv=None) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
             preview.save_pretrained(tmp, safe_serialization=True)
             replace_dir(tmp, args.run / "export")
+            plot_log(run.log_csv, args.run / "preview-loss.png", "L1 to the VAE decoder", "preview decoder training",
+                     [("val_psnr_vs_vae_db", "held-out frames")], "dB", "preview vs VAE decoder (PSNR)")
             continue
         run.writer.writerow(row)
     run.close()

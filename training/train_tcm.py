@@ -15,7 +15,10 @@ independent noise; then
 
 Pairs: consecutive frames of ../shared/clips/train and wolf.mp4 (flow estimated), plus photographs
 moved by random smooth warps whose flow is known exactly. woman-running.mp4 is never read. Seeded,
-resumable, logged (CSV + plot), CUDA when present. ``--out`` receives the model folder with the
+resumable, logged (CSV + plot), CUDA when present. Every ``--every`` steps it validates on fixed held-out
+pairs (the last wolf.mp4 frames, which no training pair reads, and synthetic warps of them):
+``val_gain_db = 10 log10(MSE_without / MSE_with)``, how much the warped condition lowers the v-prediction
+error of the frozen UNet (0 dB: the TCM does nothing). ``--out`` receives the model folder with the
 trained ``controlnet/`` beside its other components.
 """
 from __future__ import annotations
@@ -35,8 +38,8 @@ sys.path.insert(0, str(ROOT))
 from pipelines.degradation import downscale, upscale  # noqa: E402
 from pipelines.flow import FlowConfig, compute_clip_flows, warp  # noqa: E402
 from training.latent_parts import SCALE, empty_prompt_embedding  # noqa: E402
-from training.common import (Run, optimizer_step, parser, prefetch, replace_dir, rescaled_crop,  # noqa: E402
-                             setup, step_randomness)
+from training.common import (Run, optimizer_step, parser, plot_log, prefetch, replace_dir,  # noqa: E402
+                             rescaled_crop, setup, step_randomness)
 from training.train_vae import SHARED_TRAIN, EVAL_CLIP_NAME, clip_frames, image_pool, shrink, to_tensor  # noqa: E402
 
 
@@ -92,7 +95,75 @@ def sample_pairs(pairs, photos, rng: np.random.Generator, batch: int, crop: int,
     return prev_hr, cur_hr, prev_lr, cur_lr, torch.stack(flows)
 
 
+def validation_pairs(val: list[torch.Tensor], crop: int, flow_cfg: FlowConfig, n: int = 8):
+    """Fixed held-out pairs, as ``sample_pairs`` makes them: neighbouring frames of ``val`` (image_pool's
+    validation frames: the last wolf.mp4 frames when it is present, consecutive) and synthetic warps of them."""
+    from training.train_vsr import WOLF_COPY
+
+    real = [torch.stack([a, b]) for a, b in zip(val, val[1:])] if WOLF_COPY.exists() else []
+    return sample_pairs(real, val, np.random.default_rng(12345), n, crop, flow_cfg)
+
+
 # ----------------------------------------------------------------------------- training
+
+
+class Frozen:
+    """The frozen parts: the UNet, the VAE, the condition's decoder (the VAE or a preview decoder), the empty
+    prompt's embedding and the schedule's cumulative alphas."""
+
+    def __init__(self, unet, vae, decoder, emb, alphas):
+        self.unet, self.vae, self.decoder, self.emb, self.alphas = unet, vae, decoder, emb, alphas
+        self.sf = vae.config.scaling_factor
+
+    def latent_shape(self, hr: torch.Tensor) -> tuple[int, ...]:
+        """The shape of the latents of the (N, 3, H, W) frames ``hr``."""
+        down = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return (len(hr), self.vae.config.latent_channels, hr.shape[-2] // down, hr.shape[-1] // down)
+
+    @torch.no_grad()
+    def inputs(self, prev_hr, cur_hr, prev_lr, cur_lr, flow, t, noise_prev, noise):
+        """(the current frame's UNet input, the TCM condition, the v target) for pairs noised to ``t``:
+
+        x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps,  v = sqrt(a_t) eps - sqrt(1 - a_t) x0,
+        condition = warp(decode(sqrt(a_t) x_t,prev - sqrt(1 - a_t) v_prev), flow)."""
+        a = self.alphas[t].view(-1, 1, 1, 1)
+        e = self.emb.expand(len(cur_hr), -1, -1)
+        x0_prev_true = self.vae.encode(prev_hr).latent_dist.mean * self.sf
+        x0_cur = self.vae.encode(cur_hr).latent_dist.mean * self.sf
+        xt_prev = a.sqrt() * x0_prev_true + (1 - a).sqrt() * noise_prev
+        v_prev = self.unet(torch.cat([xt_prev, prev_lr], 1), t, encoder_hidden_states=e).sample
+        x0_prev = a.sqrt() * xt_prev - (1 - a).sqrt() * v_prev  # the approximated x0 the sampler shares
+        condition = warp(self.decoder.decode(x0_prev / self.sf).sample.float(), flow)
+        xt = a.sqrt() * x0_cur + (1 - a).sqrt() * noise
+        target = a.sqrt() * noise - (1 - a).sqrt() * x0_cur
+        return torch.cat([xt, cur_lr], 1), condition, target
+
+    def predict(self, cn: ControlNetModel | None, inp, t, condition):
+        """The UNet's v with the TCM's residuals (``cn``), or without them (``None``)."""
+        e = self.emb.expand(len(inp), -1, -1)
+        if cn is None:
+            return self.unet(inp, t, encoder_hidden_states=e).sample
+        down, mid = cn(inp, t, encoder_hidden_states=e, controlnet_cond=condition, return_dict=False)
+        return self.unet(inp, t, encoder_hidden_states=e, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid).sample
+
+
+@torch.no_grad()
+def condition_gain_db(frozen: Frozen, cn: ControlNetModel, val: tuple, device) -> float:
+    """10 log10(MSE_without / MSE_with) of the v-prediction on the fixed held-out pairs ``val``, at fixed
+    t spread over the schedule and fixed noise."""
+    batch = [x.to(device) for x in val]
+    n = len(batch[0])
+    gen = torch.Generator().manual_seed(0)
+    t = torch.linspace(50, len(frozen.alphas) - 50, n).long().to(device)
+    noise_prev, noise = (torch.randn(frozen.latent_shape(batch[1]), generator=gen).to(device) for _ in range(2))
+    inp, condition, target = frozen.inputs(*batch, t, noise_prev, noise)
+    was_training = cn.training
+    cn.eval()
+    with_tcm = F.mse_loss(frozen.predict(cn, inp, t, condition), target)
+    without = F.mse_loss(frozen.predict(None, inp, t, condition), target)
+    cn.train(was_training)
+    return float(10 * torch.log10(without / with_tcm))
 
 
 def export(cn: ControlNetModel, model: Path, out: Path) -> None:
@@ -131,57 +202,50 @@ def main(argv=None) -> None:
 
     sched = DDPMScheduler.from_pretrained(args.model, subfolder="scheduler")
     alphas = sched.alphas_cumprod.to(device)
-    sf = vae.config.scaling_factor
     if args.init:  # continue from a trained ControlNet (a folder with its config and weights)
         cn = ControlNetModel.from_pretrained(args.init, torch_dtype=torch.float32).to(device).train()
     else:
         cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 64)).to(device).train()
     opt = torch.optim.AdamW(cn.parameters(), lr=args.lr, weight_decay=0.0)
 
-    photos, _ = image_pool()
+    photos, val_frames = image_pool()
     pairs = [] if args.no_shared else clip_pairs()
     flow_cfg = FlowConfig()
     print(f"data: {len(pairs)} real frame pairs (estimated flow), {len(photos)} images for synthetic pairs "
           f"(exact flow); decoder: {args.decoder}; controlnet params "
           f"{sum(x.numel() for x in cn.parameters()) / 1e6:.2f}M; device {device}", flush=True)
 
-    run = Run(args.run, {"model": cn}, opt, ["step", "loss", "seconds"])
+    frozen = Frozen(unet, vae, decoder, emb, alphas)
+    val = validation_pairs(val_frames, args.crop, flow_cfg)
+    run = Run(args.run, {"model": cn}, opt, ["step", "loss", "seconds", "val_gain_db"])
     bar = tqdm(total=args.steps, initial=run.step, desc="tcm", mininterval=10, file=sys.stdout)
     batches = prefetch(lambda s: sample_pairs(pairs, photos, step_randomness(args.seed, s)[0], args.batch,
                                               args.crop, flow_cfg), run.step, args.workers)
     while not run.finished(args.steps, args.minutes):
         step = run.step
         gen = step_randomness(args.seed, step)[1]
-        prev_hr, cur_hr, prev_lr, cur_lr, flow = (x.to(device) for x in next(batches))
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(cur_hr),), generator=gen).to(device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        e = emb.expand(len(cur_hr), -1, -1)
-        with torch.no_grad():
-            x0_prev_true = vae.encode(prev_hr).latent_dist.mean * sf
-            x0_cur = vae.encode(cur_hr).latent_dist.mean * sf
-            noise_prev = torch.randn(x0_prev_true.shape, generator=gen).to(device)
-            xt_prev = a.sqrt() * x0_prev_true + (1 - a).sqrt() * noise_prev
-            v_prev = unet(torch.cat([xt_prev, prev_lr], 1), t, encoder_hidden_states=e).sample
-            x0_prev = a.sqrt() * xt_prev - (1 - a).sqrt() * v_prev  # the approximated x0 the sampler shares
-            condition = warp(decoder.decode(x0_prev / sf).sample.float(), flow)
-        noise = torch.randn(x0_cur.shape, generator=gen).to(device)
-        xt = a.sqrt() * x0_cur + (1 - a).sqrt() * noise
-        target = a.sqrt() * noise - (1 - a).sqrt() * x0_cur
-        inp = torch.cat([xt, cur_lr], 1)
-        down, mid = cn(inp, t, encoder_hidden_states=e, controlnet_cond=condition, return_dict=False)
-        pred = unet(inp, t, encoder_hidden_states=e, down_block_additional_residuals=down,
-                    mid_block_additional_residual=mid).sample
-        loss = F.mse_loss(pred, target)
+        batch = [x.to(device) for x in next(batches)]
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(batch[1]),), generator=gen).to(device)
+        noise_prev = torch.randn(frozen.latent_shape(batch[1]), generator=gen).to(device)
+        noise = torch.randn(frozen.latent_shape(batch[1]), generator=gen).to(device)
+        inp, condition, target = frozen.inputs(*batch, t, noise_prev, noise)
+        loss = F.mse_loss(frozen.predict(cn, inp, t, condition), target)
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, (step + 1) / 200)
         optimizer_step(opt, loss, cn.parameters())
         run.step = step = step + 1
         bar.update(1)
-        run.writer.writerow([step, f"{loss.item():.5f}", f"{run.seconds():.1f}"])
+        row = [step, f"{loss.item():.5f}", f"{run.seconds():.1f}", ""]
         if step % args.every == 0 or run.finished(args.steps, args.minutes):
+            row[3] = f"{condition_gain_db(frozen, cn, val, device):.4f}"
+            run.writer.writerow(row)
             run.save()
             export(cn, args.model, args.out)
-            bar.write(f"step {step} loss {loss.item():.4f}")
+            plot_log(run.log_csv, args.run / "tcm-loss.png", "v-prediction MSE", "TCM training loss",
+                     [("val_gain_db", "held-out pairs")], "dB", "v-MSE without / with the TCM")
+            bar.write(f"step {step} loss {loss.item():.4f} held-out gain from the condition {row[3]} dB")
+            continue
+        run.writer.writerow(row)
     run.close()
 
 
