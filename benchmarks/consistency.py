@@ -80,10 +80,12 @@ def build_methods(weight: float, num_frames: int, tcm: bool = False, preview: bo
         if preview:
             methods.append(with_tcm("tcm-preview", decoder="preview"))
             # which steps can skip the TCM (alignment.tcm_start / tcm_end): only the first or the last half,
-            # or only the last 30 % (3 of 10 steps: issue 14's time bar leaves room for about 3.4 TCM steps)
+            # or only the last 30 % or 20 % (3 or 2 of 10 steps: issue 14's time bar, 1.5x fusion's time per
+            # frame-step, leaves room for about 3 TCM steps on this CPU)
             methods += [with_tcm("tcm-preview-first-half", decoder="preview", end=0.5),
                         with_tcm("tcm-preview-last-half", decoder="preview", start=0.5),
-                        with_tcm("tcm-preview-last-0.3", decoder="preview", start=0.7)]
+                        with_tcm("tcm-preview-last-0.3", decoder="preview", start=0.7),
+                        with_tcm("tcm-preview-last-0.2", decoder="preview", start=0.8)]
     return methods
 
 
