@@ -47,7 +47,7 @@ def build_methods(weight: float, num_frames: int, tcm: bool = False, preview: bo
     Chains get a batch size of ``num_frames`` so each position along the chains is one model call.
     With a model that has a ControlNet (``tcm``): tcm, tcm + fusion and, with a preview decoder,
     tcm-preview (the issue's table rows: none, fusion, tcm, tcm + fusion, tcm with the preview decoder),
-    and tcm-preview on only the first half, the last half or the last 30 % of the steps, all at
+    and tcm-preview on only the first half, the last half, or the last 30 % or 20 % of the steps, all at
     ControlNet conditioning scale ``tcm_scale``. With a latent model (``vae``):
     vae-reconstruction, the VAE decoding its encoding of the ground truth (no sampling).
     """

@@ -115,21 +115,20 @@ class Frozen:
         self.unet, self.vae, self.decoder, self.emb, self.alphas = unet, vae, decoder, emb, alphas
         self.sf = vae.config.scaling_factor
 
-    def latent_shape(self, hr: torch.Tensor) -> tuple[int, ...]:
-        """The shape of the latents of the (N, 3, H, W) frames ``hr``."""
-        down = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        return (len(hr), self.vae.config.latent_channels, hr.shape[-2] // down, hr.shape[-1] // down)
-
     @torch.no_grad()
-    def inputs(self, prev_hr, cur_hr, prev_lr, cur_lr, flow, t, noise_prev, noise):
-        """(the current frame's UNet input, the TCM condition, the v target) for pairs noised to ``t``:
+    def inputs(self, batch, t: torch.Tensor, gen: torch.Generator):
+        """(the current frame's UNet input, the TCM condition, the v target) for the pairs ``batch``
+        (prev_hr, cur_hr, prev_lr, cur_lr, flow) noised to ``t`` with independent noise drawn from ``gen``:
 
         x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps,  v = sqrt(a_t) eps - sqrt(1 - a_t) x0,
         condition = warp(decode(sqrt(a_t) x_t,prev - sqrt(1 - a_t) v_prev), flow)."""
+        prev_hr, cur_hr, prev_lr, cur_lr, flow = batch
         a = self.alphas[t].view(-1, 1, 1, 1)
         e = self.emb.expand(len(cur_hr), -1, -1)
         x0_prev_true = self.vae.encode(prev_hr).latent_dist.mean * self.sf
         x0_cur = self.vae.encode(cur_hr).latent_dist.mean * self.sf
+        noise_prev = torch.randn(x0_prev_true.shape, generator=gen).to(x0_prev_true.device)
+        noise = torch.randn(x0_cur.shape, generator=gen).to(x0_cur.device)
         xt_prev = a.sqrt() * x0_prev_true + (1 - a).sqrt() * noise_prev
         v_prev = self.unet(torch.cat([xt_prev, prev_lr], 1), t, encoder_hidden_states=e).sample
         x0_prev = a.sqrt() * xt_prev - (1 - a).sqrt() * v_prev  # the approximated x0 the sampler shares
@@ -153,11 +152,8 @@ def condition_gain_db(frozen: Frozen, cn: ControlNetModel, val: tuple, device) -
     """10 log10(MSE_without / MSE_with) of the v-prediction on the fixed held-out pairs ``val``, at fixed
     t spread over the schedule and fixed noise."""
     batch = [x.to(device) for x in val]
-    n = len(batch[0])
-    gen = torch.Generator().manual_seed(0)
-    t = torch.linspace(50, len(frozen.alphas) - 50, n).long().to(device)
-    noise_prev, noise = (torch.randn(frozen.latent_shape(batch[1]), generator=gen).to(device) for _ in range(2))
-    inp, condition, target = frozen.inputs(*batch, t, noise_prev, noise)
+    t = torch.linspace(50, len(frozen.alphas) - 50, len(batch[0])).long().to(device)
+    inp, condition, target = frozen.inputs(batch, t, torch.Generator().manual_seed(0))
     was_training = cn.training
     cn.eval()
     with_tcm = F.mse_loss(frozen.predict(cn, inp, t, condition), target)
@@ -226,9 +222,7 @@ def main(argv=None) -> None:
         gen = step_randomness(args.seed, step)[1]
         batch = [x.to(device) for x in next(batches)]
         t = torch.randint(0, sched.config.num_train_timesteps, (len(batch[1]),), generator=gen).to(device)
-        noise_prev = torch.randn(frozen.latent_shape(batch[1]), generator=gen).to(device)
-        noise = torch.randn(frozen.latent_shape(batch[1]), generator=gen).to(device)
-        inp, condition, target = frozen.inputs(*batch, t, noise_prev, noise)
+        inp, condition, target = frozen.inputs(batch, t, gen)
         loss = F.mse_loss(frozen.predict(cn, inp, t, condition), target)
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, (step + 1) / 200)
