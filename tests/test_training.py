@@ -251,3 +251,27 @@ def test_vae_from_scratch_takes_its_norm_groups(tmp_path):
     vae = AutoencoderKL.from_pretrained(tmp_path / "export")
     assert vae.config.norm_num_groups == 4 and vae.encoder.conv_norm_out.num_groups == 4
     assert tuple(vae.config.block_out_channels) == (8, 16, 16)
+
+
+def test_run_cosine_decays_the_learning_rate_from_1_to_0_over_the_steps(tmp_path):
+    """Run.cosine (train_vae's schedule, train_tcm --cosine): closed form 0.5 + 0.5 cos(pi step / steps),
+    also after resuming mid-run."""
+    import math
+
+    from training.common import Run
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    (tmp_path / "run").mkdir()
+    run = Run(tmp_path / "run", {"model": model}, opt, ["step"])
+    assert run.cosine(4, 0.0) == 1.0
+    run.step = 1
+    assert run.cosine(4, 0.0) == pytest.approx(0.5 + 0.5 * math.cos(math.pi / 4))
+    run.step = 2
+    run.save()
+    run.close()
+    resumed = Run(tmp_path / "run", {"model": model}, opt, ["step"])
+    assert resumed.step == 2 and resumed.cosine(4, 0.0) == pytest.approx(0.5)
+    resumed.step = 4
+    assert resumed.cosine(4, 0.0) == pytest.approx(0.0, abs=1e-12)
+    resumed.close()

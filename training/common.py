@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shutil
 import time
@@ -161,6 +162,10 @@ class Run:
 
     def seconds(self) -> float:
         return time.time() - self.t_start
+
+    def cosine(self, steps: int, minutes: float) -> float:
+        """Learning-rate factor 0.5 + 0.5 cos(pi p), p = :meth:`progress`: 1 at the start, 0 at the end."""
+        return 0.5 + 0.5 * math.cos(math.pi * self.progress(steps, minutes))
 
     def save(self) -> None:
         """Weights, optimizer and state after ``self.step`` steps; flushes the log."""

@@ -179,6 +179,8 @@ def main(argv=None) -> None:
     p.add_argument("--decoder", default="vae", help="vae, or a folder with a preview decoder (AutoencoderTiny)")
     p.add_argument("--no-shared", action="store_true", help="skip ../shared/clips/train (tests)")
     p.add_argument("--init", type=Path, default=None, help="a controlnet/ folder to continue from")
+    p.add_argument("--cosine", action="store_true",
+                   help="decay the learning rate to 0 by a half cosine over this session (--steps or --minutes)")
     args = p.parse_args(argv)
 
     device = setup(args)
@@ -224,8 +226,9 @@ def main(argv=None) -> None:
         t = torch.randint(0, sched.config.num_train_timesteps, (len(batch[1]),), generator=gen).to(device)
         inp, condition, target = frozen.inputs(batch, t, gen)
         loss = F.mse_loss(frozen.predict(cn, inp, t, condition), target)
+        decay = run.cosine(args.steps, args.minutes) if args.cosine else 1.0
         for g in opt.param_groups:
-            g["lr"] = args.lr * min(1.0, (step + 1) / 200)
+            g["lr"] = args.lr * min(1.0, (step + 1) / 200) * decay
         optimizer_step(opt, loss, cn.parameters())
         run.step = step = step + 1
         bar.update(1)

@@ -253,9 +253,8 @@ def main(argv=None) -> None:
         z = post.mean if args.deterministic else post.mean + post.std * noise
         loss = losses[args.loss](vae.decode(z).sample, x) + args.kl * post.kl().mean()
         warmup = min(1.0, (step + 1) / 200)
-        cosine = 0.5 + 0.5 * math.cos(math.pi * run.progress(args.steps, args.minutes))
         for g in opt.param_groups:
-            g["lr"] = args.lr * warmup * cosine
+            g["lr"] = args.lr * warmup * run.cosine(args.steps, args.minutes)
         optimizer_step(opt, loss, trained)
         ema_update(ema, vae, step, args.ema, warmup=args.init is None)
         run.step = step = step + 1
