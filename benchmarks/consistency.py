@@ -47,8 +47,8 @@ def build_methods(weight: float, num_frames: int, tcm: bool = False, preview: bo
     Chains get a batch size of ``num_frames`` so each position along the chains is one model call.
     With a model that has a ControlNet (``tcm``): tcm, tcm + fusion and, with a preview decoder,
     tcm-preview (the issue's table rows: none, fusion, tcm, tcm + fusion, tcm with the preview decoder),
-    and tcm-preview on only the first half, the last half, or the last 30 % or 20 % of the steps, all at
-    ControlNet conditioning scale ``tcm_scale``. With a latent model (``vae``):
+    and tcm-preview on only the first half, the last half, or the last 30 % or 20 % of the steps, and on
+    the last half with fusion, all at ControlNet conditioning scale ``tcm_scale``. With a latent model (``vae``):
     vae-reconstruction, the VAE decoding its encoding of the ground truth (no sampling).
     """
     methods = [Method("bicubic", bicubic=True)]
@@ -85,7 +85,10 @@ def build_methods(weight: float, num_frames: int, tcm: bool = False, preview: bo
             methods += [with_tcm("tcm-preview-first-half", decoder="preview", end=0.5),
                         with_tcm("tcm-preview-last-half", decoder="preview", start=0.5),
                         with_tcm("tcm-preview-last-0.3", decoder="preview", start=0.7),
-                        with_tcm("tcm-preview-last-0.2", decoder="preview", start=0.8)]
+                        with_tcm("tcm-preview-last-0.2", decoder="preview", start=0.8),
+                        # the cheap window combined with training-free fusion of the x0 estimates
+                        with_tcm(f"tcm-preview-last-half+fusion-w{weight:g}", decoder="preview", start=0.5,
+                                 fusion=weight)]
     return methods
 
 
