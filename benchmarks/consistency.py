@@ -137,8 +137,9 @@ def save_strip(path: Path, rows: list[tuple[str, np.ndarray]], first: int, zoom:
     ncols = max(len(c) for _, c in rows)
     side = rows[0][1].shape[1] * zoom
     dpi = 100
+    label = 0.3 + 0.06 * max(len(name) for name, _ in rows)  # inches for the row names (8 pt)
     fig, axes = plt.subplots(len(rows), ncols, squeeze=False,
-                             figsize=(ncols * side / dpi + 1.9, len(rows) * (side / dpi + 0.05) + 0.4), dpi=dpi)
+                             figsize=(ncols * side / dpi + label, len(rows) * (side / dpi + 0.05) + 0.4), dpi=dpi)
     for r, (name, crops) in enumerate(rows):
         for c in range(ncols):
             ax = axes[r][c]
@@ -149,7 +150,7 @@ def save_strip(path: Path, rows: list[tuple[str, np.ndarray]], first: int, zoom:
                 ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
             if r == 0:
                 ax.set_title(f"frame {first + c}", fontsize=8)
-    fig.subplots_adjust(left=1.8 / fig.get_figwidth(), right=0.99, top=1 - 0.3 / fig.get_figheight(),
+    fig.subplots_adjust(left=(label - 0.1) / fig.get_figwidth(), right=0.99, top=1 - 0.3 / fig.get_figheight(),
                         bottom=0.01, wspace=0.03, hspace=0.05)
     fig.savefig(path)
     plt.close(fig)
