@@ -95,6 +95,23 @@ def test_runs_through_the_stablevsr_config(tmp_path):
     assert report["config"]["alignment"]["mode"] == "tcm" and report["timings"]["model"] > 0
 
 
+def test_runs_through_the_latent_tcm_config(tmp_path):
+    """configs/latent-tcm.yaml (the README's best measured setting) runs the shipped model with the TCM
+    fed by the preview decoder on the last half of the steps, fusion on, the rest from default.yaml."""
+    from pipelines.config import load_config
+    from pipelines.job import run_clip
+
+    cfg = load_config(ROOT / "configs" / "latent-tcm.yaml", ["sampling.num_inference_steps=2", "input.max_frames=3"])
+    a = cfg.alignment
+    assert (a.mode, a.tcm_decoder, a.tcm_start, a.tcm_end, a.tcm_fusion, a.weight) == ("tcm", "preview", 0.5, 1.0,
+                                                                                     True, 0.3)
+    assert cfg.sampling.back_projection and cfg.model.path == "weights/latent-x4"
+    report = run_clip(cfg, ROOT / "assets" / "example.mp4", tmp_path / "out.mp4", log=lambda *_: None,
+                      progress=False)
+    assert report["model_kind"] == "upscale" and report["output_size"] == [256, 256]
+    assert report["timings"]["preview"] > 0  # the condition was decoded by the preview decoder
+
+
 def _ewarp(frames: torch.Tensor, flows) -> float:
     return warp_error(frames, flows.to_prev, flows.valid_prev)
 
