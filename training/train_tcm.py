@@ -180,7 +180,8 @@ def main(argv=None) -> None:
     p.add_argument("--no-shared", action="store_true", help="skip ../shared/clips/train (tests)")
     p.add_argument("--init", type=Path, default=None, help="a controlnet/ folder to continue from")
     p.add_argument("--cosine", action="store_true",
-                   help="decay the learning rate to 0 by a half cosine over this session (--steps or --minutes)")
+                   help="decay the learning rate to 0 by a half cosine: by step over --steps, or over this "
+                        "session's --minutes when that ends first")
     args = p.parse_args(argv)
 
     device = setup(args)
@@ -226,9 +227,9 @@ def main(argv=None) -> None:
         t = torch.randint(0, sched.config.num_train_timesteps, (len(batch[1]),), generator=gen).to(device)
         inp, condition, target = frozen.inputs(batch, t, gen)
         loss = F.mse_loss(frozen.predict(cn, inp, t, condition), target)
-        decay = run.cosine(args.steps, args.minutes) if args.cosine else 1.0
+        lr = args.lr * min(1.0, (step + 1) / 200) * (run.cosine(args.steps, args.minutes) if args.cosine else 1.0)
         for g in opt.param_groups:
-            g["lr"] = args.lr * min(1.0, (step + 1) / 200) * decay
+            g["lr"] = lr
         optimizer_step(opt, loss, cn.parameters())
         run.step = step = step + 1
         bar.update(1)

@@ -252,9 +252,9 @@ def main(argv=None) -> None:
         noise = torch.randn(post.mean.shape, generator=gen).to(device)  # drawn either way: same data stream
         z = post.mean if args.deterministic else post.mean + post.std * noise
         loss = losses[args.loss](vae.decode(z).sample, x) + args.kl * post.kl().mean()
-        warmup = min(1.0, (step + 1) / 200)
+        lr = args.lr * min(1.0, (step + 1) / 200) * run.cosine(args.steps, args.minutes)  # warmup, cosine
         for g in opt.param_groups:
-            g["lr"] = args.lr * warmup * run.cosine(args.steps, args.minutes)
+            g["lr"] = lr
         optimizer_step(opt, loss, trained)
         ema_update(ema, vae, step, args.ema, warmup=args.init is None)
         run.step = step = step + 1
