@@ -80,6 +80,26 @@ def test_seeded_run_reproduces_stored_spatial_statistics(pipe):
     assert (shifted - torch.tensor(want["tiles_8x8"])).abs().max() > 1e-2
 
 
+@torch.no_grad()
+def test_weights_are_channels_last_and_give_the_contiguous_result(pipe):
+    """The loader stores convolution weights channels-last (NHWC, faster on the CPU); the sampled frames
+    must be those of the contiguous (NCHW) weights, up to float rounding."""
+    models = (pipe.unet, pipe.vae, pipe.controlnet, pipe.preview)
+    for m in models:
+        kernels = [p for p in m.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+        assert kernels and all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels), type(m)
+    _, nhwc = regression_run(pipe)
+    try:
+        for m in models:
+            m.to(memory_format=torch.contiguous_format)
+        assert not pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        _, nchw = regression_run(pipe)
+    finally:
+        for m in models:
+            m.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(nhwc, nchw, atol=1e-3, rtol=0)
+
+
 def test_runs_through_the_stablevsr_config(tmp_path):
     """configs/stablevsr.yaml unchanged but for the model path (and a short run): the TCM with the shipped
     ControlNet, through the job API the CLI uses."""
