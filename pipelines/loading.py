@@ -111,11 +111,8 @@ def load_pipeline(cls, path, *, device="cpu", dtype=torch.float32, scheduler_kin
     pipe = cls(unet_model, sched, scale=int(meta.get("scale", 1)),
                residual_scale=meta.get("residual_scale"), **comps)
     for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.controlnet, pipe.preview):
-        if m is not None:
-            m.to(device).eval().requires_grad_(False)
-    for m in (pipe.unet, pipe.vae, pipe.controlnet, pipe.preview):
-        if m is not None:  # NHWC convolution weights: measured 8-25 % faster per call on this CPU (README)
-            m.to(memory_format=torch.channels_last)
+        if m is not None:  # convolution weights NHWC (only 4-D tensors change): 8-25 % faster per call here (README)
+            m.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
     if "upscale" == pipe.kind and "scale" not in meta:
         pipe.scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     return pipe
