@@ -16,8 +16,26 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
+
+INTERRUPTED = False  # set by the SIGINT handler: any error after Ctrl-C is reported as the interrupt
+
+
+def _on_sigint(signum, frame):
+    """Ctrl-C: remember it, then raise KeyboardInterrupt as Python's own handler does. A library may turn the
+    KeyboardInterrupt into another error on its way up (diffusers' lazy imports once turned one raised mid-import
+    into a RuntimeError), and the flag still says what happened."""
+    global INTERRUPTED
+    INTERRUPTED = True
+    raise KeyboardInterrupt
+
+
+# leave SIGINT ignored where it was (nohup, &); signal handlers can be set from the main thread only
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler and threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGINT, _on_sigint)
 
 try:  # Ctrl-C while the libraries load: one line and exit 130, not a traceback
     import torch
@@ -26,7 +44,9 @@ try:  # Ctrl-C while the libraries load: one line and exit 130, not a traceback
     from pipelines.config import ConfigError, load_config, to_yaml
     from pipelines.job import DEFAULT_CONFIG, UsageError, clip_list, from_root, output_names, run_clip
     from pipelines.video_io import InputError
-except KeyboardInterrupt:
+except BaseException as e:
+    if not (INTERRUPTED or isinstance(e, KeyboardInterrupt)):
+        raise
     print("error: interrupted", file=sys.stderr, flush=True)
     sys.exit(130)
 
@@ -99,6 +119,9 @@ def guarded(job, args) -> int:
         fail("terminated")
         return 143
     except Exception as e:
+        if INTERRUPTED:  # the interrupt, wrapped by a library on its way up
+            fail("interrupted")
+            return 130
         if args.debug:
             raise
         name = type(e).__name__
@@ -148,6 +171,8 @@ def run_many(args: argparse.Namespace, clips: list[Path]) -> int:
             a.overrides = [*args.overrides, f"model.device=cuda:{local}"]
         log(f"[process {rank}/{world}] {clips[k]} -> {a.output}")
         codes.append(guarded(run, a))
+        if codes[-1] in (130, 143):  # Ctrl-C or SIGTERM stops the whole list, not just this clip
+            break
     if world > 1:
         import torch.distributed as dist
 
@@ -157,9 +182,8 @@ def run_many(args: argparse.Namespace, clips: list[Path]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import signal
-    import threading
-
+    global INTERRUPTED
+    INTERRUPTED = False
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:

@@ -362,3 +362,35 @@ def test_hub_model_without_network_is_one_line_naming_the_hub(data, tmp_path, ca
                      "model.path=someone/some-model", *FAST)
     assert rc == 2 and err.count("\n") == 1 and "Hugging Face hub" in err and "network" in err, err
     assert not (tmp_path / "o.mp4").exists()
+
+
+def test_an_interrupt_that_a_library_wraps_in_another_error_is_still_exit_130(capsys, monkeypatch):
+    # diffusers' lazy import once turned a Ctrl-C raised mid-import into a RuntimeError, which the CLI then
+    # reported as an internal error (exit 1); the SIGINT handler's flag must win over the wrapped error
+    def job(args):
+        try:
+            run_video._on_sigint(2, None)  # what the signal would run
+        except KeyboardInterrupt as e:
+            raise RuntimeError("Failed to import diffusers.models.x: maximum recursion depth exceeded") from e
+
+    monkeypatch.setattr(run_video, "INTERRUPTED", False)
+    args = run_video.parse_args([])
+    assert run_video.guarded(job, args) == 130
+    assert capsys.readouterr().err == "error: interrupted\n"
+    monkeypatch.setattr(run_video, "INTERRUPTED", False)  # without the interrupt the same error is internal
+    assert run_video.guarded(lambda a: (_ for _ in ()).throw(RuntimeError("boom")), args) == 1
+    assert capsys.readouterr().err == "error: internal: RuntimeError: boom\n"
+
+
+def test_ctrl_c_stops_a_list_of_clips_not_just_the_current_one(tmp_path, capsys, monkeypatch):
+    calls = []
+
+    def interrupted_run(args):
+        calls.append(args.input)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_video, "run", interrupted_run)
+    clips = [tmp_path / f"c{i}.mp4" for i in range(3)]
+    args = run_video.parse_args(["--output", str(tmp_path / "out")])
+    assert run_video.guarded(lambda a: run_video.run_many(a, clips), args) == 130
+    assert calls == [str(clips[0])] and capsys.readouterr().err == "error: interrupted\n"
