@@ -39,7 +39,6 @@ from pipelines.video_pipeline import SamplingOptions, VideoPipeline, auto_batch,
 
 EXAMPLE_GT = ROOT / "assets" / "example_gt"
 SHARED_CLIPS = ROOT.parent / "shared" / "clips"
-DEFAULT_MODEL = ROOT / "weights" / "vsr-x4"
 EWARP_UNIT = 1e3  # E_warp is reported x 1000 in tables and plots
 AlignMode = Literal["none", "fusion"]
 
@@ -64,10 +63,11 @@ def project_defaults() -> dict:
 
     cfg = load_config(ROOT / "configs" / "default.yaml")
     return dict(steps=cfg.sampling.num_inference_steps, strength=cfg.sampling.strength, weight=cfg.alignment.weight,
-                back_projection=cfg.sampling.back_projection)
+                back_projection=cfg.sampling.back_projection, model=cfg.model.path)
 
 
 DEFAULTS = project_defaults()
+DEFAULT_MODEL = ROOT / DEFAULTS["model"]  # the default job's model (weights/latent-x4)
 
 
 def resize_to_side(frames: torch.Tensor, side: int, multiple: int) -> torch.Tensor:

@@ -117,6 +117,7 @@ def main(argv=None) -> int:
     p.add_argument("--modes", nargs="+", default=["one-pass", "windows"])
     p.add_argument("--cli", action="store_true",
                    help="measure through run_video.py with the shipped model (default config, 1 step)")
+    p.add_argument("--model", default=None, help="--cli: model.path (default: configs/default.yaml's)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "long_clip.json")
     a = p.parse_args(argv)
     sys.path.insert(0, str(ROOT / "tests"))
@@ -146,7 +147,7 @@ def cli_main(a) -> int:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in a.modes:
-            rows = [cli_measure(n, a.size, mode, tmp=Path(tmp)) for n in sorted(a.frames)]
+            rows = [cli_measure(n, a.size, mode, a.model, tmp=Path(tmp)) for n in sorted(a.frames)]
             for r in rows:
                 r["ratio_to_shortest"] = r["rss_peak_mb"] / rows[0]["rss_peak_mb"]
             results[mode] = rows
@@ -157,7 +158,10 @@ def cli_main(a) -> int:
                       f"{r['seconds']:.1f}")
     out = a.out.with_name("long_clip_cli.json") if a.out.name == "long_clip.json" else a.out
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(machine=platform.platform(), input_size=a.size, model="weights/vsr-x4 (x4)",
+    from pipelines.config import load_config
+
+    model = a.model or load_config(ROOT / "configs" / "default.yaml").model.path
+    out.write_text(json.dumps(dict(machine=platform.platform(), input_size=a.size, model=f"{model} (x4)",
                                    steps=1, results=results), indent=2))
     import matplotlib
     matplotlib.use("Agg")

@@ -55,7 +55,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    path: str = "weights/vsr-x4"  # hub id or local folder (diffusers layout)
+    path: str = "weights/latent-x4"  # hub id or local folder (diffusers layout)
     unet_subfolder: str = "unet"
     vae_subfolder: str = "vae"
     scheduler_subfolder: str = "scheduler"

@@ -20,7 +20,7 @@ def write(tmp_path, text, name="job.yaml"):
 
 def test_schema_defaults_without_a_file():
     cfg = load_config(None)
-    assert cfg.model.path == "weights/vsr-x4" and cfg.scheduler.kind == "auto"
+    assert cfg.model.path == "weights/latent-x4" and cfg.scheduler.kind == "auto"
     assert cfg.alignment.mode == "none" and cfg.schedule.chain_length == 0
 
 
