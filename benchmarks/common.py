@@ -154,6 +154,10 @@ def make_alignment(spec: dict, num_train_timesteps: int = 1000) -> Alignment:
     mode = spec.get("mode", "none")
     if mode == "none":
         return Alignment()
+    if mode == "fusion" and spec.get("space") == "decoded":  # latent models: fuse the decoded x0 estimates
+        from pipelines.align import DecodedFusion
+
+        return DecodedFusion(spec.get("weight", 0.5), spec.get("schedule", "constant"), num_train_timesteps)
     if mode == "fusion":
         return Fusion(spec.get("weight", 0.5), spec.get("schedule", "constant"), num_train_timesteps)
     if mode == "tcm":  # the model's ControlNet; optionally with fusion and/or the preview decoder

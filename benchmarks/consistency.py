@@ -57,6 +57,9 @@ def build_methods(weight: float, num_frames: int, tcm: bool = False, preview: bo
     methods += [Method("independent"),
                fusion("forward-fusion", weight, direction="forward")]
     methods += [fusion(default_method_name(w), w) for w in sorted({0.3, 0.5, 0.8, weight})]
+    if vae:  # latent models: the same fusion on the decoded x0 estimates (alignment.space: decoded)
+        methods.append(Method(f"{default_method_name(weight)}-decoded",
+                              alignment={"mode": "fusion", "weight": weight, "schedule": "constant", "space": "decoded"}))
     # the same without back-projection (sampling.back_projection; it is on in the rows above when the run's is)
     methods += [Method("independent-no-bp", options={"back_projection": False}),
                 fusion(f"{default_method_name(weight)}-no-bp", weight, back_projection=False)]

@@ -41,7 +41,7 @@ Convention = Literal["auto", "stablevsr", "sd_upscaler"]
 TcmWarp = Literal["exact", "stablevsr"]
 RunMode = Literal["auto", "one_pass", "windows"]
 TcmDecoder = Literal["vae", "preview"]
-FusionSpace = Literal["frame", "sample"]
+FusionSpace = Literal["frame", "sample", "decoded"]
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 BASE_KEY = "base"
 
@@ -111,7 +111,8 @@ class AlignmentConfig:
     mode: AlignmentMode = "none"
     weight: float = 0.5  # fusion weight, in [0, 1]
     weight_schedule: WeightSchedule = "constant"
-    space: FusionSpace = "frame"  # residual models: fuse whole frames (frame) or the residual samples (sample)
+    space: FusionSpace = "frame"  # residual models: fuse whole frames (frame) or the residual samples (sample);
+    # latent models fuse the latents, or with "decoded" the decoded RGB estimates (measured: slower, no better)
     tcm_scale: float = 1.0  # ControlNet conditioning scale
     tcm_masked: bool = False  # zero the warped condition where the flow check marks occlusions
     tcm_fusion: bool = False  # also fuse x0 estimates (weight, weight_schedule) like mode fusion
@@ -370,6 +371,11 @@ def build_alignment(cfg: DictConfig, pipe: VideoPipeline) -> Alignment:
     a = cfg.alignment
     if a.mode == "none":
         return align.Alignment()
+    if a.mode == "fusion" and a.space == "decoded":
+        if pipe.vae is None:
+            raise ConfigError(f"alignment.space=decoded fuses decoded x0 estimates and needs a latent model (a VAE); "
+                              f"{cfg.model.path} has none (use frame or sample)")
+        return align.DecodedFusion(a.weight, a.weight_schedule, pipe.scheduler.config.num_train_timesteps)
     if a.mode == "fusion":
         return align.Fusion(a.weight, a.weight_schedule, pipe.scheduler.config.num_train_timesteps, a.space)
     if pipe.controlnet is None or pipe.vae is None:

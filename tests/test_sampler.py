@@ -216,3 +216,69 @@ def test_frame_space_fusion_aligns_whole_frames_of_residual_models():
     sample = Fusion(1.0, space="sample")
     sample.bind(pipe, frames=clip)
     torch.testing.assert_close(sample.fuse(x0[1:], nb, 500), x0[:1])
+
+
+class _BlockVAE(torch.nn.Module):
+    """A linear stand-in for a VAE: decode = nearest x4 upsample, encode mean = gain * 4x4 average pool +
+    bias, so E(D(z)) = z exactly with the defaults and a lossy round trip otherwise."""
+
+    def __init__(self, scaling_factor=1.5, gain=1.0, bias=0.0):
+        super().__init__()
+        self.config = type("Config", (), {"scaling_factor": scaling_factor})()
+        self.dtype = torch.float32
+        self.gain, self.bias = gain, bias
+
+    def decode(self, z):
+        return type("Out", (), {"sample": torch.nn.functional.interpolate(z, scale_factor=4, mode="nearest")})()
+
+    def encode(self, x):
+        dist = type("Dist", (), {"mean": self.gain * torch.nn.functional.avg_pool2d(x, 4) + self.bias})()
+        return type("Out", (), {"latent_dist": dist})()
+
+
+class _ZeroFlows:
+    """Flows for ``pick``: zero flow, and one validity mask per neighbour index, given at the latent size
+    (upsampled to ``size``)."""
+
+    def __init__(self, mask):
+        self.mask = mask
+
+    def pick(self, frames, index, size):
+        mask = torch.nn.functional.interpolate(self.mask[index], size=size, mode="nearest")
+        return torch.zeros(len(frames), 2, *size), mask
+
+
+def test_decoded_space_fusion_equals_latent_fusion_when_the_encoder_inverts_the_decoder():
+    """Closed-form reference: x0' = x0 + s (E(X') - E(X)) with X' = X + w M (W(X_n) - X). With E(D(z)) = z,
+    zero flow and a mask constant on each latent pixel's 4x4 block, that is x0 + w m (x0_n - x0), the latent
+    fusion; where nothing is fused (absent neighbour, weight 0) x0 comes back unchanged, even through a lossy
+    round trip (the difference of two encodings cancels it; encoding X' alone would not)."""
+    from pipelines.align import DecodedFusion, Neighbours
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 3, 6, 5, generator=g)
+    mask = (torch.rand(2, 1, 6, 5, generator=g) > 0.3).float()
+    pipe = type("Pipe", (), {"vae": _BlockVAE()})()
+    nb = Neighbours(torch.tensor([1, 2]), torch.tensor([0, 1]), torch.tensor([True, True]), x0[:2],
+                    torch.zeros(2, 2, 6, 5), mask)
+    fused = DecodedFusion(0.3)
+    fused.bind(pipe, flows=_ZeroFlows(mask), size=(24, 20))
+    torch.testing.assert_close(fused.fuse(x0[1:], nb, 500), Fusion(0.3).fuse(x0[1:], nb, 500), atol=1e-5, rtol=0)
+    assert not torch.allclose(fused.fuse(x0[1:], nb, 500), x0[1:])
+    lossy = type("Pipe", (), {"vae": _BlockVAE(gain=0.9, bias=0.05)})()
+    nothing = DecodedFusion(0.0)
+    nothing.bind(lossy, flows=_ZeroFlows(mask), size=(24, 20))
+    assert torch.equal(nothing.fuse(x0[1:], nb, 500), x0[1:])
+    absent = Neighbours(torch.tensor([1, 2]), torch.tensor([0, 1]), torch.tensor([False, True]), x0[:2],
+                        torch.zeros(2, 2, 6, 5), mask)
+    fused.bind(lossy, flows=_ZeroFlows(mask), size=(24, 20))
+    out = fused.fuse(x0[1:], absent, 500)
+    assert torch.equal(out[0], x0[1]) and not torch.allclose(out[1], x0[2])
+
+
+def test_decoded_space_fusion_is_refused_for_a_pixel_model():
+    from pipelines.config import ConfigError, build_alignment, load_config
+
+    cfg = load_config(None, ["alignment.mode=fusion", "alignment.space=decoded"])
+    with pytest.raises(ConfigError, match="alignment.space=decoded .* needs a latent model"):
+        build_alignment(cfg, pixel_pipe())
