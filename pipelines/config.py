@@ -112,7 +112,8 @@ class AlignmentConfig:
     weight: float = 0.5  # fusion weight, in [0, 1]
     weight_schedule: WeightSchedule = "constant"
     space: FusionSpace = "frame"  # residual models: fuse whole frames (frame) or the residual samples (sample);
-    # latent models fuse the latents, or with "decoded" the decoded RGB estimates (measured: slower, no better)
+    # latent models fuse the latents, or with "decoded" the decoded RGB estimates (measured: about 10x slower,
+    # +0.05 dB on average over held-out clips; README "Latent or decoded-space fusion")
     tcm_scale: float = 1.0  # ControlNet conditioning scale
     tcm_masked: bool = False  # zero the warped condition where the flow check marks occlusions
     tcm_fusion: bool = False  # also fuse x0 estimates (weight, weight_schedule) like mode fusion
