@@ -106,6 +106,42 @@ def test_tcm_validation_gain_is_zero_for_zero_convolutions_and_measures_the_cond
     assert abs(train_tcm.condition_gain_db(frozen, cn, val, "cpu")) > 1e-3
 
 
+def test_tcm_chain_training_conditions_on_a_neighbour_predicted_with_the_tcm(latent_model, tmp_path):
+    """train_tcm.py --chain: synthetic chains follow their known flows (frame j+1 is frame j warped by
+    flows[:, j]); the last frame's condition comes from a middle frame predicted *with* the ControlNet, so it
+    changes when the ControlNet's outputs do (the pair path's condition cannot); one training step runs."""
+    import numpy as np
+    from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from pipelines.flow import FlowConfig, warp
+    from training import train_tcm
+    from training.latent_parts import empty_prompt_embedding
+
+    m = latent_model / "model"
+    photos = [tiny.textured_clip(1, 64)[0] for _ in range(2)]
+    hr, lr, flows = train_tcm.sample_triples([], photos, np.random.default_rng(0), 2, 64, FlowConfig())
+    assert hr.shape == (2, 3, 3, 64, 64) and lr.shape == (2, 3, 3, 16, 16) and flows.shape == (2, 2, 2, 64, 64)
+    torch.testing.assert_close(hr[:, 2], warp(hr[:, 1], flows[:, 1], padding_mode="border"))
+    unet = UNet2DConditionModel.from_pretrained(m, subfolder="unet").eval()
+    vae = AutoencoderKL.from_pretrained(m, subfolder="vae").eval()
+    emb = empty_prompt_embedding(CLIPTextModel.from_pretrained(m, subfolder="text_encoder"),
+                                 CLIPTokenizer.from_pretrained(m, subfolder="tokenizer"))
+    frozen = train_tcm.Frozen(unet, vae, vae, emb, DDPMScheduler.from_pretrained(m, subfolder="scheduler").alphas_cumprod)
+    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 64))
+    t = torch.tensor([500, 700])
+    inp, zero_cond, target = frozen.chain_inputs((hr, lr, flows), t, torch.Generator().manual_seed(1), cn)
+    assert inp.shape == (2, 7, 16, 16) and zero_cond.shape == (2, 3, 64, 64) and target.shape == (2, 4, 16, 16)
+    torch.manual_seed(0)
+    for block in [*cn.controlnet_down_blocks, cn.controlnet_mid_block]:
+        torch.nn.init.normal_(block.weight, std=0.05)
+    inp2, cond, target2 = frozen.chain_inputs((hr, lr, flows), t, torch.Generator().manual_seed(1), cn)
+    assert torch.equal(inp2, inp) and torch.equal(target2, target) and not torch.allclose(cond, zero_cond)
+    train_tcm.main(["--model", str(m), "--run", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--chain",
+                    "--steps", "1", "--every", "1", "--batch", "2", "--crop", "64", "--no-shared", "--threads", "1"])
+    assert (tmp_path / "out" / "controlnet" / "diffusion_pytorch_model.safetensors").exists()
+
+
 def test_preview_decoder_trains_and_replaces_the_vae_for_the_tcm_condition(latent_model, tmp_path, monkeypatch):
     """train_preview.py runs (two steps) and exports an AutoencoderTiny; placed in the model's
     preview_decoder/ folder it loads with the model, and alignment.tcm_decoder=preview decodes the TCM
@@ -194,6 +230,9 @@ def test_vae_val_clip_is_left_out_of_training_and_validates(tiny_vae, tmp_path, 
     singles, pairs = train_vae.clip_frames(shared / "held.mp4"), train_vae.clip_frames(shared / "held.mp4", pairs=True)
     assert len(singles) == len(pairs) == 3 and pairs[0].shape == (2, 3, 32, 48)  # frames 0+1, 8+9, 16+17
     assert all(torch.equal(p[0], f) for p, f in zip(pairs, singles)) and not torch.equal(pairs[0][1], singles[0])
+    triples = train_vae.clip_frames(shared / "held.mp4", span=3)  # frames 0-2, 8-10, 16-18 (train_tcm --chain)
+    assert len(triples) == 3 and triples[0].shape == (3, 3, 32, 48)
+    assert all(torch.equal(t[:2], p) for t, p in zip(triples, pairs)) and not torch.equal(triples[0][2], pairs[0][1])
     train_vae.main(["--init", str(tiny_vae), "--val-clip", "held.mp4", "--steps", "1", "--every", "1",
                     "--batch", "2", "--crop", "32", "--threads", "1", "--run", str(tmp_path / "run"),
                     "--out", str(tmp_path / "export"), "--color-jitter", "1.0"])

@@ -46,18 +46,18 @@ from training.train_vae import SHARED_TRAIN, EVAL_CLIP_NAME, clip_frames, image_
 # ----------------------------------------------------------------------------- pairs
 
 
-def clip_pairs(every: int = 8, max_side: int = 480) -> list[torch.Tensor]:
-    """(2, 3, H, W): frames i and i+1, every ``every`` frames of the training clips (and wolf.mp4), long
-    side <= max_side."""
+def clip_pairs(every: int = 8, max_side: int = 480, span: int = 2) -> list[torch.Tensor]:
+    """(span, 3, H, W): frames i .. i+span-1 (a pair by default), every ``every`` frames of the training clips
+    (and wolf.mp4), long side <= max_side."""
     from training.train_vsr import read_wolf
 
     wolf = read_wolf()[:-4]  # the last wolf frames are validation for the other scripts
-    pairs = [torch.stack([to_tensor(shrink(a, max_side)), to_tensor(shrink(b, max_side))])
-             for a, b in zip(wolf[::every], wolf[1::every])]
+    pairs = [torch.stack([to_tensor(shrink(f, max_side)) for f in wolf[i:i + span]])
+             for i in range(0, len(wolf) - span + 1, every)]
     if SHARED_TRAIN.is_dir():
         for clip in sorted(SHARED_TRAIN.glob("*.mp4")):
             if EVAL_CLIP_NAME not in clip.name:
-                pairs += clip_frames(clip, every, max_side, pairs=True)
+                pairs += clip_frames(clip, every, max_side, span=span)
     return pairs
 
 
@@ -93,6 +93,32 @@ def sample_pairs(pairs, photos, rng: np.random.Generator, batch: int, crop: int,
             cond = upscale(torch.stack([prev_lr[k], cur_lr[k]]), SCALE).clamp(-1, 1)
             flows[k] = compute_clip_flows(cond, flow_cfg).to_prev[1]
     return prev_hr, cur_hr, prev_lr, cur_lr, torch.stack(flows)
+
+
+def sample_triples(triples, photos, rng: np.random.Generator, batch: int, crop: int, flow_cfg: FlowConfig):
+    """Chains of three frames for ``--chain``: (hr (B, 3, 3, crop, crop), lr (B, 3, 3, crop/4, crop/4),
+    flows (B, 2, 2, crop, crop)) with ``flows[:, j]`` taking frame j+1 to frame j: real runs of three
+    neighbouring frames (either direction) with flow estimated as the sampler does, and photographs moved
+    twice by known smooth warps."""
+    hr, flows = [], []
+    for _ in range(batch):
+        if triples and rng.random() < 0.6:
+            run = rescaled_crop(triples[rng.integers(len(triples))], rng, crop, 0.4)
+            hr.append(run.flip(0) if rng.random() < 0.5 else run)
+            flows.append(None)
+        else:
+            a = rescaled_crop(photos[rng.integers(len(photos))], rng, crop, 0.3)
+            f1, f2 = (smooth_flow(rng, crop, rng.uniform(0.5, 4.0)) for _ in range(2))
+            b = warp(a[None], f1[None], padding_mode="border")[0]
+            hr.append(torch.stack([a, b, warp(b[None], f2[None], padding_mode="border")[0]]))
+            flows.append(torch.stack([f1, f2]))
+    hr = torch.stack(hr)
+    lr = downscale(hr.flatten(0, 1), SCALE).clamp(-1, 1).unflatten(0, hr.shape[:2])
+    for k, f in enumerate(flows):
+        if f is None:
+            to_prev = compute_clip_flows(upscale(lr[k], SCALE).clamp(-1, 1), flow_cfg).to_prev
+            flows[k] = to_prev[1:]
+    return hr, lr, torch.stack(flows)
 
 
 def validation_pairs(val: list[torch.Tensor], crop: int, flow_cfg: FlowConfig, n: int = 8):
@@ -136,6 +162,27 @@ class Frozen:
         xt = a.sqrt() * x0_cur + (1 - a).sqrt() * noise
         target = a.sqrt() * noise - (1 - a).sqrt() * x0_cur
         return torch.cat([xt, cur_lr], 1), condition, target
+
+    @torch.no_grad()
+    def chain_inputs(self, batch, t: torch.Tensor, gen: torch.Generator, cn: ControlNetModel):
+        """``--chain``: (the last frame's UNet input, its TCM condition, its v target) for chains of three
+        frames (``sample_triples``), noised to ``t`` with independent noise. As in the sweep, the condition
+        comes from a neighbour whose own x0 was predicted *with* the TCM: frame 0's x0 by the UNet alone,
+        frame 1's by the UNet with the TCM fed frame 0's decoded, warped x0, and frame 2's condition is
+        frame 1's decoded x0 warped onto it."""
+        hr, lr, flows = batch
+        a = self.alphas[t].view(-1, 1, 1, 1)
+        x0 = [self.vae.encode(hr[:, j]).latent_dist.mean * self.sf for j in range(3)]
+        noise = [torch.randn(z.shape, generator=gen).to(z.device) for z in x0]
+        xt = [a.sqrt() * z + (1 - a).sqrt() * n for z, n in zip(x0, noise)]
+        condition = None
+        for j in range(2):  # frames 0 and 1: their approximated x0, each the next frame's condition
+            inp = torch.cat([xt[j], lr[:, j]], 1)
+            v = self.predict(cn if condition is not None else None, inp, t, condition)
+            x0_j = a.sqrt() * xt[j] - (1 - a).sqrt() * v
+            condition = warp(self.decoder.decode(x0_j / self.sf).sample.float(), flows[:, j])
+        target = a.sqrt() * noise[2] - (1 - a).sqrt() * x0[2]
+        return torch.cat([xt[2], lr[:, 2]], 1), condition, target
 
     def predict(self, cn: ControlNetModel | None, inp, t, condition):
         """The UNet's v with the TCM's residuals (``cn``), or without them (``None``)."""
@@ -182,6 +229,9 @@ def main(argv=None) -> None:
     p.add_argument("--cosine", action="store_true",
                    help="decay the learning rate to 0 by a half cosine: by step over --steps, or over this "
                         "session's --minutes when that ends first")
+    p.add_argument("--chain", action="store_true",
+                   help="train on chains of three frames: the condition is the decoded x0 of a neighbour that was "
+                        "itself predicted with the TCM, as in the sweep (validation stays on pairs)")
     args = p.parse_args(argv)
 
     device = setup(args)
@@ -208,7 +258,7 @@ def main(argv=None) -> None:
     opt = torch.optim.AdamW(cn.parameters(), lr=args.lr, weight_decay=0.0)
 
     photos, val_frames = image_pool()
-    pairs = [] if args.no_shared else clip_pairs()
+    pairs = [] if args.no_shared else clip_pairs(span=3 if args.chain else 2)
     flow_cfg = FlowConfig()
     print(f"data: {len(pairs)} real frame pairs (estimated flow), {len(photos)} images for synthetic pairs "
           f"(exact flow); decoder: {args.decoder}; controlnet params "
@@ -218,14 +268,15 @@ def main(argv=None) -> None:
     val = validation_pairs(val_frames, args.crop, flow_cfg)
     run = Run(args.run, {"model": cn}, opt, ["step", "loss", "seconds", "val_gain_db"])
     bar = tqdm(total=args.steps, initial=run.step, desc="tcm", mininterval=10, file=sys.stdout)
-    batches = prefetch(lambda s: sample_pairs(pairs, photos, step_randomness(args.seed, s)[0], args.batch,
-                                              args.crop, flow_cfg), run.step, args.workers)
+    sample = sample_triples if args.chain else sample_pairs
+    batches = prefetch(lambda s: sample(pairs, photos, step_randomness(args.seed, s)[0], args.batch, args.crop,
+                                        flow_cfg), run.step, args.workers)
     while not run.finished(args.steps, args.minutes):
         step = run.step
         gen = step_randomness(args.seed, step)[1]
         batch = [x.to(device) for x in next(batches)]
         t = torch.randint(0, sched.config.num_train_timesteps, (len(batch[1]),), generator=gen).to(device)
-        inp, condition, target = frozen.inputs(batch, t, gen)
+        inp, condition, target = frozen.chain_inputs(batch, t, gen, cn) if args.chain else frozen.inputs(batch, t, gen)
         loss = F.mse_loss(frozen.predict(cn, inp, t, condition), target)
         lr = args.lr * min(1.0, (step + 1) / 200) * (run.cosine(args.steps, args.minutes) if args.cosine else 1.0)
         for g in opt.param_groups:

@@ -53,26 +53,29 @@ def shrink(img: np.ndarray, max_side: int) -> np.ndarray:
     return cv2.resize(img, None, fx=s, fy=s, interpolation=cv2.INTER_AREA) if s < 1 else img
 
 
-def clip_frames(path: Path, every: int = 8, max_side: int = 720, pairs: bool = False) -> list[torch.Tensor]:
+def clip_frames(path: Path, every: int = 8, max_side: int = 720, pairs: bool = False,
+                span: int | None = None) -> list[torch.Tensor]:
     """Frame i of the video ``path`` for every i divisible by ``every`` (long side <= max_side), as
-    (3, H, W) in [-1, 1]; with ``pairs``, frames i and i + 1 stacked as (2, 3, H, W)."""
-    if pairs and every < 2:
-        raise ValueError("pairs need every >= 2")
-    out, cap, i, first = [], cv2.VideoCapture(str(path)), 0, None
+    (3, H, W) in [-1, 1]; with ``pairs``, frames i and i + 1 stacked as (2, 3, H, W); with ``span`` k,
+    frames i .. i + k - 1 stacked as (k, 3, H, W)."""
+    span = span or (2 if pairs else 1)
+    if span > 1 and every < span:
+        raise ValueError(f"runs of {span} frames need every >= {span}")
+    out, cap, i, run = [], cv2.VideoCapture(str(path)), 0, []
     while True:
         ok, f = cap.read()
         if not ok:
             return out
         k, i = i % every, i + 1
-        if k > int(pairs):
+        if k >= span:
             continue  # a frame no one uses: not converted
         img = to_tensor(shrink(cv2.cvtColor(f, cv2.COLOR_BGR2RGB), max_side))
-        if not pairs:
+        if span == 1:
             out.append(img)
-        elif k == 0:
-            first = img
-        else:
-            out.append(torch.stack([first, img]))
+            continue
+        run = [img] if k == 0 else run + [img]
+        if len(run) == span:
+            out.append(torch.stack(run))
 
 
 def shared_pool(every: int = 8, max_side: int = 720, exclude: str | None = None) -> tuple[list[torch.Tensor], list[str]]:
