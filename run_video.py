@@ -21,21 +21,54 @@ import sys
 import threading
 from pathlib import Path
 
-INTERRUPTED = False  # set by the SIGINT handler: any error after Ctrl-C is reported as the interrupt
+INTERRUPTED = False  # Ctrl-C seen: any error after it is reported as the interrupt
+_WAKE = None  # read end of the signal wakeup pipe: Python's C-level handler writes each signal's number there
 
 
 def _on_sigint(signum, frame):
     """Ctrl-C: remember it, then raise KeyboardInterrupt as Python's own handler does. A library may turn the
-    KeyboardInterrupt into another error on its way up (diffusers' lazy imports once turned one raised mid-import
+    KeyboardInterrupt into another error on its way up (diffusers' lazy imports turned one raised mid-import
     into a RuntimeError), and the flag still says what happened."""
     global INTERRUPTED
     INTERRUPTED = True
     raise KeyboardInterrupt
 
 
-# leave SIGINT ignored where it was (nohup, &); signal handlers can be set from the main thread only
-if signal.getsignal(signal.SIGINT) is signal.default_int_handler and threading.current_thread() is threading.main_thread():
-    signal.signal(signal.SIGINT, _on_sigint)
+def interrupted() -> bool:
+    """Whether Ctrl-C arrived: the handler's flag, or the SIGINT byte in the wakeup pipe, which the C-level
+    handler writes before any Python code runs (so it is there even when running the Python handler itself
+    failed, as with a RecursionError when the signal landed deep inside an import)."""
+    global INTERRUPTED
+    if not INTERRUPTED and _WAKE is not None:
+        try:
+            INTERRUPTED = bytes([signal.SIGINT]) in os.read(_WAKE, 4096)
+        except BlockingIOError:
+            pass
+    return INTERRUPTED
+
+
+def _watch_sigint() -> None:
+    """Our SIGINT handler where Python's default one is set (SIGINT left ignored under nohup or &) and a
+    wakeup pipe where no one else has one; the main thread only, as the signal module requires."""
+    global _WAKE
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
+    if _WAKE is None:
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        previous = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        if previous == -1:
+            _WAKE = r
+        else:  # someone else's wakeup fd (an event loop): put it back
+            signal.set_wakeup_fd(previous)
+            os.close(r)
+            os.close(w)
+
+
+_watch_sigint()
 
 try:  # Ctrl-C while the libraries load: one line and exit 130, not a traceback
     import torch
@@ -45,7 +78,7 @@ try:  # Ctrl-C while the libraries load: one line and exit 130, not a traceback
     from pipelines.job import DEFAULT_CONFIG, UsageError, clip_list, from_root, output_names, run_clip
     from pipelines.video_io import InputError
 except BaseException as e:
-    if not (INTERRUPTED or isinstance(e, KeyboardInterrupt)):
+    if not (isinstance(e, KeyboardInterrupt) or interrupted()):
         raise
     print("error: interrupted", file=sys.stderr, flush=True)
     sys.exit(130)
@@ -119,7 +152,7 @@ def guarded(job, args) -> int:
         fail("terminated")
         return 143
     except Exception as e:
-        if INTERRUPTED:  # the interrupt, wrapped by a library on its way up
+        if interrupted():  # the interrupt, wrapped by a library on its way up
             fail("interrupted")
             return 130
         if args.debug:
@@ -183,6 +216,7 @@ def run_many(args: argparse.Namespace, clips: list[Path]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     global INTERRUPTED
+    interrupted()  # drain the wakeup pipe: only a Ctrl-C from now on counts
     INTERRUPTED = False
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)

@@ -394,3 +394,37 @@ def test_ctrl_c_stops_a_list_of_clips_not_just_the_current_one(tmp_path, capsys,
     args = run_video.parse_args(["--output", str(tmp_path / "out")])
     assert run_video.guarded(lambda a: run_video.run_many(a, clips), args) == 130
     assert calls == [str(clips[0])] and capsys.readouterr().err == "error: interrupted\n"
+
+
+def test_a_ctrl_c_whose_python_handler_fails_is_still_exit_130(capsys, monkeypatch):
+    # CI saw the Python-level handler itself fail when the signal landed deep inside an import (a
+    # RecursionError, wrapped by diffusers in a RuntimeError), so the handler's flag was never set; the
+    # byte the C-level handler writes to the wakeup pipe still says a Ctrl-C arrived
+    import signal
+
+    if run_video._WAKE is None:
+        pytest.skip("this process has another signal wakeup fd")
+
+    def failing_handler(signum, frame):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    def job(args):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler runs between bytecodes
+                pass
+        except RecursionError as e:
+            raise RuntimeError(f"Failed to import diffusers.models.x: {e}") from e
+        return 0
+
+    args = run_video.parse_args([])
+    run_video.interrupted()  # nothing pending
+    monkeypatch.setattr(run_video, "INTERRUPTED", False)
+    old = signal.signal(signal.SIGINT, failing_handler)
+    try:
+        assert run_video.guarded(job, args) == 130
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert capsys.readouterr().err == "error: interrupted\n"
+    monkeypatch.setattr(run_video, "INTERRUPTED", False)
+    assert not run_video.interrupted()  # the byte was consumed; the flag alone remembers
