@@ -215,9 +215,9 @@ def run_many(args: argparse.Namespace, clips: list[Path]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global INTERRUPTED
-    interrupted()  # drain the wakeup pipe: only a Ctrl-C from now on counts
-    INTERRUPTED = False
+    if interrupted():  # a Ctrl-C while the libraries loaded that some import swallowed
+        fail("interrupted")
+        return 130
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:

@@ -428,3 +428,12 @@ def test_a_ctrl_c_whose_python_handler_fails_is_still_exit_130(capsys, monkeypat
     assert capsys.readouterr().err == "error: interrupted\n"
     monkeypatch.setattr(run_video, "INTERRUPTED", False)
     assert not run_video.interrupted()  # the byte was consumed; the flag alone remembers
+
+
+def test_a_ctrl_c_swallowed_while_the_libraries_loaded_ends_the_run_with_130(capsys, monkeypatch):
+    # an import that catches the KeyboardInterrupt (a bare except) leaves the run going; the wakeup byte (or
+    # the flag) still ends it with exit 130 before any work, instead of a later error from a half-imported library
+    monkeypatch.setattr(run_video, "INTERRUPTED", True)
+    monkeypatch.setattr(run_video, "run", lambda args: pytest.fail("the job ran after Ctrl-C"))
+    assert run_video.main(["--output", "never.mp4"]) == 130
+    assert capsys.readouterr().err == "error: interrupted\n"
