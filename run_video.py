@@ -14,71 +14,25 @@ error (one line; ``--debug`` re-raises with the traceback); 130 Ctrl-C; 143 SIGT
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import signal
 import sys
 import threading
 from pathlib import Path
 
-INTERRUPTED = False  # Ctrl-C seen: any error after it is reported as the interrupt
-_WAKE = None  # read end of the signal wakeup pipe: Python's C-level handler writes each signal's number there
+from pipelines import interrupts  # torch-free: watches Ctrl-C before the heavy imports below
 
-
-def _on_sigint(signum, frame):
-    """Ctrl-C: remember it, then raise KeyboardInterrupt as Python's own handler does. A library may turn the
-    KeyboardInterrupt into another error on its way up (diffusers' lazy imports turned one raised mid-import
-    into a RuntimeError), and the flag still says what happened."""
-    global INTERRUPTED
-    INTERRUPTED = True
-    raise KeyboardInterrupt
-
-
-def interrupted() -> bool:
-    """Whether Ctrl-C arrived: the handler's flag, or the SIGINT byte in the wakeup pipe, which the C-level
-    handler writes before any Python code runs (so it is there even when running the Python handler itself
-    failed, as with a RecursionError when the signal landed deep inside an import)."""
-    global INTERRUPTED
-    if not INTERRUPTED and _WAKE is not None:
-        try:
-            INTERRUPTED = bytes([signal.SIGINT]) in os.read(_WAKE, 4096)
-        except BlockingIOError:
-            pass
-    return INTERRUPTED
-
-
-def _watch_sigint() -> None:
-    """Our SIGINT handler where Python's default one is set (SIGINT left ignored under nohup or &) and a
-    wakeup pipe where no one else has one; the main thread only, as the signal module requires."""
-    global _WAKE
-    if threading.current_thread() is not threading.main_thread():
-        return
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _on_sigint)
-    if _WAKE is None:
-        r, w = os.pipe()
-        os.set_blocking(r, False)
-        os.set_blocking(w, False)
-        previous = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-        if previous == -1:
-            _WAKE = r
-        else:  # someone else's wakeup fd (an event loop): put it back
-            signal.set_wakeup_fd(previous)
-            os.close(r)
-            os.close(w)
-
-
-_watch_sigint()
+interrupts.watch()
 
 try:  # Ctrl-C while the libraries load: one line and exit 130, not a traceback
     import torch
 
     from pipelines.checkpoint import WorkdirMismatch
     from pipelines.config import ConfigError, load_config, to_yaml
-    from pipelines.job import DEFAULT_CONFIG, UsageError, clip_list, from_root, output_names, run_clip
+    from pipelines.job import DEFAULT_CONFIG, UsageError, clip_list, from_root, output_names, process_group, run_clip
     from pipelines.video_io import InputError
 except BaseException as e:
-    if not (isinstance(e, KeyboardInterrupt) or interrupted()):
+    if not (isinstance(e, KeyboardInterrupt) or interrupts.interrupted()):
         raise
     print("error: interrupted", file=sys.stderr, flush=True)
     sys.exit(130)
@@ -152,7 +106,7 @@ def guarded(job, args) -> int:
         fail("terminated")
         return 143
     except Exception as e:
-        if interrupted():  # the interrupt, wrapped by a library on its way up
+        if interrupts.interrupted():  # the interrupt, wrapped by a library on its way up
             fail("interrupted")
             return 130
         if args.debug:
@@ -166,22 +120,6 @@ def guarded(job, args) -> int:
 
 
 # ----------------------------------------------------------------------------- many clips
-
-
-def process_group():
-    """(rank, world, local rank) under ``torchrun`` / ``accelerate launch``, else (0, 1, 0). The processes
-    meet once, at the end, maybe hours apart: timeout RUN_VIDEO_BARRIER_HOURS (168), not gloo's 30 min."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, 0
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        hours = float(os.environ.get("RUN_VIDEO_BARRIER_HOURS", "168"))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=hours))
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def run_many(args: argparse.Namespace, clips: list[Path]) -> int:
@@ -215,7 +153,7 @@ def run_many(args: argparse.Namespace, clips: list[Path]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if interrupted():  # a Ctrl-C while the libraries loaded that some import swallowed
+    if interrupts.interrupted():  # a Ctrl-C while the libraries loaded that some import swallowed
         fail("interrupted")
         return 130
     if threading.current_thread() is threading.main_thread():

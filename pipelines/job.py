@@ -621,3 +621,19 @@ def output_names(clips: list[Path]) -> list[str]:
 
 __all__ = ["run_clip", "UsageError", "Paths", "plan_paths", "check_paths", "fingerprint", "Scores", "InputError",
            "clip_list", "output_names"]
+
+
+def process_group():
+    """(rank, world, local rank) under ``torchrun`` / ``accelerate launch``, else (0, 1, 0). The processes
+    meet once, at the end, maybe hours apart: timeout RUN_VIDEO_BARRIER_HOURS (168), not gloo's 30 min."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        hours = float(os.environ.get("RUN_VIDEO_BARRIER_HOURS", "168"))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=hours))
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))

@@ -15,6 +15,7 @@ from diffusers import UNet2DModel
 
 import run_video
 import tiny
+from pipelines import interrupts
 from pipelines.config import load_config
 from pipelines.flow import ClipFlows
 from pipelines.video_io import read_clip, to_uint8, write_video
@@ -369,15 +370,15 @@ def test_an_interrupt_that_a_library_wraps_in_another_error_is_still_exit_130(ca
     # reported as an internal error (exit 1); the SIGINT handler's flag must win over the wrapped error
     def job(args):
         try:
-            run_video._on_sigint(2, None)  # what the signal would run
+            interrupts._on_sigint(2, None)  # what the signal would run
         except KeyboardInterrupt as e:
             raise RuntimeError("Failed to import diffusers.models.x: maximum recursion depth exceeded") from e
 
-    monkeypatch.setattr(run_video, "INTERRUPTED", False)
+    monkeypatch.setattr(interrupts, "INTERRUPTED", False)
     args = run_video.parse_args([])
     assert run_video.guarded(job, args) == 130
     assert capsys.readouterr().err == "error: interrupted\n"
-    monkeypatch.setattr(run_video, "INTERRUPTED", False)  # without the interrupt the same error is internal
+    monkeypatch.setattr(interrupts, "INTERRUPTED", False)  # without the interrupt the same error is internal
     assert run_video.guarded(lambda a: (_ for _ in ()).throw(RuntimeError("boom")), args) == 1
     assert capsys.readouterr().err == "error: internal: RuntimeError: boom\n"
 
@@ -402,7 +403,7 @@ def test_a_ctrl_c_whose_python_handler_fails_is_still_exit_130(capsys, monkeypat
     # byte the C-level handler writes to the wakeup pipe still says a Ctrl-C arrived
     import signal
 
-    if run_video._WAKE is None:
+    if interrupts._WAKE is None:
         pytest.skip("this process has another signal wakeup fd")
 
     def failing_handler(signum, frame):
@@ -418,22 +419,22 @@ def test_a_ctrl_c_whose_python_handler_fails_is_still_exit_130(capsys, monkeypat
         return 0
 
     args = run_video.parse_args([])
-    run_video.interrupted()  # nothing pending
-    monkeypatch.setattr(run_video, "INTERRUPTED", False)
+    interrupts.interrupted()  # nothing pending
+    monkeypatch.setattr(interrupts, "INTERRUPTED", False)
     old = signal.signal(signal.SIGINT, failing_handler)
     try:
         assert run_video.guarded(job, args) == 130
     finally:
         signal.signal(signal.SIGINT, old)
     assert capsys.readouterr().err == "error: interrupted\n"
-    monkeypatch.setattr(run_video, "INTERRUPTED", False)
-    assert not run_video.interrupted()  # the byte was consumed; the flag alone remembers
+    monkeypatch.setattr(interrupts, "INTERRUPTED", False)
+    assert not interrupts.interrupted()  # the byte was consumed; the flag alone remembers
 
 
 def test_a_ctrl_c_swallowed_while_the_libraries_loaded_ends_the_run_with_130(capsys, monkeypatch):
     # an import that catches the KeyboardInterrupt (a bare except) leaves the run going; the wakeup byte (or
     # the flag) still ends it with exit 130 before any work, instead of a later error from a half-imported library
-    monkeypatch.setattr(run_video, "INTERRUPTED", True)
+    monkeypatch.setattr(interrupts, "INTERRUPTED", True)
     monkeypatch.setattr(run_video, "run", lambda args: pytest.fail("the job ran after Ctrl-C"))
     assert run_video.main(["--output", "never.mp4"]) == 130
     assert capsys.readouterr().err == "error: interrupted\n"

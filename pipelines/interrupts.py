@@ -1,0 +1,58 @@
+"""Ctrl-C, however it arrives: the CLI's exit code 130 must not depend on where the signal lands.
+
+Imports nothing heavy (the CLI calls :func:`watch` before importing torch and diffusers). Two records of a
+Ctrl-C, because either can be lost: the flag our handler sets (lost when running the Python handler itself
+fails, or when an import swallows the KeyboardInterrupt it raises), and the byte CPython's C-level handler
+writes to a signal wakeup pipe before any Python code runs.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+INTERRUPTED = False  # Ctrl-C seen: any error after it is reported as the interrupt
+_WAKE = None  # read end of the signal wakeup pipe: Python's C-level handler writes each signal's number there
+
+
+def _on_sigint(signum, frame):
+    """Ctrl-C: remember it, then raise KeyboardInterrupt as Python's own handler does. A library may turn the
+    KeyboardInterrupt into another error on its way up (diffusers' lazy imports turned one raised mid-import
+    into a RuntimeError), and the flag still says what happened."""
+    global INTERRUPTED
+    INTERRUPTED = True
+    raise KeyboardInterrupt
+
+
+def interrupted() -> bool:
+    """Whether Ctrl-C arrived: the handler's flag, or the SIGINT byte in the wakeup pipe, which the C-level
+    handler writes before any Python code runs (so it is there even when running the Python handler itself
+    failed, as with a RecursionError when the signal landed deep inside an import)."""
+    global INTERRUPTED
+    if not INTERRUPTED and _WAKE is not None:
+        try:
+            INTERRUPTED = bytes([signal.SIGINT]) in os.read(_WAKE, 4096)
+        except BlockingIOError:
+            pass
+    return INTERRUPTED
+
+
+def watch() -> None:
+    """Our SIGINT handler where Python's default one is set (SIGINT left ignored under nohup or &) and a
+    wakeup pipe where no one else has one; the main thread only, as the signal module requires."""
+    global _WAKE
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
+    if _WAKE is None:
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        previous = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        if previous == -1:
+            _WAKE = r
+        else:  # someone else's wakeup fd (an event loop): put it back
+            signal.set_wakeup_fd(previous)
+            os.close(r)
+            os.close(w)
