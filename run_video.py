@@ -36,6 +36,7 @@ except BaseException as e:
         raise
     print("error: interrupted", file=sys.stderr, flush=True)
     sys.exit(130)
+interrupts.arm()
 
 
 class Terminated(BaseException):

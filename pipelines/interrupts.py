@@ -12,6 +12,7 @@ import signal
 import threading
 
 INTERRUPTED = False  # Ctrl-C seen: any error after it is reported as the interrupt
+_ARMED = False  # see arm()
 _WAKE = None  # read end of the signal wakeup pipe: Python's C-level handler writes each signal's number there
 
 
@@ -21,7 +22,15 @@ def _on_sigint(signum, frame):
     into a RuntimeError), and the flag still says what happened."""
     global INTERRUPTED
     INTERRUPTED = True
-    raise KeyboardInterrupt
+    if _ARMED:  # while the libraries load, only record it: an exception raised inside torch's C++ import
+        raise KeyboardInterrupt  # callbacks aborts the process (CI saw pybind11 terminate on one)
+
+
+def arm() -> None:
+    """From now on Ctrl-C raises KeyboardInterrupt; before, it is only recorded (the caller checks
+    :func:`interrupted` once its imports are done)."""
+    global _ARMED
+    _ARMED = True
 
 
 def interrupted() -> bool:
