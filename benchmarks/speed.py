@@ -287,7 +287,8 @@ def section_models(args) -> dict:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for k, model in enumerate(args.compare_models.split(",")):
-            cli = ["--reference", str(EXAMPLE_GT), f"model.path={model}", f"model.device={args.device}"]
+            cli = ["--reference", str(EXAMPLE_GT), f"model.path={model}", f"model.device={args.device}",
+                   f"model.dtype={args.dtype}"]
             if args.threads:
                 cli.append(f"runtime.threads={args.threads}")
             try:
@@ -307,7 +308,8 @@ def section_models(args) -> dict:
         if first and "sampling_s" in r:
             r["sampling_ratio_vs_first"] = round(r["sampling_s"] / first["sampling_s"], 3)
             r["wall_ratio_vs_first"] = round(r["wall_s"] / first["wall_s"], 3)
-    return {"command": "python run_video.py --reference assets/example_gt model.path=M", "rows": rows}
+    return {"command": f"python run_video.py --reference assets/example_gt model.path=M model.dtype={args.dtype}",
+            "rows": rows}
 
 
 BATCHES = (1, 2, 4, 8, 16)
