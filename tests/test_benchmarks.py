@@ -147,3 +147,24 @@ def test_backprojection_benchmark_corrects_one_output_three_ways(tmp_path):
     f = [rows[("bidir-fusion-w0.3", how)]["psnr"] for how in ("none", "per frame", "flow-averaged")]
     assert len({round(v, 6) for v in f}) == 3
     assert (tmp_path / "bp.md").read_text().count("\n|") >= 7
+
+
+def test_half_precision_diagnosis_names_the_module_where_the_precisions_part():
+    """benchmarks/half_precision.py on the CPU (where fp16 follows fp32 closely: no module departs), then
+    with one module made to misbehave in half precision only: the diagnosis must name that module."""
+    import half_precision
+
+    [(name, make, clip, align)] = half_precision.kinds("cpu", ["upscale+tcm"])
+    clean = half_precision.diagnose(make, clip, align, torch.float16)
+    assert clean["psnr_1_step"] > 50 and clean["modules_compared"] > 50
+    assert clean["first_module_over_1e-2"] is None, clean
+
+    def broken(dtype):
+        pipe = make(dtype)
+        if dtype != torch.float32:  # a fault of the half-precision path in the UNet's middle block
+            pipe.unet.mid_block.resnets[0].register_forward_hook(lambda mod, args, out: out * 1.5)
+        return pipe
+
+    bad = half_precision.diagnose(broken, clip, align, torch.float16)
+    assert bad["first_module_over_1e-2"] == "unet.mid_block.resnets.0", bad
+    assert bad["psnr_4_steps"] < clean["psnr_4_steps"] - 10, (bad, clean)  # and it shows in the frames
