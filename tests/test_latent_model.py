@@ -31,7 +31,7 @@ from pipelines.video_io import read_clip, to_tensor  # noqa: E402
 from pipelines.video_pipeline import SamplingOptions, VideoPipeline  # noqa: E402
 
 # measured on this machine when the weights were committed (see the README's model card)
-TCM_EWARP_RATIO_MAX = 0.92  # E_warp(tcm) / E_warp(none) on the clip below: measured 0.776 (0.770 with the once-fine-tuned VAE decoder; untrained weights 1.16; the previous TCM 0.785, 0.81 with the lease's VAE decoder; the lease's TCM with the lease's UNet 0.84)
+TCM_EWARP_RATIO_MAX = 0.92  # E_warp(tcm) / E_warp(none) on the clip below: measured 0.761 with the chain-trained TCM (the pair-trained one 0.776, 0.770 with the once-fine-tuned VAE decoder; untrained weights 1.16; the previous TCM 0.785, 0.81 with the lease's VAE decoder; the lease's TCM with the lease's UNet 0.84)
 PREVIEW_PSNR_MIN = 29.0  # dB, preview vs VAE decoder on the example clip's frames: measured 29.8 with both fine-tuned VAE decoders (other frames' latents: 19.6; the lease's preview 30.0 against this decoder, 30.8 against the lease's)
 
 
