@@ -48,7 +48,8 @@ def build_methods(weight: float, num_frames: int, tcm: bool = False, preview: bo
     With a model that has a ControlNet (``tcm``): tcm, tcm + fusion and, with a preview decoder,
     tcm-preview (the issue's table rows: none, fusion, tcm, tcm + fusion, tcm with the preview decoder),
     and tcm-preview on only the first half, the last half, or the last 30 % or 20 % of the steps, and on
-    the last half with fusion, all at ControlNet conditioning scale ``tcm_scale``. With a latent model (``vae``):
+    the last half with fusion, all at ControlNet conditioning scale ``tcm_scale``; and two of those rows
+    with chains of 4 frames in lockstep (``-L4``). With a latent model (``vae``):
     vae-reconstruction, the VAE decoding its encoding of the ground truth (no sampling).
     """
     methods = [Method("bicubic", bicubic=True)]
@@ -92,6 +93,15 @@ def build_methods(weight: float, num_frames: int, tcm: bool = False, preview: bo
                         # the cheap window combined with training-free fusion of the x0 estimates
                         with_tcm(f"tcm-preview-last-half+fusion-w{weight:g}", decoder="preview", start=0.5,
                                  fusion=weight)]
+            # chains of 4 frames in lockstep (schedule.chain_length): one frame of each chain per model
+            # call, so a quarter of the TCM's one-frame calls; the lever on its time where those calls are
+            # launch-bound (a GPU), at the cost of the sweep's reach
+            lockstep = {"chain_length": 4, "batch_size": max(num_frames, 1)}
+            methods += [Method("tcm-preview-L4", options=lockstep,
+                               alignment={"mode": "tcm", "scale": tcm_scale, "decoder": "preview"}),
+                        Method(f"tcm-preview-last-half+fusion-w{weight:g}-L4", options=lockstep,
+                               alignment={"mode": "tcm", "scale": tcm_scale, "decoder": "preview", "start": 0.5,
+                                          "fusion": weight})]
     return methods
 
 

@@ -33,6 +33,7 @@ timeout 150 python3 -m pytest -q tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.lo
 timeout 90 python3 benchmarks/half_precision.py --device cuda --out "$out/gpu_half_precision.json" 2>&1 \
     | grep -v "^Loading\|shards" | tee "$out/gpu_half_precision.log" || status=1
 rows=independent,bidir-fusion-w0.3,tcm,tcm+fusion-w0.3,tcm-preview,tcm-preview-last-half,tcm-preview-last-half+fusion-w0.3
+rows=$rows,tcm-preview-L4,tcm-preview-last-half+fusion-w0.3-L4  # chains in lockstep: fewer one-frame TCM calls
 for dt in float32 float16; do
   timeout 120 python3 benchmarks/consistency.py --device cuda --dtype $dt --methods $rows \
       --out "$out/gpu_latent_tcm_$dt" 2>&1 | tail -25 || status=1

@@ -168,3 +168,13 @@ def test_half_precision_diagnosis_names_the_module_where_the_precisions_part():
     bad = half_precision.diagnose(broken, clip, align, torch.float16)
     assert bad["first_module_over_1e-2"] == "unet.mid_block.resnets.0", bad
     assert bad["psnr_4_steps"] < clean["psnr_4_steps"] - 10, (bad, clean)  # and it shows in the frames
+
+
+def test_consistency_lockstep_tcm_rows_are_the_tcm_rows_run_in_chains_of_four():
+    """The -L4 rows differ from their exact-sweep rows only by chains of 4 frames in lockstep, one frame of
+    each chain per model call (what gpu.sh measures: the TCM's one-frame calls are launch-bound on a GPU)."""
+    methods = {m.name: m for m in consistency.build_methods(0.3, 16, tcm=True, preview=True)}
+    for exact in ("tcm-preview", "tcm-preview-last-half+fusion-w0.3"):
+        chained = methods[f"{exact}-L4"]
+        assert chained.alignment == methods[exact].alignment
+        assert chained.options == {**methods[exact].options, "chain_length": 4, "batch_size": 16}
