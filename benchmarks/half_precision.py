@@ -48,11 +48,12 @@ def kinds(device: str, names: list[str] | None):
     from test_gpu import _pipes
 
     from pipelines.align import Fusion
+    from pipelines.degradation import downscale
     from pipelines.video_io import read_clip, to_tensor
 
     out = _pipes(_Tmp(), device=device)
     gt = to_tensor(read_clip(ROOT / "assets" / "example_gt", max_frames=4).frames)[:, :, 96:160, 96:160]
-    lr = torch.nn.functional.interpolate(gt, scale_factor=0.25, mode="bicubic", antialias=True).clamp(-1, 1)
+    lr = downscale(gt, 4).clamp(-1, 1)
     out.append(("shipped latent-x4", lambda dt: VideoPipeline.from_pretrained(ROOT / "weights" / "latent-x4",
                                                                               device=device, dtype=dt),
                 lr, lambda: Fusion(0.3)))

@@ -227,7 +227,7 @@ def test_vae_val_clip_is_left_out_of_training_and_validates(tiny_vae, tmp_path, 
 
     pool, used = train_vae.shared_pool(exclude="held.mp4")
     assert used == ["kept.mp4:2"] and len(pool) == 2 and pool[0].shape == (3, 32, 48)
-    singles, pairs = train_vae.clip_frames(shared / "held.mp4"), train_vae.clip_frames(shared / "held.mp4", pairs=True)
+    singles, pairs = train_vae.clip_frames(shared / "held.mp4"), train_vae.clip_frames(shared / "held.mp4", span=2)
     assert len(singles) == len(pairs) == 3 and pairs[0].shape == (2, 3, 32, 48)  # frames 0+1, 8+9, 16+17
     assert all(torch.equal(p[0], f) for p, f in zip(pairs, singles)) and not torch.equal(pairs[0][1], singles[0])
     triples = train_vae.clip_frames(shared / "held.mp4", span=3)  # frames 0-2, 8-10, 16-18 (train_tcm --chain)

@@ -53,12 +53,9 @@ def shrink(img: np.ndarray, max_side: int) -> np.ndarray:
     return cv2.resize(img, None, fx=s, fy=s, interpolation=cv2.INTER_AREA) if s < 1 else img
 
 
-def clip_frames(path: Path, every: int = 8, max_side: int = 720, pairs: bool = False,
-                span: int | None = None) -> list[torch.Tensor]:
+def clip_frames(path: Path, every: int = 8, max_side: int = 720, span: int = 1) -> list[torch.Tensor]:
     """Frame i of the video ``path`` for every i divisible by ``every`` (long side <= max_side), as
-    (3, H, W) in [-1, 1]; with ``pairs``, frames i and i + 1 stacked as (2, 3, H, W); with ``span`` k,
-    frames i .. i + k - 1 stacked as (k, 3, H, W)."""
-    span = span or (2 if pairs else 1)
+    (3, H, W) in [-1, 1]; with ``span`` k > 1, frames i .. i + k - 1 stacked as (k, 3, H, W) (pairs: 2)."""
     if span > 1 and every < span:
         raise ValueError(f"runs of {span} frames need every >= {span}")
     out, cap, i, run = [], cv2.VideoCapture(str(path)), 0, []
