@@ -211,6 +211,38 @@ def test_vae_decoder_only_fine_tune_starts_from_the_export_and_keeps_the_latents
         torch.testing.assert_close(a[k] - b[k], 1e-3 * (raw[k] - b[k]), rtol=1e-3, atol=1e-7)
 
 
+def test_vae_whole_fine_tune_with_an_anchor_keeps_the_latents_close_and_the_scaling_factor(tiny_vae, tmp_path):
+    """train_vae.py --init <export> --anchor W (whole VAE, encoder included): the loss adds W times the MSE
+    between the scaled latents and the init's, so after the same steps the latents of a fixed input have
+    moved far less than in the same fine-tune without it, and the export keeps the init's scaling_factor
+    (the UNet's convention); without an anchor the factor is measured again."""
+    from diffusers import AutoencoderKL
+    from training import train_vae
+
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    base = AutoencoderKL.from_pretrained(tiny_vae)
+    with torch.no_grad():
+        z0 = base.encode(x).latent_dist.mean
+    drift, sf = {}, {}
+    for w in ("0", "1e4"):
+        out = tmp_path / f"export{w}"
+        train_vae.main(["--init", str(tiny_vae), "--anchor", w, "--deterministic", "--every", "100", "--batch", "2",
+                        "--crop", "32", "--lr", "1e-2", "--threads", "1", "--steps", "8", "--ema", "0",
+                        "--run", str(tmp_path / f"run{w}"), "--out", str(out)])
+        vae = AutoencoderKL.from_pretrained(out)
+        with torch.no_grad():
+            drift[w] = float((vae.encode(x).latent_dist.mean - z0).pow(2).mean().sqrt())
+        sf[w] = vae.config.scaling_factor
+        assert any(not torch.equal(vae.state_dict()[k], base.state_dict()[k]) for k in base.state_dict()
+                   if k.startswith("encoder."))  # the encoder is trained in both
+    assert drift["1e4"] < 0.6 * drift["0"], drift  # 0.42x here; without the anchor term the runs are equal
+    assert sf["1e4"] == pytest.approx(0.7)
+    assert sf["0"] != pytest.approx(0.7)
+    with pytest.raises(SystemExit) as stop:  # an anchor with nothing to anchor to is a usage error
+        train_vae.main(["--anchor", "1", "--run", str(tmp_path / "none")])
+    assert stop.value.code == 2
+
+
 def test_vae_val_clip_is_left_out_of_training_and_validates(tiny_vae, tmp_path, monkeypatch, capsys):
     """train_vae.py --val-clip NAME: that clip of ../shared/clips/train is read for validation only (the
     others and the photos still train), and the run says so."""

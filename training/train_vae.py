@@ -5,6 +5,11 @@ its frozen latents). Loss: L1 reconstruction (``--loss``) plus a small KL term (
 stays close to a deterministic code the UNet can learn. The exported ``scaling_factor`` is
 ``1 / std`` of the posterior means on training crops, so scaled latents have about unit variance.
 
+A fine-tune (``--init``) can train the decoder alone (``--decoder-only``: the latents, and so a UNet
+trained on them, stay exactly as they were) or the whole VAE; ``--anchor W`` then adds
+``W * mean((s E(x) - s E0(x))^2)`` (``s`` the scaling factor, ``E0`` the init's encoder) so that the
+latents stay close to those the UNet was trained on.
+
 Data (said at start, with counts): frames of ../shared/clips/train/*.mp4 and its photos/ when that
 folder exists, scikit-image's photographs, wolf.mp4 (its last frames held out for validation) and
 procedural textures, with random rescale, flips and rotations. woman-running.mp4 is the evaluation
@@ -201,6 +206,9 @@ def main(argv=None) -> None:
     p.add_argument("--norm-groups", type=int, default=32,
                    help="GroupNorm groups (32 with a 32-channel stage normalises every channel on its own)")
     p.add_argument("--init", type=Path, default=None, help="an exported VAE folder to start from (fine-tuning)")
+    p.add_argument("--anchor", type=float, default=0.0,
+                   help="with --init: add this weight times the MSE between the scaled latents and the init's, so a "
+                        "whole-VAE fine-tune keeps the latents a UNet was trained on close (and keeps scaling_factor)")
     p.add_argument("--decoder-only", action="store_true",
                    help="train only the decoder: the encoder, and so the latents a UNet was trained on, stay fixed")
     p.add_argument("--val-clip", default=None,
@@ -210,6 +218,8 @@ def main(argv=None) -> None:
     p.add_argument("--color-jitter", type=float, default=0.0,
                    help="probability of a random hue turn and saturation gain per crop (train_vae.color_jitter)")
     args = p.parse_args(argv)
+    if args.anchor and not args.init:
+        p.error("--anchor needs --init (the VAE whose latents to stay close to)")
 
     device = setup(args)
     if args.init:  # start from an exported VAE (its architecture and weights); a saved run still resumes
@@ -224,6 +234,10 @@ def main(argv=None) -> None:
     if args.decoder_only:  # the latents (and so a UNet trained on them) stay exactly as they are
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
+    reference = None
+    if args.init and not args.decoder_only:  # the init, frozen: how far the latents have moved from its
+        reference = AutoencoderKL(**arch).to(device).requires_grad_(False)
+        reference.load_state_dict(vae.state_dict())
     trained = [q for q in vae.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.0)
 
@@ -252,6 +266,14 @@ def main(argv=None) -> None:
         noise = torch.randn(post.mean.shape, generator=gen).to(device)  # drawn either way: same data stream
         z = post.mean if args.deterministic else post.mean + post.std * noise
         loss = losses[args.loss](vae.decode(z).sample, x) + args.kl * post.kl().mean()
+        drift = None
+        if reference is not None:  # RMS change of the scaled latents from the init's
+            with torch.no_grad():
+                ref = reference.encode(x).latent_dist.mean
+            sf = reference.config.scaling_factor
+            drift_mse = F.mse_loss(post.mean * sf, ref * sf)
+            loss = loss + args.anchor * drift_mse
+            drift = drift_mse.detach().sqrt().item()
         lr = args.lr * min(1.0, (step + 1) / 200) * run.cosine(args.steps, args.minutes)  # warmup, cosine
         for g in opt.param_groups:
             g["lr"] = lr
@@ -263,9 +285,11 @@ def main(argv=None) -> None:
         if step % args.every == 0 or run.finished(args.steps, args.minutes):
             val_db = psnr(reconstruct(ema, val_x.to(device)).cpu(), val_x)
             color_db = psnr(reconstruct(ema, val_c.to(device)).cpu(), val_c)
-            std = 1.0 / vae.config.scaling_factor if args.decoder_only and args.init else latent_std(ema, pool, device)
+            keep = args.init and (args.decoder_only or args.anchor)
+            std = 1.0 / vae.config.scaling_factor if keep else latent_std(ema, pool, device)
             row[3:] = [f"{val_db:.3f}", f"{std:.4f}", f"{color_db:.3f}"]
             bar.write(f"step {step} loss {loss.item():.4f} held-out reconstruction {val_db:.2f} dB "
+                      + (f"latent drift from the init (RMS, scaled, this batch) {drift:.4f} " if drift is not None else "") +
                       f"(colour-jittered copies {color_db:.2f} dB), latent std {std:.3f}")
             run.writer.writerow(row)
             run.save()
