@@ -17,6 +17,8 @@
 # and the next call, within the 30 s the machine stays warm, carries .whl2, installs it the same way into
 # /tmp/site2 and runs this script with PYTHONPATH=/tmp/site:/tmp/site2:$PWD (an ignored folder inside the
 # repository does not survive between calls; /tmp does).
+# The tree went without weights/vsr-x4, training/logs and docs (moved aside for the calls, restored after);
+# training/checkpoints (6.5 MB since 2026-11-27) is not needed here either.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # that image sets PYTHONDONTWRITEBYTECODE=1, so every fresh process recompiled diffusers, transformers and
