@@ -235,7 +235,7 @@ def main(argv=None) -> None:
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
     reference = None
-    if args.init and not args.decoder_only:  # the init, frozen: how far the latents have moved from its
+    if args.init and not args.decoder_only:  # the init, frozen: latent drift is measured from it
         reference = AutoencoderKL(**arch).to(device).requires_grad_(False)
         reference.load_state_dict(vae.state_dict())
     trained = [q for q in vae.parameters() if q.requires_grad]
