@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import replace
 import sys
 from pathlib import Path
 
@@ -97,11 +98,9 @@ def build_methods(weight: float, num_frames: int, tcm: bool = False, preview: bo
             # call, so a quarter of the TCM's one-frame calls; the lever on its time where those calls are
             # launch-bound (a GPU), at the cost of the sweep's reach
             lockstep = {"chain_length": 4, "batch_size": max(num_frames, 1)}
-            methods += [Method("tcm-preview-L4", options=lockstep,
-                               alignment={"mode": "tcm", "scale": tcm_scale, "decoder": "preview"}),
-                        Method(f"tcm-preview-last-half+fusion-w{weight:g}-L4", options=lockstep,
-                               alignment={"mode": "tcm", "scale": tcm_scale, "decoder": "preview", "start": 0.5,
-                                          "fusion": weight})]
+            exact = {m.name: m for m in methods}
+            methods += [replace(exact[n], name=f"{n}-L4", options={**exact[n].options, **lockstep})
+                        for n in ("tcm-preview", f"tcm-preview-last-half+fusion-w{weight:g}")]
     return methods
 
 

@@ -183,6 +183,12 @@ def export(vae: AutoencoderKL, out: Path, scaling_factor: float) -> None:
     replace_dir(tmp, out)
 
 
+def latent_drift(z: torch.Tensor, z0: torch.Tensor, scaling_factor: float) -> torch.Tensor:
+    """Mean squared change of the scaled latents: mean((s z - s z0)^2), s the scaling factor (the
+    anchor's loss; its square root is the RMS drift the run reports)."""
+    return (scaling_factor * (z - z0)).pow(2).mean()
+
+
 @torch.no_grad()
 def reconstruct(vae: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
     """Decode the posterior mean: (B, 3, H, W) in [-1, 1] -> same."""
@@ -266,14 +272,10 @@ def main(argv=None) -> None:
         noise = torch.randn(post.mean.shape, generator=gen).to(device)  # drawn either way: same data stream
         z = post.mean if args.deterministic else post.mean + post.std * noise
         loss = losses[args.loss](vae.decode(z).sample, x) + args.kl * post.kl().mean()
-        drift = None
-        if reference is not None:  # RMS change of the scaled latents from the init's
+        if args.anchor:  # the scaled latents' mean squared change from the init's
             with torch.no_grad():
                 ref = reference.encode(x).latent_dist.mean
-            sf = reference.config.scaling_factor
-            drift_mse = F.mse_loss(post.mean * sf, ref * sf)
-            loss = loss + args.anchor * drift_mse
-            drift = drift_mse.detach().sqrt().item()
+            loss = loss + args.anchor * latent_drift(post.mean, ref, reference.config.scaling_factor)
         lr = args.lr * min(1.0, (step + 1) / 200) * run.cosine(args.steps, args.minutes)  # warmup, cosine
         for g in opt.param_groups:
             g["lr"] = lr
@@ -285,11 +287,17 @@ def main(argv=None) -> None:
         if step % args.every == 0 or run.finished(args.steps, args.minutes):
             val_db = psnr(reconstruct(ema, val_x.to(device)).cpu(), val_x)
             color_db = psnr(reconstruct(ema, val_c.to(device)).cpu(), val_c)
+            drift = None
+            if reference is not None:  # the EMA's latents of the held-out frames against the init's
+                with torch.no_grad():
+                    v = val_x.to(device)
+                    drift = latent_drift(ema.encode(v).latent_dist.mean, reference.encode(v).latent_dist.mean,
+                                         reference.config.scaling_factor).sqrt().item()
             keep = args.init and (args.decoder_only or args.anchor)
             std = 1.0 / vae.config.scaling_factor if keep else latent_std(ema, pool, device)
             row[3:] = [f"{val_db:.3f}", f"{std:.4f}", f"{color_db:.3f}"]
             bar.write(f"step {step} loss {loss.item():.4f} held-out reconstruction {val_db:.2f} dB "
-                      + (f"latent drift from the init (RMS, scaled, this batch) {drift:.4f} " if drift is not None else "") +
+                      + (f"latent drift from the init (RMS, scaled, held out) {drift:.4f} " if drift is not None else "") +
                       f"(colour-jittered copies {color_db:.2f} dB), latent std {std:.3f}")
             run.writer.writerow(row)
             run.save()
