@@ -186,7 +186,7 @@ def test_vae_decoder_only_fine_tune_starts_from_the_export_and_keeps_the_latents
     from training import train_vae
 
     common = ["--init", str(tiny_vae), "--decoder-only", "--every", "100", "--batch", "2", "--crop", "32",
-              "--lr", "1e-1", "--threads", "1"]
+              "--lr", "1e-1", "--threads", "1", "--no-shared"]
     timed = tmp_path / "timed"
     train_vae.main([*common, "--run", str(timed), "--out", str(timed / "export"), "--steps", "50", "--minutes", "1e-6"])
     assert json.loads((timed / "state.json").read_text())["step"] == 1
@@ -227,7 +227,7 @@ def test_vae_whole_fine_tune_with_an_anchor_keeps_the_latents_close_and_the_scal
     for w in ("0", "1e4"):
         out = tmp_path / f"export{w}"
         train_vae.main(["--init", str(tiny_vae), "--anchor", w, "--deterministic", "--every", "100", "--batch", "2",
-                        "--crop", "32", "--lr", "1e-2", "--threads", "1", "--steps", "8", "--ema", "0",
+                        "--crop", "32", "--lr", "1e-2", "--threads", "1", "--steps", "8", "--ema", "0", "--no-shared",
                         "--run", str(tmp_path / f"run{w}"), "--out", str(out)])
         vae = AutoencoderKL.from_pretrained(out)
         with torch.no_grad():
@@ -241,6 +241,33 @@ def test_vae_whole_fine_tune_with_an_anchor_keeps_the_latents_close_and_the_scal
     with pytest.raises(SystemExit) as stop:  # an anchor with nothing to anchor to is a usage error
         train_vae.main(["--anchor", "1", "--run", str(tmp_path / "none")])
     assert stop.value.code == 2
+
+
+def test_vae_anchored_run_resumed_midway_equals_the_uninterrupted_run(tiny_vae, tmp_path, monkeypatch):
+    """A resumed ``--anchor`` run still anchors to its ``--init`` weights (the reference is built from the
+    init before the checkpoint is restored): a 4-step run stopped after step 2 and resumed ends with the
+    same weights as the 4 steps in one go. Reference kind: the same script run without interruption. A
+    reference rebuilt from the resumed weights would anchor steps 3-4 elsewhere, and the weights would differ."""
+    from safetensors.torch import load_file
+    from training import common as training_common, train_vae
+
+    args = ["--init", str(tiny_vae), "--anchor", "1e3", "--deterministic", "--every", "100", "--batch", "2",
+            "--crop", "32", "--lr", "1e-2", "--threads", "1", "--steps", "4", "--ema", "0", "--no-shared"]
+    train_vae.main([*args, "--run", str(tmp_path / "once"), "--out", str(tmp_path / "once-export")])
+    finished = training_common.Run.finished
+    with monkeypatch.context() as m:  # the first session stops after step 2, as if its time were up
+        m.setattr(training_common.Run, "finished", lambda self, steps, minutes: self.step >= 2)
+        train_vae.main([*args, "--run", str(tmp_path / "split"), "--out", str(tmp_path / "split-export")])
+    assert training_common.Run.finished is finished
+    assert json.loads((tmp_path / "split" / "state.json").read_text())["step"] == 2
+    train_vae.main([*args, "--run", str(tmp_path / "split"), "--out", str(tmp_path / "split-export")])
+    assert json.loads((tmp_path / "split" / "state.json").read_text())["step"] == 4
+    once = load_file(tmp_path / "once" / "last_model.safetensors")
+    split = load_file(tmp_path / "split" / "last_model.safetensors")
+    init = load_file(tiny_vae / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(once[k], init[k]) for k in once if k.startswith("encoder."))  # the encoder trained
+    for k in once:
+        torch.testing.assert_close(split[k], once[k], rtol=1e-5, atol=1e-6)
 
 
 def test_vae_val_clip_is_left_out_of_training_and_validates(tiny_vae, tmp_path, monkeypatch, capsys):
