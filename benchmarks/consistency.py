@@ -400,7 +400,7 @@ def markdown_report(report: dict, per_clip: list[dict], summary: dict, methods: 
                 continue
             body.append([m.name, fmt(r["psnr"]), fmt(r["ssim"], 4), fmt(r["ewarp"] * EWARP_UNIT, 3),
                          fmt(r["tof"], 3), fmt(r["sharpness_ratio"], 3), fmt(r["seconds_per_frame"], 2)])
-        if not any(m.name.startswith("tcm") for m in methods):
+        if TCM_NOTE in report["notes"]:  # not when the model has a TCM that --methods left out
             body.append(["tcm", "n/a (the model has no controlnet/)", "", "", "", "", ""])
         return markdown_table(headers, body)
 

@@ -38,6 +38,7 @@ def run_all(tmp_path):
     for suffix in (".md", "_plot.png", "_strip.png"):
         assert (out.parent / f"consistency{suffix}").stat().st_size > 0
     assert "E_warp x1e3" in out.with_suffix(".md").read_text() and len(report["targets"]) == 4
+    assert "| tcm | n/a (the model has no controlnet/)" in out.with_suffix(".md").read_text()  # a pixel model
 
     out = tmp_path / "res" / "speed"
     report = speed.main([*common, "--clip", str(clip), "--sections", "limit,chains", "--limit-frames", "2",
@@ -94,6 +95,11 @@ def test_consistency_benchmark_has_the_tcm_rows_for_a_model_with_a_controlnet(tm
                                   "--tcm-scale", scale, "--back-projection", "off"])["mean"]
             return abs(r["tcm"]["psnr"] - r["independent"]["psnr"])
         assert tcm_gap("1") > 5e-3 and tcm_gap("0") < 1e-5
+        # a model with a TCM that --methods leaves out is not reported as having none
+        consistency.main(["--clips", str(clip), "--model", str(model), "--steps", "1", "--device", "cpu",
+                          "--threads", "1", "--out", str(out), "--methods", "independent"])
+        assert "independent" in out.with_suffix(".md").read_text()
+        assert "has no controlnet" not in out.with_suffix(".md").read_text()
     finally:
         torch.set_num_threads(threads)
 
