@@ -184,3 +184,14 @@ def test_consistency_lockstep_tcm_rows_are_the_tcm_rows_run_in_chains_of_four():
         chained = methods[f"{exact}-L4"]
         assert chained.alignment == methods[exact].alignment
         assert chained.options == {**methods[exact].options, "chain_length": 4, "batch_size": 16}
+
+
+def test_consistency_targets_use_issue_13s_one_db_gain_over_bicubic():
+    """(d) is issue 13's bar: the default job >= 1.0 dB over bicubic with a sharpness ratio closer to 1."""
+    def target_d(gain, sharp):
+        rows = {"bicubic": {"psnr": 28.0, "sharpness_ratio": 0.7},
+                "bidir-fusion-w0.3": {"psnr": 28.0 + gain, "sharpness_ratio": sharp}}
+        return next(t for t in consistency.check_targets(rows, "bidir-fusion-w0.3") if t.startswith("(d)"))
+    assert target_d(1.05, 0.8).startswith("(d) MET") and ">= 1 " in target_d(1.05, 0.8).replace(")", " ")
+    assert target_d(0.95, 0.8).startswith("(d) NOT MET")  # +0.95 dB passed the old 0.5 dB target
+    assert target_d(1.05, 0.65).startswith("(d) NOT MET")  # softer than bicubic
