@@ -353,7 +353,7 @@ def test_vae_from_scratch_takes_its_norm_groups(tmp_path):
 
 def test_run_cosine_decays_the_learning_rate_from_1_to_0_over_the_steps(tmp_path):
     """Run.cosine (train_vae's schedule, train_tcm --cosine): closed form 0.5 + 0.5 cos(pi step / steps),
-    also after resuming mid-run."""
+    also after resuming mid-run; a resumed log drops the rows written after the last save."""
     import math
 
     from training.common import Run
@@ -366,10 +366,14 @@ def test_run_cosine_decays_the_learning_rate_from_1_to_0_over_the_steps(tmp_path
     run.step = 1
     assert run.cosine(4, 0.0) == pytest.approx(0.5 + 0.5 * math.cos(math.pi / 4))
     run.step = 2
+    run.writer.writerows([[1], [2]])
     run.save()
     run.close()
+    with (tmp_path / "run" / "log.csv").open("a") as log:  # a run stopped after step 3, its rows on disk
+        log.write("3\n4")  # ... the last one cut short
     resumed = Run(tmp_path / "run", {"model": model}, opt, ["step"])
     assert resumed.step == 2 and resumed.cosine(4, 0.0) == pytest.approx(0.5)
+    assert (tmp_path / "run" / "log.csv").read_text().splitlines() == ["step", "1", "2"]  # rows after the save dropped
     resumed.step = 4
     assert resumed.cosine(4, 0.0) == pytest.approx(0.0, abs=1e-12)
     resumed.close()

@@ -141,6 +141,8 @@ class Run:
             load_optimizer(opt, self.folder)
             print(f"resumed from step {self.step}", flush=True)
         self.session_start = self.step
+        if self.meta and self.log_csv.exists():
+            self._drop_rows_after(self.step)
         new_log = not self.log_csv.exists()
         self._file = self.log_csv.open("a", newline="")
         self.writer = csv.writer(self._file)
@@ -148,6 +150,20 @@ class Run:
             self.writer.writerow(columns)
         self.t_session = time.time()
         self.t_start = self.t_session - self.meta.get("seconds", 0.0)
+
+    def _drop_rows_after(self, step: int) -> None:
+        """Drop the log rows of steps after ``step`` (the saved one), and a last row cut short, which a run
+        stopped between two saves can leave once its log buffer has reached the disk, so that a resumed
+        log has each step once (the first column is the step)."""
+        text = self.log_csv.read_text()
+        lines = text.splitlines(keepends=True)
+        if lines and not lines[-1].endswith("\n"):
+            lines.pop()
+        kept = "".join(lines[:1] + [ln for ln in lines[1:] if int(ln.split(",", 1)[0]) <= step])
+        if kept != text:
+            tmp = self.log_csv.with_suffix(".csv.tmp")
+            tmp.write_text(kept)
+            tmp.replace(self.log_csv)
 
     def finished(self, steps: int, minutes: float) -> bool:
         """True once ``steps`` are done, or this session has run ``minutes`` (0: no time limit) and made at
