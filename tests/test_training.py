@@ -46,6 +46,15 @@ def test_latent_unet_training_resumes_and_exports_a_loadable_stablevsr_layout(la
                             "--no-shared", "--threads", "1"])
     assert json.loads((run / "state.json").read_text())["step"] == 3  # resumed, one more step
     pipe = VideoPipeline.from_pretrained(latent_model / "model")
+    # The logged sampled validation is what the exported model gives through the loader a user runs
+    # (10 steps, seed 0, frames on their own, no back-projection), not the one-call x0 figure.
+    import csv
+    from training.train_vae import image_pool, psnr, validation_frames
+    last = list(csv.DictReader((run / "log.csv").open()))[-1]
+    hr, lr = train_latent_unet.validation_crops(validation_frames(None, image_pool()[1])[0])
+    sampled = psnr(pipe(lr, options=SamplingOptions(num_inference_steps=10, seed=0)).frames.clamp(-1, 1), hr)
+    assert float(last["val_sampled_db"]) == pytest.approx(sampled, abs=2e-3)
+    assert abs(float(last["val_sampled_db"]) - float(last["val_psnr_db"])) > 0.01
     assert pipe.kind == "upscale" and pipe.scale == 4 and pipe.upscale_convention() == "stablevsr"
     assert pipe.unet.config.in_channels == 7 and pipe.unet.class_embedding is None
     out = pipe(tiny.textured_clip(2, 8), options=SamplingOptions(num_inference_steps=2)).frames

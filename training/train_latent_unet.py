@@ -48,6 +48,12 @@ def export(ema: UNet2DConditionModel, vae_dir: Path, enc, tok, out: Path, meta: 
     replace_dir(tmp, out)
 
 
+def validation_crops(frames: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The validation frames as 128 px ground-truth crops and their x4 antialiased downscales."""
+    hr = torch.stack([bicubic_resize(v, (256, 448))[:, 64:192, 160:288] for v in frames]).clamp(-1, 1)
+    return hr, downscale(hr, SCALE).clamp(-1, 1)
+
+
 @torch.no_grad()
 def validate(unet, vae, emb, sched, hr, lr, device) -> tuple[float, float]:
     """PSNR of bicubic and of the one-call x0 at the largest t, decoded, on held-out frames."""
@@ -61,6 +67,19 @@ def validate(unet, vae, emb, sched, hr, lr, device) -> tuple[float, float]:
     x0 = a.sqrt() * xt - (1 - a).sqrt() * v
     out = vae.decode(x0 / sf).sample.clamp(-1, 1).cpu()
     return psnr(upscale(lr, SCALE).clamp(-1, 1), hr), psnr(out, hr)
+
+
+@torch.no_grad()
+def validate_sampled(unet, vae, enc, tok, hr, lr, steps: int = 10) -> float:
+    """PSNR of ``lr`` upscaled by the project's pipeline with this UNet: ``steps`` steps from pure noise,
+    seed 0, each frame sampled on its own, no back-projection. Unlike the one-call x0 at t = T (which
+    rewards the blurry mean), this is what sampling gives; a continued UNet raised the one-call figure by
+    0.42 dB while the sampled one stayed flat and held-out clips lost 0.08 dB (README)."""
+    from pipelines.video_pipeline import SamplingOptions, VideoPipeline
+
+    pipe = VideoPipeline(unet, scheduler(), vae=vae, text_encoder=enc, tokenizer=tok, scale=SCALE)
+    out = pipe(lr.to(unet.device), options=SamplingOptions(num_inference_steps=steps, seed=0)).frames
+    return psnr(out.clamp(-1, 1).cpu(), hr)
 
 
 def main(argv=None) -> None:
@@ -104,10 +123,9 @@ def main(argv=None) -> None:
     pool = pool_to(base + extra, device, args.workers > 0)
     print(f"data: {len(base)} skimage/wolf images, {len(extra)} from ../shared/clips/train "
           f"({len(used)} files), procedural textures; validation: {len(val)} {val_name}", flush=True)
-    val_hr = torch.stack([bicubic_resize(v, (256, 448))[:, 64:192, 160:288] for v in val]).clamp(-1, 1)
-    val_lr = downscale(val_hr, SCALE).clamp(-1, 1)
+    val_hr, val_lr = validation_crops(val)
     run = Run(args.run, {"model": unet, "ema": ema}, opt,
-              ["step", "loss", "seconds", "val_bicubic_db", "val_psnr_db", "latent_std"])
+              ["step", "loss", "seconds", "val_bicubic_db", "val_psnr_db", "latent_std", "val_sampled_db"])
     print(f"unet params={sum(x.numel() for x in unet.parameters()) / 1e6:.2f}M device={device} "
           f"vae scaling_factor={sf:.4f}", flush=True)
 
@@ -133,18 +151,21 @@ def main(argv=None) -> None:
         ema_update(ema, unet, step, args.ema, warmup=args.init is None)
         run.step = step = step + 1
         bar.update(1)
-        row = [step, f"{loss.item():.5f}", f"{run.seconds():.1f}", "", "", f"{x0.std().item():.4f}"]
+        row = [step, f"{loss.item():.5f}", f"{run.seconds():.1f}", "", "", f"{x0.std().item():.4f}", ""]
         if step % args.every == 0 or run.finished(args.steps, args.minutes):
             b_db, x_db = validate(ema, vae, emb, sched, val_hr, val_lr, device)
-            row[3:5] = [f"{b_db:.3f}", f"{x_db:.3f}"]
-            bar.write(f"step {step} loss {loss.item():.4f} val: bicubic {b_db:.2f} dB, x0(T) decoded {x_db:.2f} dB")
+            s_db = validate_sampled(ema, vae, enc, tok, val_hr, val_lr)
+            row[3:5], row[6] = [f"{b_db:.3f}", f"{x_db:.3f}"], f"{s_db:.3f}"
+            bar.write(f"step {step} loss {loss.item():.4f} val: bicubic {b_db:.2f} dB, x0(T) decoded {x_db:.2f} dB, "
+                      f"sampled (10 steps) {s_db:.2f} dB")
             run.writer.writerow(row)
             run.save()
             export(ema, args.vae, enc, tok, args.out, dict(
                 task="super_resolution", scale=SCALE, layout="stablevsr", train_steps=step, train_batch=args.batch,
                 train_crop=args.crop, train_seconds=round(run.seconds()), train_device=str(device)))
             plot_log(run.log_csv, args.run / "unet-loss.png", "v-prediction MSE", "latent UNet training loss",
-                     [("val_psnr_db", "one-call x0 at t=T, decoded"), ("val_bicubic_db", "bicubic")], "PSNR (dB)",
+                     [("val_psnr_db", "one-call x0 at t=T, decoded"), ("val_sampled_db", "sampled, 10 steps"),
+                      ("val_bicubic_db", "bicubic")], "PSNR (dB)",
                      f"{val_name} (EMA)")
             continue
         run.writer.writerow(row)
