@@ -195,3 +195,26 @@ def test_consistency_targets_use_issue_13s_one_db_gain_over_bicubic():
     assert target_d(1.05, 0.8).startswith("(d) MET") and ">= 1 " in target_d(1.05, 0.8).replace(")", " ")
     assert target_d(0.95, 0.8).startswith("(d) NOT MET")  # +0.95 dB passed the old 0.5 dB target
     assert target_d(1.05, 0.65).startswith("(d) NOT MET")  # softer than bicubic
+
+
+def test_compressed_input_benchmark_reencodes_the_input_and_runs_the_command_line(tmp_path):
+    """compressed_input.py: the first row is the lossless input, each later one a lossy H.264 copy of it
+    run through run_video.py, with bicubic measured on that same copy (so compression lowers it too)."""
+    import pytest
+    import compressed_input
+    from pipelines.degradation import downscale
+
+    model = tiny.save_residual_sr(tmp_path / "model", scale=2)
+    gt = tiny.textured_clip(3, 32, shift=(1.0, 0.5))
+    write_frames(tmp_path / "gt", to_uint8(gt))
+    write_frames(tmp_path / "lr", to_uint8(downscale(gt, 2).clamp(-1, 1)))
+    report = compressed_input.main(["--input", str(tmp_path / "lr"), "--reference", str(tmp_path / "gt"),
+                                    "--crf", "40", "--out", str(tmp_path / "res" / "crf"), "--",
+                                    f"model.path={model}", "sampling.num_inference_steps=1"])
+    lossless, crf40 = report["rows"]
+    assert lossless["input"] == "lossless" and lossless["input_psnr_db"] == float("inf")
+    assert crf40["crf"] == 40 and 15 < crf40["input_psnr_db"] < 40  # really re-encoded, lossy
+    assert crf40["psnr_bicubic"] < lossless["psnr_bicubic"] - 0.5
+    assert "| crf40 |" in (tmp_path / "res" / "crf.md").read_text()
+    with pytest.raises(ValueError, match="--crf"):
+        compressed_input.main(["--input", str(tmp_path / "lr"), "--crf", "60"])
