@@ -43,7 +43,7 @@ def test_latent_unet_training_resumes_and_exports_a_loadable_stablevsr_layout(la
     assert rows[0].startswith("step,loss") and len(rows) == 3
     train_latent_unet.main(["--vae", str(tiny_vae), "--run", str(run), "--out", str(latent_model / "model"),
                             "--steps", "3", "--every", "1", "--batch", "2", "--crop", "32", "--blocks", "32,32,32",
-                            "--no-shared", "--threads", "1"])
+                            "--no-shared", "--threads", "1", "--jpeg", "0.5"])  # the flag reaches the batches
     assert json.loads((run / "state.json").read_text())["step"] == 3  # resumed, one more step
     pipe = VideoPipeline.from_pretrained(latent_model / "model")
     # The logged sampled validation is what the exported model gives through the loader a user runs
@@ -386,3 +386,29 @@ def test_run_cosine_decays_the_learning_rate_from_1_to_0_over_the_steps(tmp_path
     resumed.step = 4
     assert resumed.cosine(4, 0.0) == pytest.approx(0.0, abs=1e-12)
     resumed.close()
+
+
+def test_jpeg_degrade_compresses_the_low_res_crops_only_and_keeps_their_colours():
+    """hr_lr_batch(jpeg=p) (train_latent_unet --jpeg): with p = 0 the clean antialiased downscale as before;
+    with p = 1 every low-res crop is JPEG-compressed (lossy, reproducible per seed), the ground truth is
+    untouched, and colours survive the RGB/BGR round trip (a red frame stays red). Reference kinds: the
+    closed-form downscale path, and OpenCV's JPEG codec."""
+    import numpy as np
+    from pipelines.degradation import downscale
+    from training.latent_parts import hr_lr_batch, jpeg_degrade
+    from training.train_vae import psnr
+
+    g = torch.Generator().manual_seed(0)
+    pool = [torch.nn.functional.interpolate(torch.rand(1, 3, 6, 6, generator=g), size=192, mode="bicubic",
+                                            align_corners=False)[0].clamp(0, 1) * 2 - 1]
+    hr0, lr0 = hr_lr_batch(pool, np.random.default_rng(1), 4, 128)
+    hr1, lr1 = hr_lr_batch(pool, np.random.default_rng(1), 4, 128, jpeg=1.0)
+    _, again = hr_lr_batch(pool, np.random.default_rng(1), 4, 128, jpeg=1.0)
+    assert torch.equal(hr0, hr1) and torch.equal(lr0, downscale(hr0, 4).clamp(-1, 1))
+    assert torch.equal(lr1, again) and lr1.abs().max() <= 1
+    db = float(psnr(lr1, lr0))
+    assert 20 < db < 45, db  # 25.5 dB here: compressed (quality 30-90, saturated colours), not destroyed
+    red = torch.tensor([1.0, -1.0, -1.0]).view(1, 3, 1, 1).expand(1, 3, 16, 16)
+    out = jpeg_degrade(red, np.random.default_rng(0), 1.0)
+    assert out[0, 0].mean() > 0.8 and out[0, 2].mean() < -0.8
+    assert torch.equal(jpeg_degrade(red, np.random.default_rng(0), 0.0), red)

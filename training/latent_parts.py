@@ -5,7 +5,8 @@
 * :func:`unet_config`: the latent UNet (``UNet2DConditionModel``, 7 input channels = 4 latents + the
   low-res frame in [-1, 1], at the low-res size, no class embedding).
 * :func:`scheduler`: DDPM, v-prediction, cosine schedule, trailing spacing.
-* :func:`hr_lr_batch`: ground-truth crops and their x4 low-res frames from the training pool.
+* :func:`hr_lr_batch`: ground-truth crops and their x4 low-res frames from the training pool, optionally
+  JPEG-compressed (:func:`jpeg_degrade`).
 """
 from __future__ import annotations
 
@@ -61,10 +62,32 @@ def scheduler() -> DDPMScheduler:
                          prediction_type="v_prediction", clip_sample=False, timestep_spacing="trailing")
 
 
-def hr_lr_batch(pool, rng: np.random.Generator, batch: int, crop: int):
-    """(hr, lr): ground-truth crops (B, 3, crop, crop) and their antialiased bicubic x4 downscales, in [-1, 1]."""
+def hr_lr_batch(pool, rng: np.random.Generator, batch: int, crop: int, jpeg: float = 0.0):
+    """(hr, lr): ground-truth crops (B, 3, crop, crop) and their antialiased bicubic x4 downscales, in [-1, 1];
+    with ``jpeg`` > 0 each low-res crop is JPEG-compressed with that probability (:func:`jpeg_degrade`)."""
     from pipelines.degradation import downscale
     from training.train_vae import sample_crops
 
     hr = sample_crops(pool, rng, batch, crop)
-    return hr, downscale(hr, SCALE).clamp(-1, 1)
+    lr = downscale(hr, SCALE).clamp(-1, 1)
+    return hr, jpeg_degrade(lr, rng, jpeg) if jpeg > 0 else lr
+
+
+def jpeg_degrade(lr: torch.Tensor, rng: np.random.Generator, probability: float,
+                 quality: tuple[int, int] = (30, 90)) -> torch.Tensor:
+    """Each frame of ``lr`` ((B, 3, h, w) in [-1, 1]), with ``probability``, JPEG-encoded by OpenCV at a
+    quality drawn uniformly from ``quality`` (4:2:0 chroma) and decoded: the blocking, ringing and chroma
+    loss of compressed clips, on which the model trained on clean downscales loses most of its gain
+    (``benchmarks/compressed_input.py``). Frames are quantised to uint8 only when compressed."""
+    import cv2
+
+    out = lr.clone()
+    for i in range(len(lr)):
+        hit, q = rng.random() < probability, int(rng.integers(quality[0], quality[1] + 1))
+        if not hit:
+            continue
+        rgb = ((lr[i].permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, q])
+        back = cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        out[i] = torch.from_numpy(back).permute(2, 0, 1).float() / 127.5 - 1
+    return out

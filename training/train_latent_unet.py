@@ -90,6 +90,9 @@ def main(argv=None) -> None:
     p.add_argument("--blocks", default="32,64,128")
     p.add_argument("--init", type=Path, default=None,
                    help="a model folder to continue from (its unet/, text_encoder/, tokenizer/)")
+    p.add_argument("--jpeg", type=float, default=0.0,
+                   help="probability of JPEG-compressing each low-res crop (quality 30-90): trains for compressed "
+                        "clips (benchmarks/compressed_input.py); 0: clean downscales only, as the shipped UNet")
     p.add_argument("--no-shared", action="store_true", help="skip ../shared/clips/train (tests)")
     p.add_argument("--val-clip", default=None, help="validate on every 8th frame of this ../shared/clips/train "
                    "clip (a file name), left out of training; default: wolf.mp4's last frames")
@@ -130,7 +133,8 @@ def main(argv=None) -> None:
           f"vae scaling_factor={sf:.4f}", flush=True)
 
     bar = tqdm(total=args.steps, initial=run.step, desc="unet", mininterval=10, file=sys.stdout)
-    batches = prefetch(lambda s: hr_lr_batch(pool, step_randomness(args.seed, s)[0], args.batch, args.crop),
+    batches = prefetch(lambda s: hr_lr_batch(pool, step_randomness(args.seed, s)[0], args.batch, args.crop,
+                                                   args.jpeg),
                        run.step, args.workers)
     while not run.finished(args.steps, args.minutes):
         step = run.step
