@@ -17,22 +17,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from common import (EXAMPLE_GT, command_line, fmt, machine_info, machine_line, markdown_table,  # noqa: E402
                     run_cli, run_script, write_json)
-from pipelines.video_io import read_clip, write_video  # noqa: E402
+from pipelines.metrics import psnr  # noqa: E402
+from pipelines.video_io import read_clip, to_tensor, write_video  # noqa: E402
 
 EXAMPLE_INPUT = ROOT / "assets" / "example.mp4"
-
-
-def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
-    """10 log10(255^2 / mean((a - b)^2)) over all frames, pixels and channels."""
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -62,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
             decoded = read_clip(clip, strict=True).frames
             print(f"[compressed_input] {name} ...", file=sys.stderr, flush=True)
             wall, rep = run_cli(["--input", str(clip), *job], Path(tmp) / f"out_{name}.mp4")
-            rows.append({"input": name, "crf": crf, "input_psnr_db": psnr_uint8(decoded, clean.frames),
+            rows.append({"input": name, "crf": crf, "input_psnr_db": psnr(to_tensor(decoded), to_tensor(clean.frames)),
                          "psnr": rep["psnr"], "psnr_bicubic": rep["psnr_bicubic"], "ssim": rep["ssim"],
                          "ssim_bicubic": rep["ssim_bicubic"], "sharpness_ratio": rep["sharpness_ratio"],
                          "ewarp": rep["warp_error_ref"], "ewarp_gt": rep["warp_error_ref_gt"], "wall_s": wall,

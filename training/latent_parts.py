@@ -80,14 +80,13 @@ def jpeg_degrade(lr: torch.Tensor, rng: np.random.Generator, probability: float,
     loss of compressed clips, on which the model trained on clean downscales loses most of its gain
     (``benchmarks/compressed_input.py``). Frames are quantised to uint8 only when compressed."""
     import cv2
+    from pipelines.video_io import to_tensor, to_uint8
 
     out = lr.clone()
-    for i in range(len(lr)):
+    for i, rgb in enumerate(to_uint8(lr)):
         hit, q = rng.random() < probability, int(rng.integers(quality[0], quality[1] + 1))
         if not hit:
             continue
-        rgb = ((lr[i].permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, q])
-        back = cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-        out[i] = torch.from_numpy(back).permute(2, 0, 1).float() / 127.5 - 1
+        _, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, q])
+        out[i] = to_tensor(cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)[None])[0]
     return out
