@@ -9,7 +9,8 @@
 # INIT=weights/latent-x4 continues every part from that model folder instead of starting from scratch
 # (one candidate per stage then, the VAE with the shipped recipe: MSE, colour jitter; its architecture,
 # 8 norm groups since the H100 lease, comes from the folder); with ANCHOR=W as well, only the VAE (whole, its
-# latents anchored to the shipped ones: train_vae.py --anchor) is trained. The first lease (CPU threads cutting the
+# latents anchored to the shipped ones: train_vae.py --anchor) is trained (training/gpu_vae.sh continues the
+# best anchored VAE kept, training/checkpoints/vae-anchored, in two calls). The first lease (CPU threads cutting the
 # crops) ran 9 VAE steps/s per process with three sharing 16 cores; the H100 lease (crops cut on the GPU)
 # 7 VAE steps/s per process (three at once) and 8 UNet steps/s (two at once): per-crop Python work bounds it.
 set -uo pipefail
