@@ -75,6 +75,9 @@ def test_sharpness_ramp_closed_form():
     diagonal = (0.012 * cols + 0.005 * rows + 0.1)[None]
     assert sharpness(gray_clip(diagonal)) == pytest.approx(0.013)
     assert sharpness(gray_clip(torch.full((2, h, w), 0.3))) == pytest.approx(0.0)
+    # columns alternating 0, 0.2: central differences see 0, a one-sided difference would see 0.2
+    stripes = (0.2 * (cols % 2)).expand(h, w)[None]
+    assert sharpness(gray_clip(stripes)) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_sharpness_blur_is_lower():
@@ -122,6 +125,13 @@ def test_warp_error_flicker_closed_form():
     frames[1:, :, :8] = 5.0
     valid[:, :, :8] = 0
     assert warp_error(frames, flows, valid) == pytest.approx(expected)
+    # each pair is normalised by its own mask and pairs weigh equally: a mask of a different size on
+    # one pair leaves the mean of the per-pair terms unchanged (pooling the pairs would not)
+    valid[2, :, 8:20] = 0
+    assert warp_error(frames, flows, valid) == pytest.approx(expected)
+    # a pair with an empty mask is skipped, not counted as 0 nor turning the result into nan
+    valid[2] = 0
+    assert warp_error(frames, flows, valid) == pytest.approx(np.mean([0.1**2, 0.3**2]))
 
 
 def test_warp_error_undefined_is_nan():
@@ -141,7 +151,8 @@ def test_tof():
     out = torch.zeros(4, 2, 10, 12)
     out[:, 0], out[:, 1] = 3.0, 4.0  # |f| = 5
     ref = torch.zeros(4, 2, 10, 12)
-    ref[:, 1] = -6.0  # |f| = 6
+    ref[:, 1, :, :6] = -6.0  # |f| = 6 on the left half
+    ref[:, 1, :, 6:] = 4.0  # |f| = 4 on the right half: |5 - |f|| is 1 on both, their signed mean 0
     ref[0] = 100.0  # index 0 is unused
     assert tof(out, ref) == pytest.approx(1.0)
     assert tof(out, torch.zeros_like(out)) == pytest.approx(5.0)

@@ -167,6 +167,12 @@ def test_noise_modes_and_strength_errors():
     gens = [torch.Generator().manual_seed(i) for i in range(3)]
     shared = initial_noise((3, 2, 4, 4), gens, "cpu", torch.float32, "shared")
     assert torch.equal(shared[0], shared[2])
+    # frame 0's own draw (torch's generator, seed 0) shared; independent frames draw from their own seeds
+    assert torch.equal(shared[0], torch.randn((1, 2, 4, 4), generator=torch.Generator().manual_seed(0))[0])
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    own = initial_noise((3, 2, 4, 4), gens, "cpu", torch.float32, "independent")
+    assert torch.equal(own[0], shared[0]) and not torch.equal(own[1], own[0])
+    assert torch.equal(own[2], torch.randn((1, 2, 4, 4), generator=torch.Generator().manual_seed(2))[0])
     with pytest.raises(ValueError, match="strength"):
         pipe(tiny.textured_clip(1, 16), options=SamplingOptions(strength=1.5))
 

@@ -57,7 +57,9 @@ def test_shipped_model_loads_and_reproduces_stored_statistics():
 def test_shipped_model_beats_bicubic_on_the_example_clip():
     pipe, gt, lr, out = regression_run()
     bicubic = pipe.conditioning_frames(lr)
-    assert psnr(out, gt) > psnr(bicubic, gt)
+    # +0.50 dB measured (24.83 against 24.33 on this crop): a margin a sampler adding a stray residual
+    # to bicubic (a broken fusion, a wrong residual scale) would not reach
+    assert psnr(out, gt) > psnr(bicubic, gt) + 0.25
     # and it is sharper than bicubic, i.e. nearer the ground truth's gradient energy
     assert abs(sharpness(out) / sharpness(gt) - 1) < abs(sharpness(bicubic) / sharpness(gt) - 1)
 

@@ -1,6 +1,7 @@
 """StableVSR's TCM alignment mode on tiny components with StableVSR's exact layout."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -103,9 +104,22 @@ def test_old_unit_range_would_fail_parity(pipe):
     assert (wrong - want).abs().max() > 1e-2
 
 
-def test_stablevsr_convention_passes_no_class_labels(layout, monkeypatch):
-    """Even when the checkpoint's UNet has a class embedding, the StableVSR convention gives neither the
-    UNet nor the ControlNet class labels and does not noise the low-res frame; sd_upscaler does."""
+def test_stablevsr_convention_passes_no_class_labels(layout, pipe, monkeypatch):
+    """The StableVSR convention gives neither the UNet nor the ControlNet class labels and feeds the
+    low-res frame unnoised; it refuses a UNet with a class embedding; sd_upscaler passes the noise level
+    as the label and noises the frame."""
+    seen = {"unet": [], "controlnet": []}
+    for name in seen:
+        module = getattr(pipe, name)
+        fwd = module.forward
+        monkeypatch.setattr(module, "forward", lambda *a, _n=name, _f=fwd, **k: (
+            seen[_n].append((k.get("class_labels"), a[0][:, 4:] if _n == "unet" else None)), _f(*a, **k))[1])
+    lr = tiny.textured_clip(2, 8, shift=(0.5, 0.0))
+    pipe(lr, options=SamplingOptions(num_inference_steps=2, batch_size=1), alignment=TCMAlignment())
+    assert seen["controlnet"] and all(labels is None for labels, _ in seen["controlnet"])
+    assert len(seen["unet"]) == 4 and all(labels is None for labels, _ in seen["unet"])
+    assert all(any(torch.equal(concat[0], f) for f in lr) for _, concat in seen["unet"])  # the frame as given
+    monkeypatch.undo()
     unet = tiny.cond_unet(in_channels=7, class_embed=True)
     p = VideoPipeline(unet, tiny.ddpm_v(), vae=tiny.vae(down=3), scale=4, convention="stablevsr",
                       text_encoder=VideoPipeline.from_pretrained(layout).text_encoder,
@@ -126,8 +140,11 @@ def test_stablevsr_convention_passes_no_class_labels(layout, monkeypatch):
 
 @torch.no_grad()
 def test_one_frame_clip_runs_with_tcm(pipe):
-    out = pipe(tiny.textured_clip(1, 8), options=SamplingOptions(num_inference_steps=2), alignment=TCMAlignment())
+    """A frame with no neighbour gets no TCM: a one-frame clip samples exactly as without alignment."""
+    clip, opts = tiny.textured_clip(1, 8), SamplingOptions(num_inference_steps=2, seed=3)
+    out = pipe(clip, options=opts, alignment=TCMAlignment())
     assert out.frames.shape == (1, 3, 32, 32) and torch.isfinite(out.frames).all()
+    assert torch.equal(out.frames, pipe(clip, options=opts).frames)
 
 
 @torch.no_grad()
@@ -209,6 +226,9 @@ def test_windows_one_frame_last_window_with_tcm_and_batched_none(pipe, monkeypat
     out = sample_windowed(pipe, lr, window=3, overlap=0, anchor_weight=0.8, make_alignment=TCMAlignment,
                           options=opts)  # windows (0, 3) and (3, 4): the last one has a single frame
     assert out.shape == (4, 32, 32, 3)
+    # the lone frame has no neighbour in its window, so no TCM: it samples as with no alignment
+    alone = sample_windowed(pipe, lr, window=3, overlap=0, anchor_weight=0.8, make_alignment=Alignment, options=opts)
+    assert np.array_equal(out[3], alone[3]) and not np.array_equal(out[:3], alone[:3])  # the TCM acted before
     sizes = []
     real = pipe.unet.forward
     monkeypatch.setattr(pipe.unet, "forward", lambda x, *a, **k: (sizes.append(x.shape[0]), real(x, *a, **k))[1])
