@@ -115,7 +115,18 @@ def test_success_writes_video_report_config_frames_and_comparison(data, tmp_path
                                              use_sample_covariance=False, data_range=1.0) for g, o in zip(gt, png)])
     assert rep["psnr"] == pytest.approx(sk_psnr, abs=0.02) and rep["ssim"] == pytest.approx(sk_ssim, abs=0.005)
     assert rep["psnr"] != pytest.approx(rep["psnr_bicubic"], abs=1e-3)
-    assert rep["sharpness_ratio"] > 0
+    # the report's consistency figures are those of the written frames (not of the input, nor of the
+    # reference): recomputed here on the PNG frames with the reference's flows
+    from pipelines import metrics
+    from pipelines.config import flow_config
+    from pipelines.flow import compute_clip_flows
+
+    out_t, gt_t = (torch.from_numpy(x).permute(0, 3, 1, 2).float() * 2 - 1 for x in (png, gt))
+    ref = compute_clip_flows(gt_t, flow_config(saved))
+    assert rep["warp_error_ref"] == pytest.approx(metrics.warp_error(out_t, ref.to_prev, ref.valid_prev), rel=1e-3)
+    assert rep["warp_error_ref_gt"] == pytest.approx(metrics.warp_error(gt_t, ref.to_prev, ref.valid_prev), rel=1e-3)
+    assert rep["sharpness_ratio"] == pytest.approx(metrics.sharpness(out_t) / metrics.sharpness(gt_t), rel=1e-3)
+    assert rep["warp_error_noref"] != pytest.approx(rep["warp_error_noref_input"], rel=0.1)  # 3.2e-3, 2.3e-3
 
 
 def test_odd_sizes_are_padded_and_cropped_back(data, tmp_path, capsys, monkeypatch):

@@ -89,6 +89,10 @@ def test_translation_to_library_objects():
     assert (o.eta, o.chain_length, o.passes, o.strength) == (0.3, 4, 2, 1.0)
     assert sampling_options(load_config(DEFAULT)).chain_length is None  # 0 -> exact sweep
     assert flow_config(cfg) == FlowConfig(method="dis", dis_preset="medium")
+    every = load_config(DEFAULT, ["flow.method=farneback", "flow.dis_preset=fast", "flow.scale=0.5",
+                                  "flow.fb_alpha1=0.02", "flow.fb_alpha2=0.7"])
+    assert flow_config(every) == FlowConfig(method="farneback", dis_preset="fast", raft_weights=None, scale=0.5,
+                                            fb_alpha1=0.02, fb_alpha2=0.7)
 
 
 def test_build_alignment():

@@ -210,6 +210,15 @@ def test_flow_at_half_scale_and_resized():
     torch.testing.assert_close(half.to_next[0].mean((1, 2)), flows.to_next[0].mean((1, 2)) / 2)
     assert epe(half.to_next[0], vec(dx / 2, dy / 2), margin=MARGIN // 2) < 0.15  # measured 0.073
     assert set(half.valid_next.unique().tolist()) <= {0.0, 1.0}
+    # a half-size pixel stays valid when more than half of its 2x2 footprint is: blocks with 1, 2, 3, 4
+    # valid pixels give 0, 0, 1, 1 (through resized() and through pick())
+    m = torch.zeros(1, 1, 2, 8)
+    for k, n in enumerate((1, 2, 3, 4)):
+        m.view(-1)[[2 * k, 2 * k + 1, 8 + 2 * k, 8 + 2 * k + 1][:n]] = 1
+    blocks = ClipFlows(torch.zeros(1, 2, 2, 8), torch.zeros(1, 2, 2, 8), m, m)
+    assert blocks.resized((1, 4)).valid_next.flatten().tolist() == [0, 0, 1, 1]
+    picked = blocks.pick(torch.tensor([0]), torch.tensor([1]), (1, 4))[1]
+    assert picked.flatten().tolist() == [0, 0, 1, 1]
 
     # anisotropic: only dy is rescaled when only the height changes
     tall = flows.resized((H // 2, W))

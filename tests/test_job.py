@@ -17,7 +17,7 @@ from pipelines.job import run_clip
 from pipelines.video_io import read_clip, to_tensor, to_uint8, write_video
 from pipelines.video_pipeline import VideoPipeline
 from pipelines.windows import sample_windowed
-from test_video_io import make_av_clip, streams
+from test_video_io import audio_packet_at, make_av_clip, streams
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -85,6 +85,7 @@ def test_audio_is_kept_trimmed_and_absent_audio_is_handled(model, tmp_path):
     got = streams(tmp_path / "out.mp4")
     assert rep["video"]["audio"] == "copied" and got["video"][0] == "h264" and got["audio"][0] == "aac"
     assert abs(got["audio"][1] - 24 / 24) <= 1 / 24 + 0.025  # 24 frames at 24 fps: 1 s of audio, +-1 frame
+    assert audio_packet_at(tmp_path / "out.mp4", 0.0) == audio_packet_at(src, 0.5)  # from frame 12 = 0.5 s on
     silent = make_av_clip(tmp_path / "silent.mp4", frames=6, fps=24, audio_s=0, size=32)
     rep = run_clip(job_cfg(model), silent, tmp_path / "s.mp4", log=lambda m: None, progress=False)
     assert rep["video"]["audio"] == "input has no audio" and "audio" not in streams(tmp_path / "s.mp4")

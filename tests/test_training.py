@@ -33,7 +33,7 @@ def latent_model(tmp_path_factory, tiny_vae):
     return tmp
 
 
-def test_latent_unet_training_resumes_and_exports_a_loadable_stablevsr_layout(latent_model, tiny_vae):
+def test_latent_unet_training_resumes_and_exports_a_loadable_stablevsr_layout(latent_model, tiny_vae, monkeypatch):
     from pipelines.video_pipeline import SamplingOptions, VideoPipeline
     from training import train_latent_unet
 
@@ -41,9 +41,13 @@ def test_latent_unet_training_resumes_and_exports_a_loadable_stablevsr_layout(la
     assert json.loads((run / "state.json").read_text())["step"] == 2
     rows = (run / "log.csv").read_text().splitlines()
     assert rows[0].startswith("step,loss") and len(rows) == 3
+    seen, real = [], train_latent_unet.hr_lr_batch
+    monkeypatch.setattr(train_latent_unet, "hr_lr_batch", lambda *a, **k: (seen.append(a[4:]), real(*a, **k))[1])
     train_latent_unet.main(["--vae", str(tiny_vae), "--run", str(run), "--out", str(latent_model / "model"),
                             "--steps", "3", "--every", "1", "--batch", "2", "--crop", "32", "--blocks", "32,32,32",
-                            "--no-shared", "--threads", "1", "--jpeg", "0.5"])  # the flag reaches the batches
+                            "--no-shared", "--threads", "1", "--jpeg", "0.5"])
+    assert seen and set(seen) == {(0.5,)}  # the flag reaches the batches
+    monkeypatch.undo()
     assert json.loads((run / "state.json").read_text())["step"] == 3  # resumed, one more step
     pipe = VideoPipeline.from_pretrained(latent_model / "model")
     # The logged sampled validation is what the exported model gives through the loader a user runs
