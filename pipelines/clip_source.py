@@ -33,6 +33,7 @@ class ClipSource:
         self.time_base: Fraction | None = None
         self.pts: list[int] | None = None  # presentation timestamps of the selected frames (videos)
         self.start_pts: int | None = None
+        self.rotation = 0  # degrees counterclockwise applied to decoded video frames (display matrix)
         self._cache: dict[int, np.ndarray] = {}
         self._cache_size = cache
         self._decoder = None
@@ -132,22 +133,27 @@ class ClipSource:
             declared = stream.frames or 0
             self.time_base = stream.time_base
             rate = stream.average_rate or stream.guessed_rate
+            # decode no further than the last frame the selection can take
+            stop = end if max_frames is None else start + (max_frames - 1) * stride + 1
+            stop = stop if end is None else min(stop, end)
             pts, n = [], 0
             for frame in self._frames_of(container, stream):
                 pts.append(frame.pts)
                 n += 1
-                if end is not None and n >= end:
+                if stop is not None and n >= stop:
                     break
         finally:
             container.close()
         if n == 0:
             raise InputError(f"{self.path}: cannot decode any frame (corrupt or unsupported video)")
-        if declared > n and (end is None or end > n):
+        if declared > n and (stop is None or stop > n):
             self.warnings.append(f"{self.path}: the container declares {declared} frames but only {n} decode "
                                  "(damaged file?)")
         self._index = self._select(n, start, end, stride, max_frames)
-        self.pts = [pts[i] for i in self._index] if all(p is not None for p in pts) else None
-        self.start_pts = pts[0] if self.pts is not None else None  # the stream's first frame
+        known = all(p is not None for p in pts)
+        self.start_pts = pts[0] if known else None  # the stream's first frame
+        # timestamps are kept only when they increase: AVI with B-frames yields decode-order values
+        self.pts = [pts[i] for i in self._index] if known and all(a < b for a, b in zip(pts, pts[1:])) else None
         self.fps = float(rate) / stride if rate else None
 
     def _decode_to(self, source_index: int) -> np.ndarray:
@@ -161,7 +167,11 @@ class ClipSource:
         for frame in frames:
             self._decoder[2] = position = position + 1
             if position - 1 == source_index:
-                return frame.to_ndarray(format="rgb24")
+                # upright as players show it: the display matrix (a phone's portrait flag) turns the
+                # picture counterclockwise by frame.rotation degrees
+                self.rotation = int(round(getattr(frame, "rotation", 0) / 90)) * 90 % 360
+                img = frame.to_ndarray(format="rgb24")
+                return np.ascontiguousarray(np.rot90(img, self.rotation // 90)) if self.rotation else img
         raise InputError(f"{self.path}: frame {source_index} no longer decodes (file changed while reading?)")
 
     # ------------------------------------------------------------------ reading

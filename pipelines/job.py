@@ -285,6 +285,8 @@ def fingerprint(cfg: DictConfig, read: Callable[[int, int], torch.Tensor], n: in
     decoded input frames themselves (a frame overwritten in place changes it; a moved file does not).
     Hashed chunk by chunk, so the clip is never held."""
     sampling = {k: v for k, v in to_dict(cfg).items() if k != "output"}
+    # how fast and how often, not what: a resumed run may change them
+    sampling["runtime"] = {k: v for k, v in sampling["runtime"].items() if k not in ("threads", "checkpoint_every")}
     digest = hashlib.sha256(json.dumps(sampling, sort_keys=True).encode())
     digest.update(str(n).encode())
     for a in range(0, n, CHUNK):
@@ -363,6 +365,19 @@ def _wxh(size) -> str:
     return f"{size[1]}x{size[0]}"
 
 
+def _files_unsupported(pipe, cfg: DictConfig, n: int) -> str | None:
+    """Why the one-pass state cannot live in files for this job (None: it can); see VideoPipeline."""
+    from .sampler import STATELESS
+
+    if not isinstance(pipe.scheduler, STATELESS):
+        return f"file-backed state needs a DDPM or DDIM scheduler, not {type(pipe.scheduler).__name__}"
+    if 0 < cfg.schedule.chain_length < n:
+        return "file-backed state needs the exact sweep (schedule.chain_length 0)"
+    if pipe.kind == "upscale" and pipe.upscale_convention() == "sd_upscaler":
+        return "file-backed state does not support the sd_upscaler convention"
+    return None
+
+
 def _choose_mode(cfg: DictConfig, n: int) -> str:
     r = cfg.runtime
     if r.mode != "auto":
@@ -407,6 +422,8 @@ def run_clip(cfg: DictConfig, input=None, output=None, *, config_path=DEFAULT_CO
     n = len(source)
     rate = f"{source.fps:g} fps" if source.fps else "no frame rate"
     log(f"read {n} frames {_wxh(source.size)} ({rate}) from {paths.input}")
+    if source.rotation:
+        log(f"frames turned {source.rotation} degrees counterclockwise, as the container's display matrix asks")
     read = FrameReader(source, sel.resize)
     if read.size != tuple(source.size):
         log(f"resizing the input to {_wxh(read.size)}")
@@ -460,6 +477,10 @@ def run_clip(cfg: DictConfig, input=None, output=None, *, config_path=DEFAULT_CO
     else:
         total = steps_run * n
     in_files = not windows and n > r.files_above
+    if in_files and (reason := _files_unsupported(pipe, cfg, n)):
+        log(f"one pass over {n} frames > runtime.files_above={r.files_above}, but the samples stay in memory: "
+            f"{reason}")
+        in_files = False
     state_dir = None
     if in_files:
         from .video_writer import temp_sibling
@@ -508,12 +529,16 @@ def run_clip(cfg: DictConfig, input=None, output=None, *, config_path=DEFAULT_CO
     # the writers and the scores, fed chunk by chunk
     o = cfg.output
     fps = float(o.fps or source.fps or DEFAULT_FPS)
-    keep_times = o.fps is None and source.pts is not None
+    # AVI stores no presentation times (a written .avi with them declares a bogus frame rate)
+    keep_times = o.fps is None and source.pts is not None and paths.output.suffix.lower() != ".avi"
+    # the audio from the first kept frame's time on the streams' shared timeline (a video stream may
+    # start after its audio)
     audio_start = 0.0
-    if keep_times:
-        audio_start = float((source.pts[0] - source.start_pts) * source.time_base)
+    if source.pts is not None:
+        audio_start = float(source.pts[0] * source.time_base)
     elif source.fps:
-        audio_start = sel.start / (source.fps * sel.stride)
+        first = float(source.start_pts * source.time_base) if source.start_pts is not None else 0.0
+        audio_start = first + sel.start / (source.fps * sel.stride)
     log(f"writing {paths.output} ({n} frames {_wxh(out_size)}, {fps:g} fps, H.264 crf {o.crf})")
     writer = VideoWriter(paths.output, fps, crf=o.crf, replace=overwrite, audio_from=paths.input if o.audio else None,
                          audio_start_s=audio_start, time_base=source.time_base if keep_times else None)

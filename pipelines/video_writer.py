@@ -59,9 +59,10 @@ def remove_stale_temps(path: Path) -> list[Path]:
     removed = []
     if not path.parent.is_dir():
         return removed
-    for p in path.parent.glob(f".{path.stem}.tmp-*"):
+    prefixes = {f".{path.stem}.tmp-", f".{path.name}.tmp-"}  # files, and folders (temp_sibling)
+    for p in {q for prefix in prefixes for q in path.parent.glob(prefix + "*")}:
         try:
-            pid = int(p.name[len(f".{path.stem}.tmp-"):].split("-")[0])
+            pid = int(next(p.name[len(x):] for x in prefixes if p.name.startswith(x)).split("-")[0])
         except ValueError:
             continue
         if pid == os.getpid() or _alive(pid):

@@ -312,6 +312,11 @@ def test_fingerprint_follows_the_decoded_frames():
     same = fingerprint(cfg, lambda a, b: frames[a:b].clone(), 3)
     assert fingerprint(cfg, lambda a, b: frames[a:b], 3) == same
     assert fingerprint(cfg, lambda a, b: edited[a:b], 3) != same
+    # how fast and how often a run checkpoints may change on resume; what it samples may not
+    faster = load_config(ROOT / "configs" / "default.yaml", ["runtime.threads=7", "runtime.checkpoint_every=3"])
+    assert fingerprint(faster, lambda a, b: frames[a:b], 3) == same
+    other = load_config(ROOT / "configs" / "default.yaml", ["runtime.window=9"])
+    assert fingerprint(other, lambda a, b: frames[a:b], 3) != same
 
 
 def test_clips_with_the_same_stem_get_distinct_outputs():

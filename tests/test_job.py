@@ -78,6 +78,38 @@ def test_cli_memory_is_bounded_by_the_window(model, tmp_path):
     assert rows[1]["run_mode"] == "windows" and growth < 40, rows
 
 
+def _late_video_clip(path, fps=20, frames=10, size=32):
+    """Video frames shown from t = 0.5 s, an AAC tone (rising in pitch, so packets differ) from t = 0."""
+    from fractions import Fraction
+
+    import av
+
+    tb = Fraction(1, 16000)
+    with av.open(str(path), "w") as c:
+        v = c.add_stream("libx264", rate=fps)
+        v.width = v.height = size
+        v.pix_fmt = "yuv420p"
+        v.codec_context.time_base = v.time_base = tb
+        a = c.add_stream("aac", rate=16000)
+        for i, img in enumerate(to_uint8(tiny.textured_clip(frames, size, shift=(0.5, 0.0)))):
+            f = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+            f.pts = round((0.5 + i / fps) / tb)
+            for packet in v.encode(f):
+                c.mux(packet)
+        for packet in v.encode():
+            c.mux(packet)
+        t = np.arange(16000 * 2) / 16000
+        tone = (0.3 * np.sin(2 * np.pi * (300 + 200 * t) * t)).astype(np.float32)[None]
+        for k in range(0, tone.shape[1], 1024):
+            f = av.AudioFrame.from_ndarray(np.ascontiguousarray(tone[:, k:k + 1024]), format="fltp", layout="mono")
+            f.sample_rate, f.pts = 16000, k
+            for packet in a.encode(f):
+                c.mux(packet)
+        for packet in a.encode():
+            c.mux(packet)
+    return path
+
+
 def test_audio_is_kept_trimmed_and_absent_audio_is_handled(model, tmp_path):
     src = make_av_clip(tmp_path / "in.mp4", frames=48, fps=24, audio_s=2.0, size=32)
     cfg = job_cfg(model, "input.start=12", "input.end=36")
@@ -86,6 +118,11 @@ def test_audio_is_kept_trimmed_and_absent_audio_is_handled(model, tmp_path):
     assert rep["video"]["audio"] == "copied" and got["video"][0] == "h264" and got["audio"][0] == "aac"
     assert abs(got["audio"][1] - 24 / 24) <= 1 / 24 + 0.025  # 24 frames at 24 fps: 1 s of audio, +-1 frame
     assert audio_packet_at(tmp_path / "out.mp4", 0.0) == audio_packet_at(src, 0.5)  # from frame 12 = 0.5 s on
+    # a video stream that starts 0.5 s after its audio (a camera starting the sound first): the output's
+    # audio starts where its first frame was shown, on the streams' shared timeline
+    late = _late_video_clip(tmp_path / "late.mp4")
+    run_clip(job_cfg(model), late, tmp_path / "late_out.mp4", log=lambda m: None, progress=False)
+    assert audio_packet_at(tmp_path / "late_out.mp4", 0.0) == audio_packet_at(late, 0.5)
     silent = make_av_clip(tmp_path / "silent.mp4", frames=6, fps=24, audio_s=0, size=32)
     rep = run_clip(job_cfg(model), silent, tmp_path / "s.mp4", log=lambda m: None, progress=False)
     assert rep["video"]["audio"] == "input has no audio" and "audio" not in streams(tmp_path / "s.mp4")
@@ -114,3 +151,19 @@ def test_variable_frame_rate_input_keeps_its_timestamps(model, tmp_path):
     assert rep["video"]["timestamps"] == "kept from the input"
     back = read_clip(tmp_path / "o.mp4")
     assert [round(float(p * back.time_base), 3) for p in back.pts] == [p / 1000 for p in pts]
+
+
+def test_avi_output_and_file_backed_state_fallbacks(model, tmp_path):
+    """An .avi output keeps the clip's frame rate (AVI has no presentation times: writing them declared
+    600 fps); a long one-pass job whose scheduler cannot keep its state in files keeps it in memory
+    with a log line instead of failing after the model loads."""
+    clip = tmp_path / "in.mp4"
+    write_video(clip, to_uint8(tiny.textured_clip(5, 16, shift=(0.5, 0.0))), 12)
+    run_clip(job_cfg(model), clip, tmp_path / "out.avi", log=lambda m: None, progress=False)
+    back = read_clip(tmp_path / "out.avi")
+    assert len(back.frames) == 5 and back.fps == pytest.approx(12)
+    lines = []
+    rep = run_clip(job_cfg(model, "runtime.files_above=2", "scheduler.kind=dpm++"), clip, tmp_path / "dpm.mp4",
+                   log=lines.append, progress=False)
+    assert rep["frames"] == 5 and any("samples stay in memory" in m and "DDPM or DDIM" in m for m in lines)
+

@@ -1,5 +1,6 @@
 import os
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -355,6 +356,61 @@ def test_stale_temp_files_of_dead_runs_are_removed(tmp_path):
     mine.write_bytes(b"being written")
     assert remove_stale_temps(tmp_path / "o.mp4") == [stale]
     assert not stale.exists() and mine.exists()
+    # the state folder of a killed file-backed run (temp_sibling(directory=True) names it after o.mp4)
+    folder = tmp_path / f".o.mp4.tmp-{dead}-ijkl"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "x.bin").write_bytes(b"samples")
+    assert remove_stale_temps(tmp_path / "o.mp4") == [folder] and not folder.exists() and mine.exists()
+
+
+def _rotated_copy(src, dst):
+    """``src`` (an mp4 the project wrote) with its track header's display matrix set to a quarter turn
+    clockwise, as a phone stores a portrait clip (ISO/IEC 14496-12 tkhd matrix a=0, b=1, c=-1, d=0)."""
+    import struct
+
+    data = bytearray(Path(src).read_bytes())
+    at = data.index(b"tkhd")
+    assert data[at + 4] == 0  # version 0 header
+    m = at + 4 + 4 + 4 * 5 + 8 + 8  # version/flags, times, track id, reserved, duration, reserved, layer...
+    data[m:m + 36] = struct.pack(">9i", 0, 65536, 0, -65536, 0, 0, 0, 0, 1 << 30)
+    Path(dst).write_bytes(bytes(data))
+
+
+def test_rotated_video_is_read_upright(tmp_path):
+    """A clip whose container says "show me turned a quarter clockwise" is read as players show it: the
+    stored frames turned clockwise (reference kind: FFmpeg's display-matrix convention, read by PyAV)."""
+    import av
+
+    frames = moving_clip(n=3, h=64, w=48)
+    write_video(tmp_path / "plain.mp4", frames, 12)
+    _rotated_copy(tmp_path / "plain.mp4", tmp_path / "rot.mp4")
+    with av.open(str(tmp_path / "rot.mp4")) as c:
+        assert next(c.decode(video=0)).rotation == -90  # PyAV: the matrix turns it 90 degrees clockwise
+    plain, rot = read_clip(tmp_path / "plain.mp4").frames, read_clip(tmp_path / "rot.mp4").frames
+    assert rot.shape == (3, 48, 64, 3)
+    assert np.array_equal(rot, np.rot90(plain, -1, axes=(1, 2)))  # the same bitstream, turned clockwise
+
+
+def test_a_short_selection_stops_decoding_early_and_unordered_timestamps_are_dropped(tmp_path, monkeypatch):
+    from pipelines.clip_source import ClipSource
+
+    write_video(tmp_path / "long.mp4", moving_clip(n=40, h=16, w=16), 20)
+    decoded, real = [], ClipSource._frames_of
+
+    def counting(self, container, stream):
+        for frame in real(self, container, stream):
+            decoded.append(frame.pts)
+            yield frame
+
+    monkeypatch.setattr(ClipSource, "_frames_of", counting)
+    src = ClipSource(tmp_path / "long.mp4", start=3, stride=2, max_frames=2)
+    assert len(src) == 2 and len(decoded) <= 6 + 4  # the scan stops at frame 6 (was all 40), then the reads
+    monkeypatch.undo()
+    # AVI keeps no presentation times: with B-frames the decoded values come out of order (1, 3, 2, ...),
+    # so they are dropped for the constant frame rate
+    write_video(tmp_path / "b.avi", moving_clip(n=12, h=16, w=16), 20)
+    avi = ClipSource(tmp_path / "b.avi")
+    assert avi.pts is None and avi.fps == pytest.approx(20) and len(avi) == 12
 
 
 def test_damaged_input_warns_or_fails_when_strict(tmp_path):
