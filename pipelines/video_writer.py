@@ -151,6 +151,13 @@ class _AudioCopy:
         self.packets = self.container.demux(self.inp)
         self.pending = None
 
+    @classmethod
+    def refused(cls, reason: str) -> "_AudioCopy":
+        """No audio, for ``reason``."""
+        copy = cls.__new__(cls)
+        copy.reason, copy.container = reason, None
+        return copy
+
     def mux_until(self, out, until_s: float | None) -> None:
         """Mux the copied packets that start before ``until_s`` (None: all that remain)."""
         if self.container is None:
@@ -211,7 +218,7 @@ class VideoWriter:
         self.first_pts = self.last_s = None
         self.closed = False
 
-    def _start(self, h: int, w: int) -> None:
+    def _start(self, h: int, w: int, with_audio: bool = True) -> None:
         import av
 
         try:
@@ -224,8 +231,22 @@ class VideoWriter:
         if self.time_base is not None:
             self.stream.codec_context.time_base = self.time_base
             self.stream.time_base = self.time_base
-        if self.audio_from is not None:
-            self.audio = _AudioCopy(Path(self.audio_from), self.out, self.audio_start_s, None)
+        if self.audio_from is None or not with_audio:
+            return
+        self.audio = _AudioCopy(Path(self.audio_from), self.out, self.audio_start_s, None)
+        if self.audio.container is None:
+            return
+        try:  # some muxers refuse a copied codec only when the header is written (FLAC in .mov)
+            self.out.start_encoding()
+        except (av.error.FFmpegError, ValueError) as e:
+            codec = self.audio.inp.codec_context.name
+            self.audio.close()
+            try:
+                self.out.close()
+            except (av.error.FFmpegError, OSError):
+                pass
+            self._start(h, w, with_audio=False)  # the same temporary file, reopened without the audio
+            self.audio = _AudioCopy.refused(f"the output container cannot hold the input's {codec} audio ({e})")
 
     def append(self, frames: np.ndarray, pts: list[int] | None = None) -> None:
         """Encode uint8 RGB ``(n, H, W, 3)`` frames (odd sides padded by repeating the last row/column)."""

@@ -273,6 +273,38 @@ def audio_packet_at(path, t):
         return next(bytes(p) for p in c.demux(a) if p.pts is not None and p.pts >= start and p.size)
 
 
+def test_audio_the_output_container_refuses_is_dropped_with_its_reason(tmp_path):
+    """FLAC audio in .mkv copied into a .mov: the muxer refuses it only when the header is written; the
+    video is still written, without audio, and the reason says why (was an error after sampling)."""
+    import av
+
+    src = tmp_path / "in.mkv"
+    with av.open(str(src), "w") as out:
+        v = out.add_stream("libx264", rate=12)
+        v.width = v.height = 32
+        v.pix_fmt = "yuv420p"
+        a = out.add_stream("flac", rate=16000)
+        for img in moving_clip(n=6, h=32, w=32):
+            for packet in v.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in v.encode():
+            out.mux(packet)
+        tone = (0.3 * np.sin(np.arange(8192) / 5)).astype(np.float32)[None]
+        for k in range(0, 8192, 1024):
+            f = av.AudioFrame.from_ndarray(np.ascontiguousarray(tone[:, k:k + 1024]), format="flt", layout="mono")
+            f.sample_rate, f.pts = 16000, k
+            for packet in a.encode(f):
+                out.mux(packet)
+        for packet in a.encode():
+            out.mux(packet)
+    w = write_video(tmp_path / "out.mov", moving_clip(n=6, h=32, w=32), 12, audio_from=src)
+    got = streams(tmp_path / "out.mov")
+    assert "audio" not in got and got["video"][0] == "h264" and len(read_clip(tmp_path / "out.mov").frames) == 6
+    assert "cannot hold the input's flac audio" in w.audio
+    write_video(tmp_path / "out.mkv", moving_clip(n=6, h=32, w=32), 12, audio_from=src)  # Matroska takes it
+    assert streams(tmp_path / "out.mkv")["audio"][0] == "flac"
+
+
 def test_h264_output_with_trimmed_audio(tmp_path):
     src = make_av_clip(tmp_path / "in.mp4")
     frames = moving_clip(n=12, h=64, w=64)
