@@ -412,11 +412,12 @@ def run_clip(cfg: DictConfig, input=None, output=None, *, config_path=DEFAULT_CO
     workdir = Path(workdir).expanduser() if workdir else None
 
     sel, r = cfg.input, cfg.runtime
-    select = dict(start=sel.start, end=sel.end, stride=sel.stride, max_frames=sel.max_frames, strict=sel.strict,
-                  cache=max(r.overlap, 1) + 1)
+    select = dict(start=sel.start, end=sel.end, stride=sel.stride, max_frames=sel.max_frames, strict=sel.strict)
     with timer("io"):
-        source = ClipSource(paths.input, **select)
-        ref_source = ClipSource(paths.reference, **select) if paths.reference else None
+        # windows re-read a finished window's input for scoring: cached, or every re-read would decode the
+        # clip again from its first frame (a bounded cache: one window of low-res frames)
+        source = ClipSource(paths.input, **select, cache=r.window + r.overlap + 1)
+        ref_source = ClipSource(paths.reference, **select, cache=2) if paths.reference else None
     for warning in source.warnings:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     n = len(source)

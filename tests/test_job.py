@@ -167,3 +167,24 @@ def test_avi_output_and_file_backed_state_fallbacks(model, tmp_path):
                    log=lines.append, progress=False)
     assert rep["frames"] == 5 and any("samples stay in memory" in m and "DDPM or DDIM" in m for m in lines)
 
+
+
+def test_windows_decode_the_clip_once(model, tmp_path, monkeypatch):
+    """Windows mode re-reads each finished window's input for scoring: from the cache, not by decoding the
+    clip again from its first frame (at most 2 x 48 decoded: the scan and the reads)."""
+    from pipelines.clip_source import ClipSource
+
+    clip = tmp_path / "in.mp4"
+    write_video(clip, to_uint8(tiny.textured_clip(48, 16, shift=(0.5, 0.0))), 10)
+    decoded, real = [], ClipSource._frames_of
+
+    def counting(self, container, stream):
+        for frame in real(self, container, stream):
+            decoded.append(frame.pts)
+            yield frame
+
+    monkeypatch.setattr(ClipSource, "_frames_of", counting)
+    cfg = job_cfg(model, "sampling.num_inference_steps=1", "runtime.mode=windows", "runtime.window=8",
+                  "runtime.overlap=2")
+    rep = run_clip(cfg, clip, tmp_path / "out.mp4", log=lambda m: None, progress=False)
+    assert rep["frames"] == 48 and len(decoded) <= 2 * 48
