@@ -71,6 +71,11 @@ class ClipSource:
     def __len__(self) -> int:
         return len(self._index)
 
+    @property
+    def is_video(self) -> bool:
+        """A video container (which may hold audio), not images or a GIF."""
+        return self._kind == "video"
+
     # ------------------------------------------------------------------ selection
     def _select(self, n: int, start, end, stride, max_frames) -> list[int]:
         chosen = list(range(n))[start:end:stride][:max_frames]

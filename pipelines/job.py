@@ -541,7 +541,7 @@ def run_clip(cfg: DictConfig, input=None, output=None, *, config_path=DEFAULT_CO
         first = float(source.start_pts * source.time_base) if source.start_pts is not None else 0.0
         audio_start = first + sel.start / (source.fps * sel.stride)
     log(f"writing {paths.output} ({n} frames {_wxh(out_size)}, {fps:g} fps, H.264 crf {o.crf})")
-    writer = VideoWriter(paths.output, fps, crf=o.crf, replace=overwrite, audio_from=paths.input if o.audio else None,
+    writer = VideoWriter(paths.output, fps, crf=o.crf, replace=overwrite, audio_from=paths.input if o.audio and source.is_video else None,
                          audio_start_s=audio_start, time_base=source.time_base if keep_times else None)
     sbs = None if paths.side_by_side is None else VideoWriter(paths.side_by_side, fps, crf=o.crf, replace=overwrite)
     pngs = None if paths.frames_dir is None else FrameFolderWriter(paths.frames_dir)
@@ -588,15 +588,16 @@ def run_clip(cfg: DictConfig, input=None, output=None, *, config_path=DEFAULT_CO
     if written.padded:
         log(f"note: H.264 needs even sides; {_wxh(out_size)} is stored as {_wxh(written.size)} "
             "(last row/column repeated); output.frames_dir PNGs keep the exact size")
-    if o.audio and written.audio not in (None, "input has no audio"):
-        log(f"audio not copied: {written.audio}")
+    audio = written.audio if source.is_video else "input has no audio"  # images, GIF
+    if o.audio and audio not in (None, "input has no audio"):
+        log(f"audio not copied: {audio}")
 
     timings = {"total": round(time.perf_counter() - t0, 4)}
     timings.update({k: 0.0 for k in ("model", "flow", "align", "scheduler", "vae" if pipe.vae else "decode",
                                       "backproject", "io", "load", "metrics")})
     timings.update(timer.report())
     video = dict(fps=fps, codec="h264", pix_fmt="yuv420p", crf=o.crf, encoded_size=list(written.size),
-                 padded=written.padded, audio="copied" if written.audio is None else written.audio,
+                 padded=written.padded, audio="copied" if audio is None else audio,
                  timestamps="kept from the input" if keep_times else "constant rate")
     report = dict(
         input=str(paths.input), output=str(paths.output),

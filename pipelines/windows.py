@@ -101,8 +101,11 @@ def iter_windows(pipe, num_frames: int, read, *, window: int, overlap: int, anch
         if done is not None and done.exists():
             saved = load_file(done)
             out, tail = saved["frames"], saved.get("tail")
-            if progress is not None:
-                progress(0)
+            if progress is not None:  # the window's frame-steps, done in the run that stored it
+                from .sampler import img2img_timesteps
+
+                progress((b - a) * len(img2img_timesteps(pipe.scheduler, options.num_inference_steps,
+                                                         options.strength)))
         else:
             n_anchor = 0 if k == 0 else a_overlap(spans, k)
             targets = {} if tail is None else {j: tail[j] for j in range(n_anchor)}

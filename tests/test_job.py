@@ -126,6 +126,15 @@ def test_audio_is_kept_trimmed_and_absent_audio_is_handled(model, tmp_path):
     silent = make_av_clip(tmp_path / "silent.mp4", frames=6, fps=24, audio_s=0, size=32)
     rep = run_clip(job_cfg(model), silent, tmp_path / "s.mp4", log=lambda m: None, progress=False)
     assert rep["video"]["audio"] == "input has no audio" and "audio" not in streams(tmp_path / "s.mp4")
+    # a folder of images has no audio either; no "audio not copied" line (it said "no readable container")
+    import cv2
+
+    (tmp_path / "pngs").mkdir()
+    for i, img in enumerate(to_uint8(tiny.textured_clip(3, 16))):
+        cv2.imwrite(str(tmp_path / "pngs" / f"{i}.png"), img[..., ::-1])
+    lines = []
+    rep = run_clip(job_cfg(model), tmp_path / "pngs", tmp_path / "p.mp4", log=lines.append, progress=False)
+    assert rep["video"]["audio"] == "input has no audio" and not any("audio not copied" in m for m in lines)
 
 
 def test_variable_frame_rate_input_keeps_its_timestamps(model, tmp_path):

@@ -62,3 +62,19 @@ def test_window_seams_on_a_real_clip_are_close_to_the_interior():
     mean = lambda v: sum(v) / len(v)  # noqa: E731
     print(f"seam {mean(seam):.5f} interior {mean(interior):.5f}")
     assert mean(seam) <= 1.5 * mean(interior)
+
+
+def test_windows_loaded_from_the_workdir_count_their_frame_steps(tmp_path):
+    """A restarted run that loads finished windows from the work folder advances the progress bar by their
+    frame-steps, so it ends at the total (it ended at the frame-steps sampled in this run only)."""
+    pipe = VideoPipeline(tiny.pixel_unet(6), tiny.ddpm_v(), scale=2, residual_scale=0.1)
+    clip = tiny.textured_clip(7, 16)
+    opts = SamplingOptions(num_inference_steps=3, seed=2)
+    kw = dict(window=4, overlap=2, anchor_weight=0.8, make_alignment=lambda: Fusion(0.5), options=opts,
+              workdir=tmp_path)
+    first, again = [], []
+    want = sample_windowed(pipe, clip, progress=first.append, **kw)
+    total = 3 * sum(b - a for a, b in plan_windows(7, 4, 2))
+    assert sum(first) == total
+    assert torch.equal(sample_windowed(pipe, clip, progress=again.append, **kw), want)  # all loaded
+    assert sum(again) == total
