@@ -132,6 +132,9 @@ def run_many(args: argparse.Namespace, clips: list[Path]) -> int:
     if args.reference:
         raise UsageError("--reference takes one clip; it cannot be used with a list of clips")
     names = output_names(clips)
+    cfg = load_config(from_root(Path(args.config)), args.overrides)  # a config error: one line, once
+    sbs = Path(cfg.output.side_by_side).expanduser() if cfg.output.side_by_side else None
+    frames_dir = Path(cfg.output.frames_dir).expanduser() if cfg.output.frames_dir else None
     mine = list(range(len(clips)))[rank::world]
     log(f"[process {rank}/{world}] {len(mine)} of {len(clips)} clips")
     codes = [0]
@@ -139,6 +142,11 @@ def run_many(args: argparse.Namespace, clips: list[Path]) -> int:
         a = argparse.Namespace(**vars(args))
         a.input, a.output = str(clips[k]), str(outdir / f"{names[k]}.mp4")
         a.workdir = str(Path(args.workdir) / names[k]) if args.workdir else None
+        # each clip's comparison video and frames of its own (one path for all: the second clip failed)
+        if sbs is not None:
+            a.overrides = [*a.overrides, f"output.side_by_side={sbs.with_name(f'{sbs.stem}_{names[k]}{sbs.suffix}')}"]
+        if frames_dir is not None:
+            a.overrides = [*a.overrides, f"output.frames_dir={frames_dir / names[k]}"]
         if world > 1 and torch.cuda.is_available():  # one GPU per process
             a.overrides = [*args.overrides, f"model.device=cuda:{local}"]
         log(f"[process {rank}/{world}] {clips[k]} -> {a.output}")
@@ -165,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 0
     except UsageError as e:
         return fail(e) or 2
-    clips = clip_list(Path(args.input).expanduser()) if args.input else None
+    try:
+        clips = clip_list(Path(args.input).expanduser()) if args.input else None
+    except UsageError as e:
+        return fail(e) or 2
     if clips is not None:
         return guarded(lambda a: run_many(a, clips), args)
     return guarded(run, args)

@@ -311,11 +311,11 @@ def validate(cfg: DictConfig) -> None:
     _check(i.stride >= 1, "input.stride", ">= 1", i.stride)
     if i.max_frames is not None:
         _check(i.max_frames >= 1, "input.max_frames", "null or >= 1", i.max_frames)
-    if i.resize is not None:
-        _check(i.resize > 0, "input.resize", "null or > 0", i.resize)
+    if i.resize is not None:  # x16 already makes a 64-pixel clip 4096 wide before the model's own scale
+        _check(0 < i.resize <= 16, "input.resize", "null or in (0, 16]", i.resize)
 
     r = cfg.runtime
-    _check(r.threads >= 0, "runtime.threads", ">= 0 (0 = torch default)", r.threads)
+    _check(0 <= r.threads <= 1024, "runtime.threads", "in [0, 1024] (0 = torch default)", r.threads)
     _check(r.window >= 2, "runtime.window", ">= 2", r.window)
     _check(r.one_pass_max >= 1, "runtime.one_pass_max", ">= 1", r.one_pass_max)
     _check(r.files_above >= 0, "runtime.files_above", ">= 0", r.files_above)
@@ -325,8 +325,8 @@ def validate(cfg: DictConfig) -> None:
 
     o = cfg.output
     _check(0 <= o.crf <= 51, "output.crf", "in [0, 51]", o.crf)
-    if o.fps is not None:
-        _check(o.fps > 0, "output.fps", "null or > 0", o.fps)
+    if o.fps is not None:  # H.264 timestamps: a rate beyond this range does not survive the container
+        _check(0.01 <= o.fps <= 1000, "output.fps", "null or in [0.01, 1000]", o.fps)
     for key in ("frames_dir", "side_by_side"):
         value = o[key]
         if value is not None:

@@ -124,7 +124,11 @@ def check_paths(paths: Paths, overwrite: bool) -> None:
     protected = {"--input": paths.input.resolve(), "--config": paths.config.resolve()}
     if paths.reference is not None:
         protected["--reference"] = paths.reference.resolve()
+    if not paths.input.exists():  # named first: a missing input is the mistake, not the output's name
+        raise InputError(f"{paths.input}: no such file or directory")
     for label, path in (("--output", paths.output), ("output.side_by_side", paths.side_by_side)):
+        if path is not None and path.is_dir():
+            raise UsageError(f"{label} {path} is a directory; give a video file name ({'/'.join(OUTPUT_EXTS)})")
         if path is not None and path.suffix.lower() not in OUTPUT_EXTS:
             raise UsageError(f"{label} {path}: unsupported video type '{path.suffix}' "
                              f"(expected {'/'.join(OUTPUT_EXTS)})")
@@ -213,6 +217,10 @@ def resolve_model_path(cfg: DictConfig) -> str:
     if cfg.alignment.mode == "tcm" and not (folder / m.controlnet_subfolder).is_dir():
         raise ConfigError(f"alignment.mode=tcm needs a model with a {m.controlnet_subfolder}/ folder "
                           f"(model.controlnet_subfolder); {m.path} has none")
+    if cfg.alignment.mode == "tcm" and cfg.alignment.tcm_decoder == "preview" \
+            and not (folder / "preview_decoder").is_dir():
+        raise ConfigError(f"alignment.tcm_decoder=preview needs a model with a preview_decoder/ folder; {m.path} "
+                          "has none (alignment.tcm_decoder=vae decodes the condition with the VAE)")
     return path
 
 
@@ -436,6 +444,7 @@ def run_clip(cfg: DictConfig, input=None, output=None, *, config_path=DEFAULT_CO
 
         key = fingerprint(cfg, read, n)
         Checkpointer.verify(workdir, key)
+        _creatable_parent("--workdir", workdir / "run.json")  # before the model loads, not at the first save
 
     log(f"loading model {model_path} on {device} ({cfg.model.dtype})")
     pipe = load_model(cfg, model_path, device, timer)
@@ -450,6 +459,8 @@ def run_clip(cfg: DictConfig, input=None, output=None, *, config_path=DEFAULT_CO
         except ValueError as e:
             raise ConfigError(str(e)) from e
     mode = _choose_mode(cfg, n)
+    if mode == "windows" and n <= r.window:  # one window holds the clip: reported as what runs
+        mode = "one_pass"
 
     # sampling, as a stream of finished output chunks (first index, uint8 (k, H, W, 3))
     multiple = pipe.input_multiple()
@@ -622,7 +633,10 @@ def clip_list(inp: Path) -> list[Path] | None:
 
     clip_exts = (*VIDEO_EXTS, ".gif")
     if inp.suffix.lower() == ".txt" and inp.is_file():
-        lines = [ln.strip() for ln in inp.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        lines = [ln.strip() for ln in inp.read_text().splitlines()]
+        lines = [ln for ln in lines if ln and not ln.startswith("#")]
+        if not lines:
+            raise UsageError(f"--input {inp} lists no clips (one path per line; '#' starts a comment)")
         return [p if p.is_absolute() else inp.parent / p for p in map(Path, lines)]
     if inp.is_dir():
         files = [p for p in inp.iterdir() if p.is_file() and not p.name.startswith(".")]

@@ -228,7 +228,24 @@ BAD = [
     ("local-looking model path", lambda d: ["model.path=weights/nope"], "no such folder"),
     ("empty input", lambda d: ["--input", ""], "--input is empty"),
     ("empty output", lambda d: ["--output", ""], "--output is empty"),
+    # found by a second probe: each was an internal error (or a crash) after the model loaded
+    ("fps infinite", lambda d: ["output.fps=inf"], "output.fps must be null or in [0.01, 1000]"),
+    ("fps too small", lambda d: ["output.fps=1e-9"], "output.fps must be null or in [0.01, 1000]"),
+    ("resize huge", lambda d: ["input.resize=1000"], "input.resize must be null or in (0, 16]"),
+    ("threads huge", lambda d: ["runtime.threads=100000"], "runtime.threads must be in [0, 1024]"),
+    ("workdir under a file", lambda d: ["--workdir", _corrupt(d) / "wd"], "is not a directory"),
+    ("output is a folder", lambda d: ["--output", d], "is a directory; give a video file name"),
+    ("missing list of clips", lambda d: ["--input", d / "clips.txt", "--output", d / "outs"],
+     "clips.txt: no such file or directory"),
+    ("preview decoder missing", lambda d: [f"model.path={_folders(d, 'unet', 'controlnet')}", "alignment.mode=tcm",
+                                           "alignment.tcm_decoder=preview"], "needs a model with a preview_decoder/"),
 ]
+
+
+def _folders(d, *names):
+    for name in names:
+        (d / "parts" / name).mkdir(parents=True, exist_ok=True)
+    return d / "parts"
 
 
 def _broken_model(d):

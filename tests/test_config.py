@@ -55,7 +55,7 @@ def test_overrides_win_and_yaml_round_trips(tmp_path):
     (["flow.method=raft"], "flow.raft_weights must be a local RAFT weights file"),
     (["model.device=gpu"], "model.device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
     (["input.end=0"], "input.end must be null or > input.start"),
-    (["input.resize=-1"], "input.resize must be null or > 0"),
+    (["input.resize=-1"], "input.resize must be null or in (0, 16]"),
     (["sampling.strength"], "override 'sampling.strength' is not key=value"),
 ])
 def test_bad_values_are_one_line_errors(overrides, message):

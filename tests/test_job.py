@@ -175,6 +175,11 @@ def test_avi_output_and_file_backed_state_fallbacks(model, tmp_path):
     rep = run_clip(job_cfg(model, "runtime.files_above=2", "scheduler.kind=dpm++"), clip, tmp_path / "dpm.mp4",
                    log=lines.append, progress=False)
     assert rep["frames"] == 5 and any("samples stay in memory" in m and "DDPM or DDIM" in m for m in lines)
+    # windows asked for a clip that one window holds: one pass runs, and the report and the log say so
+    lines = []
+    rep = run_clip(job_cfg(model, "runtime.mode=windows", "runtime.window=8", "runtime.overlap=2"), clip,
+                   tmp_path / "w.mp4", log=lines.append, progress=False)
+    assert rep["mode"] == "one_pass" and any("(one pass)" in m for m in lines)
 
 
 

@@ -37,6 +37,25 @@ def test_folder_of_clips_and_list_file(clips):
     assert main(args(clips, clips / "list.txt", clips / "out_list")) == 0
     assert sorted(p.name for p in (clips / "out_list").glob("*.mp4")) == ["c0.mp4", "c2.mp4"]
     assert main(args(clips, clips / "clips", clips / "bad.mp4")) == 2  # --output must be a folder
+    # one comparison video and one frames folder per clip, named after it
+    extra = [f"output.side_by_side={clips / 'cmp' / 'sbs.mp4'}", f"output.frames_dir={clips / 'frames'}"]
+    assert main([*args(clips, clips / "list.txt", clips / "out_sbs"), *extra]) == 0
+    assert sorted(p.name for p in (clips / "cmp").glob("*.mp4")) == ["sbs_c0.mp4", "sbs_c2.mp4"]
+    assert sorted(p.name for p in (clips / "frames").iterdir()) == ["c0", "c2"]
+    assert len(list((clips / "frames" / "c2").glob("*.png"))) == 3
+
+
+def test_clip_list_mistakes_are_one_line_errors(clips, capsys):
+    (clips / "empty.txt").write_text("# nothing here\n   # an indented comment\n\n")
+    assert main(args(clips, clips / "empty.txt", clips / "out_empty")) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --input {clips / 'empty.txt'} lists no clips (one path per line; '#' starts a comment)"]
+    (clips / "indented.txt").write_text("  # an indented comment\nclips/c1.mp4\n")
+    assert [p.name for p in clip_list(clips / "indented.txt")] == ["c1.mp4"]
+    # a config mistake is reported once, not once per clip
+    assert main([*args(clips, clips / "list.txt", clips / "out_bad"), "bogus.key=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: config: unknown key bogus (in override 'bogus.key=1')"]
 
 
 def test_two_cpu_workers_share_the_clips(clips):
