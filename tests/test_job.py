@@ -17,7 +17,7 @@ from pipelines.job import run_clip
 from pipelines.video_io import read_clip, to_tensor, to_uint8, write_video
 from pipelines.video_pipeline import VideoPipeline
 from pipelines.windows import sample_windowed
-from test_video_io import audio_packet_at, make_av_clip, streams
+from test_video_io import audio_packet_at, count_decoded_frames, make_av_clip, mux_tone, streams
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -99,14 +99,7 @@ def _late_video_clip(path, fps=20, frames=10, size=32):
         for packet in v.encode():
             c.mux(packet)
         t = np.arange(16000 * 2) / 16000
-        tone = (0.3 * np.sin(2 * np.pi * (300 + 200 * t) * t)).astype(np.float32)[None]
-        for k in range(0, tone.shape[1], 1024):
-            f = av.AudioFrame.from_ndarray(np.ascontiguousarray(tone[:, k:k + 1024]), format="fltp", layout="mono")
-            f.sample_rate, f.pts = 16000, k
-            for packet in a.encode(f):
-                c.mux(packet)
-        for packet in a.encode():
-            c.mux(packet)
+        mux_tone(c, a, (0.3 * np.sin(2 * np.pi * (300 + 200 * t) * t)).astype(np.float32), "fltp")
     return path
 
 
@@ -186,18 +179,9 @@ def test_avi_output_and_file_backed_state_fallbacks(model, tmp_path):
 def test_windows_decode_the_clip_once(model, tmp_path, monkeypatch):
     """Windows mode re-reads each finished window's input for scoring: from the cache, not by decoding the
     clip again from its first frame (at most 2 x 48 decoded: the scan and the reads)."""
-    from pipelines.clip_source import ClipSource
-
     clip = tmp_path / "in.mp4"
     write_video(clip, to_uint8(tiny.textured_clip(48, 16, shift=(0.5, 0.0))), 10)
-    decoded, real = [], ClipSource._frames_of
-
-    def counting(self, container, stream):
-        for frame in real(self, container, stream):
-            decoded.append(frame.pts)
-            yield frame
-
-    monkeypatch.setattr(ClipSource, "_frames_of", counting)
+    decoded = count_decoded_frames(monkeypatch)
     cfg = job_cfg(model, "sampling.num_inference_steps=1", "runtime.mode=windows", "runtime.window=8",
                   "runtime.overlap=2")
     rep = run_clip(cfg, clip, tmp_path / "out.mp4", log=lambda m: None, progress=False)

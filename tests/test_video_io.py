@@ -273,6 +273,19 @@ def audio_packet_at(path, t):
         return next(bytes(p) for p in c.demux(a) if p.pts is not None and p.pts >= start and p.size)
 
 
+def mux_tone(container, stream, samples: np.ndarray, fmt: str, rate: int = 16000) -> None:
+    """Encode mono float ``samples`` into the audio ``stream`` in frames of 1024, then flush."""
+    import av
+
+    for k in range(0, len(samples), 1024):
+        f = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[None, k:k + 1024]), format=fmt, layout="mono")
+        f.sample_rate, f.pts = rate, k
+        for packet in stream.encode(f):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+
+
 def test_audio_the_output_container_refuses_is_dropped_with_its_reason(tmp_path):
     """FLAC audio in .mkv copied into a .mov: the muxer refuses it only when the header is written; the
     video is still written, without audio, and the reason says why (was an error after sampling)."""
@@ -289,14 +302,7 @@ def test_audio_the_output_container_refuses_is_dropped_with_its_reason(tmp_path)
                 out.mux(packet)
         for packet in v.encode():
             out.mux(packet)
-        tone = (0.3 * np.sin(np.arange(8192) / 5)).astype(np.float32)[None]
-        for k in range(0, 8192, 1024):
-            f = av.AudioFrame.from_ndarray(np.ascontiguousarray(tone[:, k:k + 1024]), format="flt", layout="mono")
-            f.sample_rate, f.pts = 16000, k
-            for packet in a.encode(f):
-                out.mux(packet)
-        for packet in a.encode():
-            out.mux(packet)
+        mux_tone(out, a, (0.3 * np.sin(np.arange(8192) / 5)).astype(np.float32), "flt")
     w = write_video(tmp_path / "out.mov", moving_clip(n=6, h=32, w=32), 12, audio_from=src)
     got = streams(tmp_path / "out.mov")
     assert "audio" not in got and got["video"][0] == "h264" and len(read_clip(tmp_path / "out.mov").frames) == 6
@@ -423,10 +429,10 @@ def test_rotated_video_is_read_upright(tmp_path):
     assert np.array_equal(rot, np.rot90(plain, -1, axes=(1, 2)))  # the same bitstream, turned clockwise
 
 
-def test_a_short_selection_stops_decoding_early_and_unordered_timestamps_are_dropped(tmp_path, monkeypatch):
+def count_decoded_frames(monkeypatch) -> list:
+    """A list that grows by one entry per frame any ClipSource decodes (for the rest of the test)."""
     from pipelines.clip_source import ClipSource
 
-    write_video(tmp_path / "long.mp4", moving_clip(n=40, h=16, w=16), 20)
     decoded, real = [], ClipSource._frames_of
 
     def counting(self, container, stream):
@@ -435,6 +441,14 @@ def test_a_short_selection_stops_decoding_early_and_unordered_timestamps_are_dro
             yield frame
 
     monkeypatch.setattr(ClipSource, "_frames_of", counting)
+    return decoded
+
+
+def test_a_short_selection_stops_decoding_early_and_unordered_timestamps_are_dropped(tmp_path, monkeypatch):
+    from pipelines.clip_source import ClipSource
+
+    write_video(tmp_path / "long.mp4", moving_clip(n=40, h=16, w=16), 20)
+    decoded = count_decoded_frames(monkeypatch)
     src = ClipSource(tmp_path / "long.mp4", start=3, stride=2, max_frames=2)
     assert len(src) == 2 and len(decoded) <= 6 + 4  # the scan stops at frame 6 (was all 40), then the reads
     monkeypatch.undo()
