@@ -148,7 +148,7 @@ def run_many(args: argparse.Namespace, clips: list[Path]) -> int:
         if frames_dir is not None:
             a.overrides = [*a.overrides, f"output.frames_dir={frames_dir / names[k]}"]
         if world > 1 and torch.cuda.is_available():  # one GPU per process
-            a.overrides = [*args.overrides, f"model.device=cuda:{local}"]
+            a.overrides = [*a.overrides, f"model.device=cuda:{local}"]  # after the per-clip paths above
         log(f"[process {rank}/{world}] {clips[k]} -> {a.output}")
         codes.append(guarded(run, a))
         if codes[-1] in (130, 143):  # Ctrl-C or SIGTERM stops the whole list, not just this clip

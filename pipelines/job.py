@@ -373,19 +373,6 @@ def _wxh(size) -> str:
     return f"{size[1]}x{size[0]}"
 
 
-def _files_unsupported(pipe, cfg: DictConfig, n: int) -> str | None:
-    """Why the one-pass state cannot live in files for this job (None: it can); see VideoPipeline."""
-    from .sampler import STATELESS
-
-    if not isinstance(pipe.scheduler, STATELESS):
-        return f"file-backed state needs a DDPM or DDIM scheduler, not {type(pipe.scheduler).__name__}"
-    if 0 < cfg.schedule.chain_length < n:
-        return "file-backed state needs the exact sweep (schedule.chain_length 0)"
-    if pipe.kind == "upscale" and pipe.upscale_convention() == "sd_upscaler":
-        return "file-backed state does not support the sd_upscaler convention"
-    return None
-
-
 def _choose_mode(cfg: DictConfig, n: int) -> str:
     r = cfg.runtime
     if r.mode != "auto":
@@ -489,7 +476,7 @@ def run_clip(cfg: DictConfig, input=None, output=None, *, config_path=DEFAULT_CO
     else:
         total = steps_run * n
     in_files = not windows and n > r.files_above
-    if in_files and (reason := _files_unsupported(pipe, cfg, n)):
+    if in_files and (reason := pipe.file_state_problem(sampling_options(cfg).chain_length, n)):
         log(f"one pass over {n} frames > runtime.files_above={r.files_above}, but the samples stay in memory: "
             f"{reason}")
         in_files = False

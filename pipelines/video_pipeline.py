@@ -139,6 +139,17 @@ class VideoPipeline:
             return unet * 2 ** (len(self.vae.config.block_out_channels) - 1)
         return unet // gcd(unet, self.scale)
 
+    def file_state_problem(self, chain_length: int | None, num_frames: int) -> str | None:
+        """Why the one-pass state of ``num_frames`` frames cannot live in files (``state_dir``); None: it can."""
+        from .sampler import STATELESS
+
+        if not isinstance(self.scheduler, STATELESS) or (chain_length or num_frames) < num_frames:
+            return ("file-backed one-pass state needs a DDPM or DDIM scheduler and the exact sweep "
+                    f"(schedule.chain_length 0), not {type(self.scheduler).__name__} with chain length {chain_length}")
+        if self.kind == "upscale" and self.upscale_convention() == "sd_upscaler":
+            return "file-backed one-pass state does not support the sd_upscaler convention"
+        return None
+
     def upscale_convention(self) -> str:
         """``stablevsr`` or ``sd_upscaler``: how an upscaler is conditioned (see the module docstring)."""
         if self.convention != "auto":
@@ -275,14 +286,8 @@ class VideoPipeline:
         dev, F = self.device, frames.shape[0]
         if frames.dim() != 4 or frames.shape[1] != 3 or F < 1:
             raise ValueError(f"frames must be (F, 3, H, W) with F >= 1, got {tuple(frames.shape)}")
-        if state_dir is not None:
-            from .sampler import STATELESS
-
-            if not isinstance(self.scheduler, STATELESS) or (o.chain_length or F) < F:
-                raise ValueError("file-backed one-pass state needs a DDPM or DDIM scheduler and the exact sweep "
-                                 "(schedule.chain_length 0)")
-            if self.kind == "upscale" and self.upscale_convention() == "sd_upscaler":
-                raise ValueError("file-backed one-pass state does not support the sd_upscaler convention")
+        if state_dir is not None and (problem := self.file_state_problem(o.chain_length, F)):
+            raise ValueError(problem)
         state_dev = torch.device("cpu") if o.offload_state else dev
         gens = [torch.Generator().manual_seed(o.seed + f) for f in range(F)]
         # timesteps stay on the host: the schedule maths per frame then never waits for the accelerator

@@ -59,10 +59,10 @@ def remove_stale_temps(path: Path) -> list[Path]:
     removed = []
     if not path.parent.is_dir():
         return removed
-    prefixes = {f".{path.stem}.tmp-", f".{path.name}.tmp-"}  # files, and folders (temp_sibling)
-    for p in {q for prefix in prefixes for q in path.parent.glob(prefix + "*")}:
+    for prefix, p in [(x, p) for x in {f".{path.stem}.tmp-", f".{path.name}.tmp-"}  # files; folders (temp_sibling)
+                      for p in path.parent.glob(x + "*")]:
         try:
-            pid = int(next(p.name[len(x):] for x in prefixes if p.name.startswith(x)).split("-")[0])
+            pid = int(p.name[len(prefix):].split("-")[0])
         except ValueError:
             continue
         if pid == os.getpid() or _alive(pid):

@@ -92,8 +92,10 @@ def iter_windows(pipe, num_frames: int, read, *, window: int, overlap: int, anch
     from dataclasses import replace
 
     from .checkpoint import Checkpointer
+    from .sampler import img2img_timesteps
 
     spans = plan_windows(num_frames, window, overlap)
+    steps = len(img2img_timesteps(pipe.scheduler, options.num_inference_steps, options.strength))
     held: torch.Tensor | None = None  # the previous window's output frames of the overlap, not yet yielded
     tail: torch.Tensor | None = None  # the previous window's final samples of the overlap (anchors)
     for k, (a, b) in enumerate(spans):
@@ -102,10 +104,7 @@ def iter_windows(pipe, num_frames: int, read, *, window: int, overlap: int, anch
             saved = load_file(done)
             out, tail = saved["frames"], saved.get("tail")
             if progress is not None:  # the window's frame-steps, done in the run that stored it
-                from .sampler import img2img_timesteps
-
-                progress((b - a) * len(img2img_timesteps(pipe.scheduler, options.num_inference_steps,
-                                                         options.strength)))
+                progress((b - a) * steps)
         else:
             n_anchor = 0 if k == 0 else a_overlap(spans, k)
             targets = {} if tail is None else {j: tail[j] for j in range(n_anchor)}
