@@ -73,9 +73,11 @@ class Checkpointer:
         workdir = Path(workdir)
         if workdir.exists() and not workdir.is_dir():
             raise WorkdirMismatch(f"--workdir {workdir} exists and is not a folder")
-        for meta in [workdir / "run.json", *workdir.glob("*/run.json")]:
-            if not meta.exists():
-                continue
+        metas = [m for m in [workdir / "run.json", *workdir.glob("*/run.json")] if m.exists()]
+        if not metas and workdir.is_dir() and any(workdir.iterdir()):  # the user's own folder: never mixed into
+            raise WorkdirMismatch(f"--workdir {workdir} holds other files and is not a work folder (no run.json); "
+                                  "use a new or empty folder")
+        for meta in metas:
             try:
                 found = json.loads(meta.read_text()).get("fingerprint")
             except (ValueError, AttributeError, OSError) as e:

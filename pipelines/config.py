@@ -13,6 +13,7 @@ The schema defaults are the library's defaults; ``configs/default.yaml`` holds t
 """
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -303,6 +304,9 @@ def validate(cfg: DictConfig) -> None:
                f.raft_weights)
         _check(Path(f.raft_weights).expanduser().is_file(), "flow.raft_weights", "an existing file",
                f.raft_weights)
+        if importlib.util.find_spec("torchvision") is None:
+            raise ConfigError("flow.method=raft needs torchvision, which is not installed here "
+                              "(pip install torchvision, or use flow.method=dis)")
 
     i = cfg.input
     _check(i.start >= 0, "input.start", ">= 0", i.start)

@@ -32,7 +32,8 @@ import torch
 from omegaconf import DictConfig
 
 from . import metrics
-from .config import ConfigError, build_alignment, flow_config, pipeline_kwargs, sampling_options, to_dict, to_yaml
+from .config import (ConfigError, ModelConfig, build_alignment, flow_config, pipeline_kwargs, sampling_options, to_dict,
+                     to_yaml)
 from .degradation import bicubic_resize
 from .flow import check_flow_size, compute_clip_flows
 from .timing import StageTimer
@@ -214,6 +215,11 @@ def resolve_model_path(cfg: DictConfig) -> str:
         raise ConfigError(f"model.path={m.path}: no such folder (nor under the repo root {ROOT})")
     if not (folder / m.unet_subfolder).is_dir():
         raise ConfigError(f"model.path={m.path}: no {m.unet_subfolder}/ subfolder (diffusers layout expected)")
+    for key in ("vae_subfolder", "scheduler_subfolder", "text_encoder_subfolder", "tokenizer_subfolder",
+                "controlnet_subfolder"):
+        sub = m[key]  # optional components are skipped when absent, but a name the user chose must exist
+        if sub and sub != getattr(ModelConfig, key) and not (folder / sub).is_dir():
+            raise ConfigError(f"model.{key}={sub}: {m.path} has no {sub}/ subfolder")
     if cfg.alignment.mode == "tcm" and not (folder / m.controlnet_subfolder).is_dir():
         raise ConfigError(f"alignment.mode=tcm needs a model with a {m.controlnet_subfolder}/ folder "
                           f"(model.controlnet_subfolder); {m.path} has none")
@@ -232,10 +238,12 @@ def load_model(cfg: DictConfig, path: str, device: torch.device, timer: StageTim
     from .video_pipeline import VideoPipeline
 
     diffusers_logging.set_verbosity_error()  # library chatter would break the one-line-error contract
+    diffusers_logging.disable_progress_bar()
     try:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()  # "Loading weights" for the text encoder
     except ImportError:
         pass
     try:
@@ -464,6 +472,15 @@ def run_clip(cfg: DictConfig, input=None, output=None, *, config_path=DEFAULT_CO
     steps_run = len(img2img_timesteps(pipe.scheduler, s.num_inference_steps, s.strength))
     log(f"sampling {n} frames ({mode.replace('_', ' ')}): {steps_run} of {s.num_inference_steps} steps, "
         f"alignment {cfg.alignment.mode}, {cfg.schedule.direction}")
+    if hasattr(alignment, "uses_step"):  # the TCM's guidance window
+        used = sum(alignment.uses_step(i, steps_run) for i in range(steps_run))
+        a = cfg.alignment
+        if used == 0:
+            raise ConfigError(f"alignment.tcm_start/tcm_end=({a.tcm_start}, {a.tcm_end}) holds none of the "
+                              f"{steps_run} steps run (step i of N uses the TCM when start <= i/N and (i+1)/N <= "
+                              "end); widen the window or use more steps")
+        if used < steps_run:
+            log(f"the TCM conditions {used} of the {steps_run} steps (alignment.tcm_start/tcm_end)")
     if workdir is not None:
         log(f"checkpointing to {workdir} every {r.checkpoint_every} step(s)")
     windows = mode == "windows" and n > r.window
@@ -628,7 +645,12 @@ def clip_list(inp: Path) -> list[Path] | None:
     if inp.is_dir():
         files = [p for p in inp.iterdir() if p.is_file() and not p.name.startswith(".")]
         videos = sorted(p for p in files if p.suffix.lower() in clip_exts)
-        if videos and not any(p.suffix.lower() in IMAGE_EXTS for p in files):
+        images = [p for p in files if p.suffix.lower() in IMAGE_EXTS]
+        if videos and images:  # frames of one clip, or many clips? either reading could lose the user's intent
+            raise UsageError(f"--input {inp} holds {len(videos)} video(s) ({videos[0].name}...) and {len(images)} "
+                             "image(s): a folder is either the frames of one clip or a set of clips; move one kind "
+                             "out, or list the clips in a .txt")
+        if videos:
             return videos
     return None
 

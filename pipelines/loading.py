@@ -89,6 +89,10 @@ def load_pipeline(cls, path, *, device="cpu", dtype=torch.float32, scheduler_kin
         if _has(path, text_encoder, local):
             from transformers import CLIPTextModel, CLIPTokenizer
 
+            if not _has(path, tokenizer, local):
+                raise ModelLoadError(f"model {path} has a {text_encoder}/ text encoder but no {tokenizer}/ "
+                                     "tokenizer subfolder")
+
             comps["text_encoder"] = CLIPTextModel.from_pretrained(path, subfolder=text_encoder, torch_dtype=dtype)
             comps["tokenizer"] = CLIPTokenizer.from_pretrained(path, subfolder=tokenizer)
         if use_controlnet and _has(path, "preview_decoder", local):  # the TCM condition's tiny decoder
@@ -108,8 +112,15 @@ def load_pipeline(cls, path, *, device="cpu", dtype=torch.float32, scheduler_kin
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = "" if local else " from the Hugging Face hub (needs network access, or a local copy as model.path)"
         raise ModelLoadError(f"cannot load model {path!r}{where}: {first}") from e
-    pipe = cls(unet_model, sched, scale=int(meta.get("scale", 1)),
-               residual_scale=meta.get("residual_scale"), **comps)
+    if isinstance(unet_model, diffusers.UNet2DConditionModel) and comps["text_encoder"] is None:
+        raise ModelLoadError(f"model {path}: the UNet is text-conditioned (UNet2DConditionModel) but there is no "
+                             f"{text_encoder}/ text encoder subfolder")
+    try:
+        pipe = cls(unet_model, sched, scale=int(meta.get("scale", 1)),
+                   residual_scale=meta.get("residual_scale"), **comps)
+    except ValueError as e:
+        vae_note = f" ({vae}/ subfolder found)" if comps["vae"] is not None else f" (no {vae}/ subfolder found)"
+        raise ModelLoadError(f"model {path}: {e}{vae_note}") from e
     for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.controlnet, pipe.preview):
         if m is not None:  # convolution weights NHWC (only 4-D tensors change): 8-25 % faster per call here (README)
             m.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)

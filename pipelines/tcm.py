@@ -63,10 +63,14 @@ class TCMAlignment(Alignment):
         with self.timer("vae" if self.decoder == "vae" else "preview"):
             return dec.decode(x0.to(dec.dtype) / vae.config.scaling_factor).sample
 
+    def uses_step(self, step: int, num_steps: int) -> bool:
+        """StableVSR's ControlNet guidance window: step i of N uses the TCM unless i / N < start or
+        (i + 1) / N > end."""
+        return not (step / num_steps < self.start or (step + 1) / num_steps > self.end)
+
     def begin_step(self, step: int, num_steps: int) -> None:
-        """StableVSR's ControlNet guidance window: step i uses the TCM unless i / N < start or
-        (i + 1) / N > end; skipped steps decode nothing."""
-        self.active = not (step / num_steps < self.start or (step + 1) / num_steps > self.end)
+        """Steps outside the guidance window (``uses_step``) decode nothing."""
+        self.active = self.uses_step(step, num_steps)
 
     @property
     def conditions_model(self) -> bool:

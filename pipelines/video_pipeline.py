@@ -96,10 +96,16 @@ class VideoPipeline:
 
     # ------------------------------------------------------------------ construction
     def _kind(self) -> ModelKind:
-        cin = self.unet.config.in_channels
+        cin, cout = self.unet.config.in_channels, self.unet.config.out_channels
         if self.vae is None:
             if self.residual_scale is not None:
+                if cin != cout + 3:
+                    raise ValueError(f"the residual SR UNet has {cin} input channels; expected {cout + 3} "
+                                     f"(its {cout} output channels + the upscaled RGB frame)")
                 return "residual_sr"
+            if cin != cout:
+                raise ValueError(f"the UNet has {cin} input and {cout} output channels, so it is not a pixel-space "
+                                 "model; a latent model needs its VAE")
             return "pixel"
         lat = self.vae.config.latent_channels
         if cin == lat + 3:

@@ -2,6 +2,7 @@
 (exit 2, one line on stderr, nothing written)."""
 import hashlib
 import json
+import importlib.util
 import os
 import subprocess
 import sys
@@ -239,7 +240,42 @@ BAD = [
      "clips.txt: no such file or directory"),
     ("preview decoder missing", lambda d: [f"model.path={_folders(d, 'unet', 'controlnet')}", "alignment.mode=tcm",
                                            "alignment.tcm_decoder=preview"], "needs a model with a preview_decoder/"),
+    # found by a third probe: each ran (or failed with exit 1 after loading) instead of a one-line error
+    ("mistyped vae subfolder", lambda d: ["model.vae_subfolder=vea"], "model.vae_subfolder=vea: "),
+    ("latent model without its vae", lambda d: [f"model.path={_stablevsr_without(d, 'vae')}"],
+     "the UNet has 7 input and 4 output channels, so it is not a pixel-space model"),
+    ("text encoder without tokenizer", lambda d: [f"model.path={_stablevsr_without(d, 'tokenizer')}"],
+     "has a text_encoder/ text encoder but no tokenizer/ tokenizer subfolder"),
+    ("text-conditioned unet without text encoder",
+     lambda d: [f"model.path={_stablevsr_without(d, 'text_encoder', 'tokenizer')}"],
+     "the UNet is text-conditioned (UNet2DConditionModel) but there is no text_encoder/"),
+    ("raft without torchvision", lambda d: ["flow.method=raft", f"flow.raft_weights={_corrupt(d)}"],
+     "flow.method=raft needs torchvision"),
+    ("tcm window holding no step", lambda d: [f"model.path={_stablevsr_without(d)}", "alignment.mode=tcm",
+                                              "alignment.tcm_start=0.4", "alignment.tcm_end=0.6"],
+     "holds none of the 2 steps run"),
+    ("folder of videos and an image", lambda d: ["--input", _videos_and_image(d), "--output", d / "outs"],
+     "holds 1 video(s) (clip.mp4...) and 1 image(s)"),
+    ("workdir over other files", lambda d: ["--workdir", _foreign_dir(d)], "holds other files and is not a work"),
 ]
+
+
+def _stablevsr_without(d, *drop):
+    import shutil
+
+    path = tiny.save_stablevsr_layout(d / "stablevsr")
+    for name in drop:
+        shutil.rmtree(path / name)
+    return path
+
+
+def _videos_and_image(d):
+    import shutil
+
+    (d / "mix").mkdir()
+    shutil.copy(d.parent / "data" / "clip.mp4", d / "mix" / "clip.mp4")
+    cv2.imwrite(str(d / "mix" / "thumb.png"), np.zeros((8, 8, 3), np.uint8))
+    return d / "mix"
 
 
 def _folders(d, *names):
@@ -266,6 +302,8 @@ def _bad_workdir(d):
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(data, tmp_path, capsys, monkeypatch, make, expected):
     if "cuda" in expected.lower() and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
+    if "torchvision" in expected and importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed here")
     monkeypatch.chdir(tmp_path)  # a default output path would land here
     scratch = tmp_path / "scratch"
     scratch.mkdir()
@@ -274,6 +312,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(data, tmp_path, capsys,
     before = {p: digest(p) for p in data.rglob("*") if p.is_file()}
     argv = ["--input", data / "clip.mp4", "--output", tmp_path / "out" / "o.mp4", f"model.path={data / 'model'}",
             *FAST, *make(scratch)]
+    capsys.readouterr()  # building a case's model prints save_pretrained's progress bars
     rc, _, err = cli(capsys, *argv)
     assert rc == 2
     assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
