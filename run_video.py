@@ -31,6 +31,7 @@ try:  # Ctrl-C while the libraries load: one line and exit 130, not a traceback
     from pipelines.config import ConfigError, load_config, to_yaml
     from pipelines.job import DEFAULT_CONFIG, UsageError, clip_list, from_root, output_names, process_group, run_clip
     from pipelines.video_io import InputError
+    from pipelines.video_writer import OutputAppeared
 except BaseException as e:
     if not (isinstance(e, KeyboardInterrupt) or interrupts.interrupted()):
         raise
@@ -98,7 +99,7 @@ def guarded(job, args) -> int:
         return job(args)
     except ConfigError as e:
         fail(f"config: {e}")
-    except (InputError, UsageError, WorkdirMismatch) as e:
+    except (InputError, UsageError, WorkdirMismatch, OutputAppeared) as e:
         fail(e)
     except KeyboardInterrupt:
         fail("interrupted")

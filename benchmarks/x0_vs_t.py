@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, run from anywhere
-from common import (run_script, DEFAULTS, DEFAULT_MODEL, EXAMPLE_GT, ROOT, crop_to_multiple, load_pipeline, pick_device,  # noqa: E402
+from common import (run_script, DEFAULTS, EXAMPLE_GT, ROOT, crop_to_multiple, load_pipeline, pick_device,  # noqa: E402
                     set_threads)
 
 import numpy as np  # noqa: E402
@@ -109,7 +109,9 @@ def save_frames(path: Path, panels: list[tuple[str, torch.Tensor]], crop: int, z
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="benchmarks/x0_vs_t.py", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--model", default=str(ROOT / "weights" / "vsr-x4"),
+                   help="a residual (pixel-space) super-resolution model; the default job's latent model has no "
+                        "pixel residual to noise")
     p.add_argument("--clip", default=str(EXAMPLE_GT), help="ground-truth video or image folder")
     p.add_argument("--frame", type=int, default=0, help="index of the frame used")
     p.add_argument("--num-t", type=int, default=25, help="timesteps evenly spread over [0, T-1]")

@@ -23,6 +23,7 @@ import re
 import resource
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -247,7 +248,14 @@ def load_model(cfg: DictConfig, path: str, device: torch.device, timer: StageTim
     except ImportError:
         pass
     try:
-        with timer("load"):
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()  # "Retrying in 8s" while a hub id cannot be reached
+    except ImportError:
+        pass
+    try:
+        with timer("load"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the hub client's deprecation warnings
             pipe = VideoPipeline.from_pretrained(path, device=device, dtype=DTYPES[cfg.model.dtype],
                                                  **pipeline_kwargs(cfg))
     except ModelLoadError as e:
@@ -401,7 +409,8 @@ def run_clip(cfg: DictConfig, input=None, output=None, *, config_path=DEFAULT_CO
     t0 = time.perf_counter()
     paths = plan_paths(cfg, input, output, config_path, reference)
     check_paths(paths, overwrite)
-    for _, target in paths.files():
+    targets = [target for _, target in paths.files()] + ([paths.frames_dir] if paths.frames_dir else [])
+    for target in targets:  # the PNG folder's temporary sibling too: a killed run's copy of every frame
         for stale in remove_stale_temps(target):
             log(f"removed {stale}, left behind by an interrupted earlier run")
     device = resolve_device(cfg)

@@ -27,6 +27,10 @@ class WriteError(RuntimeError):
     """The output could not be written or verified; nothing was replaced."""
 
 
+class OutputAppeared(WriteError):
+    """Another process created the output path during the run (no-replace commit); it was kept."""
+
+
 @dataclass
 class Written:
     path: Path
@@ -101,7 +105,7 @@ def commit(tmp: Path, path: Path, replace: bool) -> None:
         try:
             os.link(tmp, path)  # fails if path exists, even if it appeared during the run
         except FileExistsError:
-            raise WriteError(f"{path} appeared while this run was writing it; kept that file (use --overwrite "
+            raise OutputAppeared(f"{path} appeared while this run was writing it; kept that file (use --overwrite "
                              "to replace it)") from None
         os.unlink(tmp)
     dir_fd = os.open(path.parent, os.O_RDONLY)

@@ -143,6 +143,24 @@ def test_odd_sizes_are_padded_and_cropped_back(data, tmp_path, capsys, monkeypat
     assert rep["timings"]["flow"] > 0 and 0 <= rep["warp_error_noref"] < 1  # the sampler's flows, cropped
 
 
+
+def test_killed_runs_png_folder_is_removed_by_the_next_run(data, tmp_path, capsys):
+    """A killed run leaves its PNG frames in a temporary sibling of output.frames_dir (a copy of every
+    frame); the next run removes it, as it does the video's, and keeps a live process's."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / f".png.tmp-{dead}-abcd"
+    stale.mkdir()
+    (stale / "frame_00000.png").write_bytes(b"a frame")
+    live = tmp_path / f".png.tmp-{os.getppid()}-efgh"  # this test's parent process: alive
+    live.mkdir()
+    rc, out, err = cli(capsys, "--input", data / "clip.mp4", "--output", tmp_path / "o.mp4",
+                       f"model.path={data / 'model'}", *FAST, f"output.frames_dir={tmp_path / 'png'}")
+    assert rc == 0, err
+    assert not stale.exists() and live.exists()
+    assert f"removed {stale}, left behind by an interrupted earlier run" in out + err
+    assert len(list((tmp_path / "png").glob("frame_*.png"))) == 4
+
 def test_overwrite(data, tmp_path, capsys):
     out = tmp_path / "o.mp4"
     base = ["--config", "configs/independent.yaml", "--input", data / "clip.mp4", "--output", out,
@@ -334,6 +352,24 @@ def test_internal_error_is_one_line_exit_1(data, tmp_path, capsys, monkeypatch):
         run_video.main([str(a) for a in argv] + ["--debug"])
 
 
+
+def test_output_that_appears_during_the_run_is_kept_exit_2(data, tmp_path, capsys, monkeypatch):
+    """Another process creating --output mid-run (no --overwrite): its file is kept, and the run ends with
+    one line and exit 2, not as an internal error."""
+    out = tmp_path / "o.mp4"
+    sample = VideoPipeline.__call__
+
+    def racing(self, *args, **kwargs):
+        out.write_bytes(b"someone else's")
+        return sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(VideoPipeline, "__call__", racing)
+    rc, _, err = cli(capsys, "--input", data / "clip.mp4", "--output", out, f"model.path={data / 'model'}", *FAST)
+    assert rc == 2
+    assert err.splitlines()[-1] == (f"error: {out} appeared while this run was writing it; kept that file "
+                                    "(use --overwrite to replace it)")
+    assert out.read_bytes() == b"someone else's" and not list(tmp_path.glob(".o*tmp-*"))
+
 def test_subprocess_bad_input_exit_code_and_single_line(data, tmp_path):
     """A real process: corrupt video (ffmpeg's own chatter must stay off stderr)."""
     bad = _corrupt(tmp_path)
@@ -346,6 +382,19 @@ def test_subprocess_bad_input_exit_code_and_single_line(data, tmp_path):
     assert "model:" in proc.stdout  # the merged config came first
     assert not (tmp_path / "out").exists()
 
+
+
+def test_subprocess_unreachable_hub_model_is_one_line(data, tmp_path):
+    """A hub id that cannot be fetched (offline): exit 2 and only the error line; the hub client's
+    deprecation warning and retry messages stay off stderr."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, str(ROOT / "run_video.py"), "--input", str(data / "clip.mp4"),
+                           "--output", str(tmp_path / "o.mp4"), "model.path=someone/not-cached-here"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: cannot load model 'someone/not-cached-here' from the Hugging Face hub")
+    assert not (tmp_path / "o.mp4").exists()
 
 def test_internal_error_names_opencv_once(data, tmp_path, capsys, monkeypatch):
     """OpenCV's exception class is called 'error': the line must not read 'error: internal: error: ...'."""

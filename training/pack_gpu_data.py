@@ -5,7 +5,7 @@ every frame to a long side of 720 px (clips) or 720 px (photos) themselves. This
 shrunk to that size, into ``--out`` with the same layout: clips re-encoded with libx264 (crf 17, every
 frame kept, so frame pairs stay neighbours), photos as JPEG quality 95. woman-running.mp4 is never read.
 
-    python training/pack_gpu_data.py --out .gpudata   # ~15 MB instead of ~50 MB
+    python training/pack_gpu_data.py --out .gpudata   # ~20 MB instead of ~50 MB
 """
 from __future__ import annotations
 
