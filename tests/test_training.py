@@ -13,6 +13,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def _saved(run: Path, name: str) -> Path:
+    """A run folder's last saved weights of ``name`` (the checkpoint that state.json names)."""
+    return run / json.loads((run / "state.json").read_text())["checkpoint"] / f"last_{name}.safetensors"
+
+
 @pytest.fixture(scope="module")
 def tiny_vae(tmp_path_factory):
     folder = tmp_path_factory.mktemp("vae") / "vae"
@@ -217,7 +222,7 @@ def test_vae_decoder_only_fine_tune_starts_from_the_export_and_keeps_the_latents
     # A fine-tune's EMA has no warm-up: after one step it is init + (1 - 0.999) (raw - init), not the raw
     # step (a warm-up would weigh the first step 0.9 and throw the trained start away).
     from safetensors.torch import load_file
-    raw = load_file(tmp_path / "run" / "last_model.safetensors")
+    raw = load_file(_saved(tmp_path / "run", "model"))
     moved = [k for k in dec if not torch.equal(raw[k], b[k])]
     assert moved
     for k in moved:
@@ -275,8 +280,8 @@ def test_vae_anchored_run_resumed_midway_equals_the_uninterrupted_run(tiny_vae, 
     assert json.loads((tmp_path / "split" / "state.json").read_text())["step"] == 2
     train_vae.main([*args, "--run", str(tmp_path / "split"), "--out", str(tmp_path / "split-export")])
     assert json.loads((tmp_path / "split" / "state.json").read_text())["step"] == 4
-    once = load_file(tmp_path / "once" / "last_model.safetensors")
-    split = load_file(tmp_path / "split" / "last_model.safetensors")
+    once = load_file(_saved(tmp_path / "once", "model"))
+    split = load_file(_saved(tmp_path / "split", "model"))
     init = load_file(tiny_vae / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(once[k], init[k]) for k in once if k.startswith("encoder."))  # the encoder trained
     for k in once:
@@ -317,8 +322,11 @@ def test_vae_val_clip_is_left_out_of_training_and_validates(tiny_vae, tmp_path, 
                             "--batch", "2", "--crop", "32", "--blocks", "32,32,32", "--threads", "1",
                             "--run", str(tmp_path / "unet"), "--out", str(tmp_path / "model")])
     out = capsys.readouterr().out
-    assert "(1 files)" in out and "validation: 3 frames of held.mp4 (left out of training)" in out
-    with pytest.raises(SystemExit, match="no frames"):
+    assert "from " + str(shared) + " (kept.mp4:2)" in out  # the folder it read and each clip, as train_vae says
+    assert "validation: 3 frames of held.mp4 (left out of training)" in out
+    from training.common import TrainError
+
+    with pytest.raises(TrainError, match="--val-clip absent.mp4: no such clip in"):
         train_vae.main(["--init", str(tiny_vae), "--val-clip", "absent.mp4", "--steps", "1",
                         "--run", str(tmp_path / "run2"), "--out", str(tmp_path / "export2")])
 
@@ -416,3 +424,187 @@ def test_jpeg_degrade_compresses_the_low_res_crops_only_and_keeps_their_colours(
     out = jpeg_degrade(red, np.random.default_rng(0), 1.0)
     assert out[0, 0].mean() > 0.8 and out[0, 2].mean() < -0.8
     assert torch.equal(jpeg_degrade(red, np.random.default_rng(0), 0.0), red)
+
+
+# ----------------------------------------------------------------------------- bad input and run folders
+# found by a hunt on the training scripts: each was a traceback (or silent data loss) before
+
+
+def _foreign(d: Path) -> Path:
+    (d / "notes").mkdir()
+    (d / "notes" / "todo.txt").write_text("keep me")
+    return d / "notes"
+
+
+def _run_of(d: Path, state: str | None, script: str = "train_tcm") -> Path:
+    run = d / "oldrun"
+    run.mkdir()
+    if state is not None:
+        (run / "state.json").write_text(state.replace("SCRIPT", script))
+    return run
+
+
+TRAIN_BAD = [
+    ("every 0", lambda d: ["--every", "0"], "--every must be >= 1, got 0"),
+    ("batch 0", lambda d: ["--batch", "0"], "--batch must be >= 1, got 0"),
+    ("crop 7", lambda d: ["--crop", "7"], "--crop must be a multiple of 16, got 7"),
+    ("device name", lambda d: ["--device", "gpu"], "--device 'gpu' is not a device name"),
+    ("missing init", lambda d: ["--init", str(d / "nope")], "--init " + "{d}/nope: no such folder"),
+    ("run is a file", lambda d: ["--run", str(_corrupt_file(d))], "is a file; give a folder"),
+    ("out is the run", lambda d: ["--out", str(d / "run")], "overlaps --run"),
+    ("out holds the run", lambda d: ["--out", str(d)], "overlaps --run"),
+    ("out is the init", lambda d: ["--init", str(_vae_copy(d)), "--out", str(d / "vae")], "overlaps --init"),
+    ("out over other files", lambda d: ["--out", str(_foreign(d))], "holds other files and is not an exported model"),
+    ("run of another script", lambda d: ["--run", str(_run_of(d, '{"step": 1, "script": "SCRIPT"}'))],
+     "is a train_tcm run, not a train_vae one"),
+    ("damaged state.json", lambda d: ["--run", str(_run_of(d, "{not json"))], "state.json is damaged"),
+    ("missing checkpoint", lambda d: ["--run", str(_run_of(d, '{"step": 3, "checkpoint": "checkpoint-00000003"}'))],
+     "checkpoint-00000003/last_model.safetensors is missing"),
+]
+
+
+def _corrupt_file(d: Path) -> Path:
+    (d / "afile").write_text("x")
+    return d / "afile"
+
+
+def _vae_copy(d: Path) -> Path:
+    tiny.vae(down=3).save_pretrained(d / "vae")
+    return d / "vae"
+
+
+@pytest.mark.parametrize("make, expected", [b[1:] for b in TRAIN_BAD], ids=[b[0] for b in TRAIN_BAD])
+def test_training_bad_input_is_one_line_exit_2(tmp_path, capsys, make, expected):
+    """train_vae.py through its entry point: one line on stderr naming the problem, exit 2, and the
+    folders it was given left as they were."""
+    from training import train_vae
+    from training.common import entry
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    extra = make(scratch)
+    capsys.readouterr()
+    before = {q: q.read_bytes() for q in scratch.rglob("*") if q.is_file()}
+    argv = ["--run", str(scratch / "run"), "--steps", "1", "--batch", "2", "--crop", "32", "--no-shared",
+            "--threads", "1", *extra]
+    with pytest.raises(SystemExit) as exc:
+        entry(lambda: train_vae.main(argv))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and expected.format(d=scratch) in err, err
+    assert {q: q.read_bytes() for q in scratch.rglob("*") if q.is_file()} == before
+
+
+def test_a_run_folder_of_another_model_is_refused_in_one_line(tmp_path):
+    """Resuming with options that build another architecture (other layer shapes): a TrainError naming
+    the run, not a multi-kilobyte load_state_dict dump."""
+    from training.common import Run, TrainError
+
+    small = torch.nn.Linear(2, 2)
+    run = Run(tmp_path / "run", {"model": small}, torch.optim.AdamW(small.parameters()), ["step"])
+    run.step = 1
+    run.save()
+    run.close()
+    big = torch.nn.Linear(3, 3)
+    with pytest.raises(TrainError, match="holds a different model than these options build") as e:
+        Run(tmp_path / "run", {"model": big}, torch.optim.AdamW(big.parameters()), ["step"])
+    assert "\n" not in str(e.value)
+
+
+def test_a_save_cut_short_resumes_from_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A save interrupted after the new weights were written but before state.json named them: the
+    resumed run starts from the previous checkpoint's step *and* weights (before: step 1, step 2's weights)."""
+    from training import common
+    from training.common import Run
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    (tmp_path / "run").mkdir()
+    run = Run(tmp_path / "run", {"model": model}, opt, ["step"])
+    run.step = 1
+    run.save()
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    run.step = 2
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common, "save_optimizer", killed)  # the weights are on disk, the optimizer is not
+    with pytest.raises(KeyboardInterrupt):
+        run.save()
+    monkeypatch.undo()
+    run.close()
+    fresh = torch.nn.Linear(2, 2)
+    resumed = Run(tmp_path / "run", {"model": fresh}, torch.optim.AdamW(fresh.parameters()), ["step"])
+    assert resumed.step == 1
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in saved.items())
+    resumed.step = 2
+    resumed.save()  # the cut-short folder is replaced, and the old checkpoint removed once the new one is named
+    assert sorted(q.name for q in (tmp_path / "run").iterdir() if q.is_dir()) == ["checkpoint-00000002"]
+    resumed.close()
+
+
+def test_a_timed_session_stopped_early_continues_its_budget(tmp_path):
+    """--minutes M: the learning-rate schedule runs over the time budget. A session stopped after 2 of 10
+    minutes, resumed with the same --minutes, goes on at 20 % of its schedule (it restarted at 0 before);
+    another --minutes, or a budget already used up, starts a new one. A log.csv without a checkpoint
+    (a run killed before its first save) is not appended to."""
+    import time
+
+    from training.common import Run
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "log.csv").write_text("step\n1\n2\n3\n")  # rows of a run killed before saving
+    run = Run(tmp_path / "run", {"model": model}, opt, ["step"], minutes=10)
+    run.t_session = time.time() - 120  # two minutes into the budget
+    run.step = 5
+    run.save()
+    run.close()
+    assert (tmp_path / "run" / "log.csv").read_text() == "step\n"
+    same = Run(tmp_path / "run", {"model": model}, opt, ["step"], minutes=10)
+    assert same.progress(10 ** 9, 10) == pytest.approx(0.2, abs=0.01)
+    same.close()
+    other = Run(tmp_path / "run", {"model": model}, opt, ["step"], minutes=5)
+    assert other.progress(10 ** 9, 5) == pytest.approx(0.0, abs=0.01)
+    other.t_session = time.time() - 700  # a session that used its whole budget (10 min) and more
+    other.minutes = 10
+    other.save()
+    other.close()
+    again = Run(tmp_path / "run", {"model": model}, opt, ["step"], minutes=10)
+    assert again.progress(10 ** 9, 10) == pytest.approx(0.0, abs=0.01)
+    again.close()
+
+
+def test_train_vsr_exports_into_its_run_folder_not_over_the_shipped_model(tmp_path, capsys):
+    """train_vsr.py with no --out wrote weights/vsr-x4 (the shipped pixel model) and its loss plot; the
+    export now goes to <run>/export and the shipped files stay as they are."""
+    import hashlib
+
+    from training import train_vsr
+
+    shipped = {q: hashlib.sha256(q.read_bytes()).hexdigest() for q in (ROOT / "weights").rglob("*") if q.is_file()}
+    train_vsr.main(["--run", str(tmp_path / "run"), "--steps", "1", "--every", "1", "--batch", "1", "--crop", "32",
+                    "--threads", "1"])
+    assert (tmp_path / "run" / "export" / "unet" / "config.json").exists()
+    assert json.loads((tmp_path / "run" / "export" / "vsr_config.json").read_text())["train_steps"] == 1
+    assert {q: hashlib.sha256(q.read_bytes()).hexdigest() for q in (ROOT / "weights").rglob("*") if q.is_file()} \
+        == shipped
+    assert "data: " in capsys.readouterr().out
+
+
+def test_the_tiny_text_encoder_leaves_the_callers_random_stream_alone(tmp_path):
+    """train_latent_unet built its text encoder with torch.manual_seed(0) after setup() had seeded --seed,
+    so every --seed gave the same UNet initialisation; the encoder now seeds a forked stream."""
+    from training.latent_parts import tiny_text_encoder
+
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    enc, _ = tiny_text_encoder(tmp_path / "tok")
+    assert torch.equal(torch.rand(3), expected)
+    enc2, _ = tiny_text_encoder(tmp_path / "tok2")  # and the encoder itself stays the seeded one
+    assert all(torch.equal(a, b) for a, b in zip(enc.state_dict().values(), enc2.state_dict().values()))

@@ -15,12 +15,33 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
+class TrainError(Exception):
+    """Bad input to a training script: :func:`entry` prints one line and exits with code 2."""
+
+
+def entry(main) -> None:
+    """``if __name__ == "__main__": entry(main)``: bad input (TrainError) is one line on stderr and exit 2,
+    Ctrl-C exit 130; anything else is an internal error and keeps its traceback (exit 1)."""
+    import sys
+
+    try:
+        main()
+    except TrainError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted (the run resumes from its last checkpoint)", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
 def parser(doc: str, run: Path, steps: int, batch: int, crop: int, lr: float):
-    """The options every training script takes (its own are added by the caller)."""
+    """The options every training script takes (its own are added by the caller); ``--out`` defaults to
+    ``<run>/export`` (see :func:`setup`)."""
     import argparse
 
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, default=run, help="checkpoint folder (resumed when it holds a run)")
+    p.add_argument("--out", type=Path, default=None, help="the exported model folder (default: <run>/export)")
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--batch", type=int, default=batch)
     p.add_argument("--crop", type=int, default=crop, help="ground-truth crop side in pixels")
@@ -36,20 +57,89 @@ def parser(doc: str, run: Path, steps: int, batch: int, crop: int, lr: float):
 
 
 def pick_device(name: str) -> torch.device:
-    """``auto``: the accelerator when one is present (CUDA, ...), else the CPU; otherwise ``name`` itself."""
-    if name != "auto":
-        return torch.device(name)
-    return torch.accelerator.current_accelerator() if torch.accelerator.is_available() else torch.device("cpu")
+    """``auto``: the accelerator when one is present (CUDA, ...), else the CPU; otherwise ``name`` itself,
+    which must name a device this machine has (TrainError)."""
+    if name == "auto":
+        return torch.accelerator.current_accelerator() if torch.accelerator.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TrainError(f"--device {name!r} is not a device name (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type != "cpu":
+        acc = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        if acc is None or acc.type != device.type:
+            raise TrainError(f"--device {name}: this machine has no {device.type} device (use auto or cpu)")
+    return device
 
 
-def setup(args) -> torch.device:
-    """Threads, seed, the run folder; returns the device (the accelerator when present and ``--device auto``)."""
+def _check(ok: bool, flag: str, expected: str, value) -> None:
+    if not ok:
+        raise TrainError(f"{flag} must be {expected}, got {value}")
+
+
+def check_args(args, crop_multiple: int = 16) -> None:
+    """Range checks of the shared options (TrainError naming the flag)."""
+    _check(args.steps >= 1, "--steps", ">= 1", args.steps)
+    _check(args.batch >= 1, "--batch", ">= 1", args.batch)
+    _check(args.crop >= crop_multiple and args.crop % crop_multiple == 0, "--crop",
+           f"a multiple of {crop_multiple}", args.crop)
+    _check(args.lr > 0, "--lr", "> 0", args.lr)
+    _check(args.every >= 1, "--every", ">= 1", args.every)
+    _check(args.minutes >= 0, "--minutes", ">= 0 (0: no limit)", args.minutes)
+    _check(args.threads >= 0, "--threads", ">= 0 (0: torch default)", args.threads)
+    _check(getattr(args, "workers", 0) >= 0, "--workers", ">= 0", getattr(args, "workers", 0))
+
+
+def local_folder(path: Path | None, flag: str) -> Path | None:
+    """``path`` when it is an existing folder (None passes); else TrainError. Training reads local
+    folders only: a mistyped path must not turn into a Hugging Face hub lookup."""
+    if path is not None and not Path(path).is_dir():
+        raise TrainError(f"{flag} {path}: no such folder")
+    return path
+
+
+def check_out(out: Path, run: Path, **inputs: Path | None) -> None:
+    """An export replaces the whole ``out`` folder: refuse one that is, holds or sits inside the run folder
+    or an input (``flag=path``), and an existing folder that is not an earlier export (TrainError)."""
+    o = Path(out).resolve()
+    for flag, path in [("--run", run), *((f"--{k.replace('_', '-')}", v) for k, v in inputs.items())]:
+        if path is None:
+            continue
+        q = Path(path).resolve()
+        inside_run = flag == "--run" and q in o.parents  # <run>/export: the default
+        if not inside_run and (o == q or o in q.parents or q in o.parents):
+            raise TrainError(f"--out {out} overlaps {flag} {path}: the export replaces the whole --out folder")
+    if o.is_file():
+        raise TrainError(f"--out {out} is a file; give a folder for the exported model")
+    if o.is_dir() and any(o.iterdir()) and not _looks_exported(o):
+        raise TrainError(f"--out {out} holds other files and is not an exported model; use a new folder")
+
+
+def _looks_exported(folder: Path) -> bool:
+    """A diffusers model or model folder, as the exports write them."""
+    names = ("config.json", "vsr_config.json", "model_index.json")
+    return any((folder / n).is_file() for n in names) or any((d / "config.json").is_file()
+                                                             for d in folder.iterdir() if d.is_dir())
+
+
+def setup(args, crop_multiple: int = 16, **inputs: Path | None) -> torch.device:
+    """Checks (the shared options, ``--out`` against the run folder and the ``inputs`` given as
+    ``flag=path``), threads, seed, the run folder; returns the device (the accelerator when present and
+    ``--device auto``). Sets ``args.out`` to ``<run>/export`` when it was not given."""
+    check_args(args, crop_multiple)
+    if args.run.exists() and not args.run.is_dir():
+        raise TrainError(f"--run {args.run} is a file; give a folder for the run's checkpoints")
+    if getattr(args, "out", "absent") is None:
+        args.out = args.run / "export"
+    if hasattr(args, "out"):
+        check_out(args.out, args.run, **inputs)
+    device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     args.run.mkdir(parents=True, exist_ok=True)
-    return pick_device(args.device)
+    return device
 
 
 def step_randomness(seed: int, step: int) -> tuple[np.random.Generator, torch.Generator]:
@@ -126,23 +216,27 @@ def load_optimizer(opt: torch.optim.Optimizer, folder: Path) -> None:
 
 
 class Run:
-    """A resumable run in ``folder``: ``models`` (name -> module, saved as ``last_<name>.safetensors``),
-    the optimizer, ``state.json`` (step, seconds) and ``log.csv`` with ``columns``."""
+    """A resumable run in ``folder``: ``models`` (name -> module) and the optimizer saved as safetensors in
+    ``checkpoint-<step>/``, ``state.json`` (step, seconds, the checkpoint's name, the script and options,
+    the time budget) and ``log.csv`` with ``columns``. A save is atomic: the new checkpoint folder is
+    complete before ``state.json`` (written by rename) names it, and only then is the old one deleted."""
 
-    def __init__(self, folder: Path, models: dict, opt: torch.optim.Optimizer, columns: list[str]):
+    def __init__(self, folder: Path, models: dict, opt: torch.optim.Optimizer, columns: list[str],
+                 script: str | None = None, options: dict | None = None, minutes: float = 0.0):
         self.folder, self.models, self.opt = Path(folder), models, opt
+        self.folder.mkdir(parents=True, exist_ok=True)
         self.meta_path, self.log_csv = self.folder / "state.json", self.folder / "log.csv"
         self.step, self.meta = 0, {}
-        if self.meta_path.exists():
-            self.meta = json.loads(self.meta_path.read_text())
-            self.step = self.meta["step"]
-            for name, m in models.items():
-                m.load_state_dict(load_file(self.folder / f"last_{name}.safetensors"))
-            load_optimizer(opt, self.folder)
-            print(f"resumed from step {self.step}", flush=True)
+        options = {k: str(v) for k, v in (options or {}).items()}
+        resumed = self.meta_path.exists()
+        if resumed:
+            self._resume(script, options)
+        self.meta.update(script=script, options=options)
         self.session_start = self.step
-        if self.meta and self.log_csv.exists():
+        if resumed and self.log_csv.exists():
             self._drop_rows_after(self.step)
+        elif self.log_csv.exists():  # a run killed before its first checkpoint: its rows are not resumed
+            self.log_csv.unlink()
         new_log = not self.log_csv.exists()
         self._file = self.log_csv.open("a", newline="")
         self.writer = csv.writer(self._file)
@@ -150,6 +244,39 @@ class Run:
             self.writer.writerow(columns)
         self.t_session = time.time()
         self.t_start = self.t_session - self.meta.get("seconds", 0.0)
+        budget = self.meta.get("budget") or {}
+        if minutes > 0 and budget.get("minutes") == minutes and budget.get("used", 0.0) < 60 * minutes:
+            self.t_session -= budget["used"]  # a session stopped early: its time budget (and lr schedule) goes on
+            print(f"continuing the {minutes:g}-minute budget ({budget['used'] / 60:.1f} min used)", flush=True)
+        self.minutes = minutes
+
+    def _resume(self, script: str | None, options: dict) -> None:
+        try:
+            self.meta = json.loads(self.meta_path.read_text())
+            self.step = int(self.meta["step"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise TrainError(f"--run {self.folder}: state.json is damaged ({type(e).__name__}); delete the "
+                             "folder or use another --run") from None
+        made_by = self.meta.get("script")
+        if script and made_by and made_by != script:
+            raise TrainError(f"--run {self.folder} is a {made_by} run, not a {script} one; use another --run")
+        src = self.folder / self.meta["checkpoint"] if "checkpoint" in self.meta else self.folder  # older runs
+        for name, m in self.models.items():
+            f = src / f"last_{name}.safetensors"
+            if not f.is_file():
+                raise TrainError(f"--run {self.folder}: {f.relative_to(self.folder)} is missing; delete the folder "
+                                 "or use another --run")
+            try:
+                m.load_state_dict(load_file(f))
+            except RuntimeError as e:  # other layer names or shapes
+                first = str(e).strip().splitlines()[0]
+                raise TrainError(f"--run {self.folder} holds a different {name} than these options build "
+                                 f"({first}); use the options it was made with, or another --run") from None
+        load_optimizer(self.opt, src)
+        changed = {k: (self.meta.get("options", {}).get(k), v) for k, v in options.items()
+                   if k in self.meta.get("options", {}) and self.meta["options"][k] != v}
+        print(f"resumed from step {self.step}" + ("; changed options: " + ", ".join(
+            f"{k} {a} -> {b}" for k, (a, b) in changed.items()) if changed else ""), flush=True)
 
     def _drop_rows_after(self, step: int) -> None:
         """Drop the log rows of steps after ``step`` (the saved one), and a last row cut short, which a run
@@ -172,7 +299,8 @@ class Run:
         return self.step >= steps or timed_out
 
     def progress(self, steps: int, minutes: float) -> float:
-        """How far through the run, in [0, 1]: by steps, or by this session's time when that ends it first."""
+        """How far through the run, in [0, 1]: by steps, or by the time budget when that ends it first (a
+        session that stopped early and resumes with the same ``--minutes`` continues its budget)."""
         by_time = (time.time() - self.t_session) / (60 * minutes) if minutes > 0 else 0.0
         return min(1.0, max(self.step / steps, by_time))
 
@@ -183,14 +311,34 @@ class Run:
         """Learning-rate factor 0.5 + 0.5 cos(pi p), p = :meth:`progress`: 1 at the start, 0 at the end."""
         return 0.5 + 0.5 * math.cos(math.pi * self.progress(steps, minutes))
 
+    @property
+    def checkpoint_dir(self) -> Path:
+        """The folder of the last saved weights."""
+        return self.folder / self.meta["checkpoint"] if "checkpoint" in self.meta else self.folder
+
     def save(self) -> None:
-        """Weights, optimizer and state after ``self.step`` steps; flushes the log."""
-        for name, m in self.models.items():
-            save_file(m.state_dict(), self.folder / f"last_{name}.safetensors")
-        save_optimizer(self.opt, self.folder / "last_opt.safetensors")
-        (self.folder / "last_opt.pt").unlink(missing_ok=True)
-        self.meta.update(step=self.step, seconds=self.seconds())
-        self.meta_path.write_text(json.dumps(self.meta))
+        """Weights, optimizer and state after ``self.step`` steps, atomically; flushes the log."""
+        name = f"checkpoint-{self.step:08d}"
+        tmp = self.folder / (name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for key, m in self.models.items():
+            save_file(m.state_dict(), tmp / f"last_{key}.safetensors")
+        save_optimizer(self.opt, tmp / "last_opt.safetensors")
+        if (self.folder / name).exists():
+            shutil.rmtree(self.folder / name)
+        os.replace(tmp, self.folder / name)
+        self.meta.update(step=self.step, seconds=self.seconds(), checkpoint=name)
+        if self.minutes > 0:
+            self.meta["budget"] = {"minutes": self.minutes, "used": time.time() - self.t_session}
+        meta_tmp = self.meta_path.with_suffix(".json.tmp")
+        meta_tmp.write_text(json.dumps(self.meta))
+        os.replace(meta_tmp, self.meta_path)  # the commit point
+        for old in self.folder.glob("checkpoint-*"):
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+        for old in [*self.folder.glob("last_*.safetensors"), self.folder / "last_opt.pt"]:  # older runs' layout
+            old.unlink(missing_ok=True)
         self._file.flush()
 
     def close(self) -> None:

@@ -10,13 +10,16 @@ frame kept, so frame pairs stay neighbours), photos as JPEG quality 95. woman-ru
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import av
 import cv2
 
-SRC = Path(__file__).resolve().parents[2] / "shared" / "clips"
+# ../shared beside the checkout, or another copy of it (BISWEEP_SHARED, as the training scripts read it)
+SRC = Path(os.environ.get("BISWEEP_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "clips"
 MAX_SIDE = 720
 
 
@@ -45,23 +48,34 @@ def reencode(src: Path, dst: Path) -> int:
     return n
 
 
-def main() -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args()
+    p.add_argument("--src", type=Path, default=SRC, help="the clips folder to pack (default: %(default)s)")
+    args = p.parse_args(argv)
+    src = args.src
+    missing = [q for q in (src / "wolf.mp4", src / "train") if not q.exists()]
+    if missing:
+        print(f"error: --src {src}: no {missing[0].name} there (a ../shared/clips copy; or set BISWEEP_SHARED)",
+              file=sys.stderr)
+        return 2
+    if args.out.exists() and any(args.out.iterdir()) and not (args.out / "clips").is_dir():
+        print(f"error: --out {args.out} holds other files; use a new folder", file=sys.stderr)
+        return 2
     train = args.out / "clips" / "train"
     (train / "photos").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(SRC / "wolf.mp4", args.out / "clips" / "wolf.mp4")
-    for clip in sorted((SRC / "train").glob("*.mp4")):
+    shutil.copyfile(src / "wolf.mp4", args.out / "clips" / "wolf.mp4")
+    for clip in sorted((src / "train").glob("*.mp4")):
         if "woman-running" in clip.name:
             continue
         print(clip.name, reencode(clip, train / clip.name), "frames", flush=True)
-    for photo in sorted((SRC / "train" / "photos").glob("*")):
+    for photo in sorted((src / "train" / "photos").glob("*")):
         img = cv2.imread(str(photo), cv2.IMREAD_COLOR)
         if img is not None:
             cv2.imwrite(str(train / "photos" / (photo.stem + ".jpg")), shrink(img), [cv2.IMWRITE_JPEG_QUALITY, 95])
     print("total", sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file()) / 1e6, "MB")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

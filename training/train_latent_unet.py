@@ -30,9 +30,9 @@ sys.path.insert(0, str(ROOT))
 from pipelines.degradation import bicubic_resize, downscale, upscale  # noqa: E402
 from training.latent_parts import (SCALE, empty_prompt_embedding, hr_lr_batch, scheduler,  # noqa: E402
                                    tiny_text_encoder, unet_config)
-from training.common import (Run, ema_update, optimizer_step, parser, plot_log, prefetch, replace_dir,  # noqa: E402
-                             setup, step_randomness)
-from training.train_vae import image_pool, pool_to, psnr, shared_pool, validation_frames  # noqa: E402
+from training.common import (Run, ema_update, entry, local_folder, optimizer_step, parser, plot_log,  # noqa: E402
+                             prefetch, replace_dir, setup, step_randomness)
+from training.train_vae import SHARED_TRAIN, image_pool, pool_to, psnr, shared_pool, validation_frames  # noqa: E402
 
 
 def export(ema: UNet2DConditionModel, vae_dir: Path, enc, tok, out: Path, meta: dict) -> None:
@@ -84,8 +84,8 @@ def validate_sampled(unet, vae, enc, tok, hr, lr, steps: int = 10) -> float:
 
 def main(argv=None) -> None:
     p = parser(__doc__, ROOT / "training" / "checkpoints" / "unet-x4", 200_000, 16, 128, 2e-4)
-    p.add_argument("--vae", type=Path, default=ROOT / "weights" / "latent-x4" / "vae")
-    p.add_argument("--out", type=Path, default=ROOT / "training" / "checkpoints" / "latent-x4")
+    p.add_argument("--vae", type=Path, default=None,
+                   help="the frozen VAE folder (default: --init's vae/, else weights/latent-x4/vae)")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--blocks", default="32,64,128")
     p.add_argument("--init", type=Path, default=None,
@@ -98,7 +98,10 @@ def main(argv=None) -> None:
                    "clip (a file name), left out of training; default: wolf.mp4's last frames")
     args = p.parse_args(argv)
 
-    device = setup(args)
+    local_folder(args.init, "--init")
+    if args.vae is None:
+        args.vae = args.init / "vae" if args.init else ROOT / "weights" / "latent-x4" / "vae"
+    device = setup(args, vae=local_folder(args.vae, "--vae"), init=args.init)
     vae = AutoencoderKL.from_pretrained(args.vae).to(device).eval().requires_grad_(False)
     sf = vae.config.scaling_factor
     if args.init:  # continue from a model folder: its UNet, text encoder and tokenizer (a saved run still resumes)
@@ -124,11 +127,13 @@ def main(argv=None) -> None:
     extra, used = ([], []) if args.no_shared else shared_pool(exclude=args.val_clip)
     val, val_name = validation_frames(args.val_clip, val)
     pool = pool_to(base + extra, device, args.workers > 0)
-    print(f"data: {len(base)} skimage/wolf images, {len(extra)} from ../shared/clips/train "
-          f"({len(used)} files), procedural textures; validation: {len(val)} {val_name}", flush=True)
+    print(f"data: {len(base)} skimage/wolf images, {len(extra)} from {SHARED_TRAIN} "
+          f"({', '.join(used) if used else 'skipped (--no-shared)' if args.no_shared else 'absent'}), procedural "
+          f"textures; validation: {len(val)} {val_name}", flush=True)
     val_hr, val_lr = validation_crops(val)
     run = Run(args.run, {"model": unet, "ema": ema}, opt,
-              ["step", "loss", "seconds", "val_bicubic_db", "val_psnr_db", "latent_std", "val_sampled_db"])
+              ["step", "loss", "seconds", "val_bicubic_db", "val_psnr_db", "latent_std", "val_sampled_db"],
+              script="train_latent_unet", options=vars(args), minutes=args.minutes)
     print(f"unet params={sum(x.numel() for x in unet.parameters()) / 1e6:.2f}M device={device} "
           f"vae scaling_factor={sf:.4f}", flush=True)
 
@@ -177,4 +182,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

@@ -24,9 +24,10 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pipelines.degradation import bicubic_resize  # noqa: E402
-from training.common import (Run, optimizer_step, parser, plot_log, prefetch, replace_dir, setup,  # noqa: E402
-                             step_randomness)
-from training.train_vae import image_pool, pool_to, psnr, sample_crops, shared_pool  # noqa: E402
+from training.common import (Run, entry, local_folder, optimizer_step, parser, plot_log, prefetch,  # noqa: E402
+                             replace_dir, setup, step_randomness)
+from training.train_vae import SHARED_TRAIN, image_pool, pool_to, psnr, sample_crops, shared_pool  # noqa: E402
+from training.train_vsr import wolf_available  # noqa: E402
 
 
 def preview_config(latent_channels: int = 4) -> dict:
@@ -49,17 +50,23 @@ def main(argv=None) -> None:
     p.add_argument("--init", type=Path, default=None, help="a preview_decoder/ folder to continue from")
     args = p.parse_args(argv)
 
-    device = setup(args)
+    local_folder(args.model, "--model")
+    local_folder(args.model / "vae", "--model's vae/:")
+    device = setup(args, model=args.model, init=local_folder(args.init, "--init"))
     vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae").to(device).eval().requires_grad_(False)
     preview = (AutoencoderTiny.from_pretrained(args.init, torch_dtype=torch.float32) if args.init else
                AutoencoderTiny(**preview_config(vae.config.latent_channels))).to(device)
     opt = torch.optim.AdamW(preview.decoder.parameters(), lr=args.lr, weight_decay=0.0)
     base, val = image_pool()
-    extra, _ = ([], []) if args.no_shared else shared_pool()
+    extra, used = ([], []) if args.no_shared else shared_pool()
     pool = pool_to(base + extra, device, args.workers > 0)
+    print(f"data: {len(base)} skimage/wolf images, {len(extra)} from {SHARED_TRAIN} "
+          f"({', '.join(used) if used else 'skipped (--no-shared)' if args.no_shared else 'absent'}); validation: "
+          f"{len(val)} held-out {'wolf frames' if wolf_available() else 'scikit-image photographs'}", flush=True)
     val_x = torch.stack([bicubic_resize(v, (128, 224)) for v in val]).clamp(-1, 1).to(device)
 
-    run = Run(args.run, {"model": preview}, opt, ["step", "loss", "seconds", "val_psnr_vs_vae_db"])
+    run = Run(args.run, {"model": preview}, opt, ["step", "loss", "seconds", "val_psnr_vs_vae_db"],
+              script="train_preview", options=vars(args), minutes=args.minutes)
     print(f"preview decoder params {sum(x.numel() for x in preview.decoder.parameters()) / 1e6:.3f}M "
           f"(VAE decoder {sum(x.numel() for x in vae.decoder.parameters()) / 1e6:.2f}M), device {device}", flush=True)
     bar = tqdm(total=args.steps, initial=run.step, desc="preview", mininterval=10, file=sys.stdout)
@@ -84,10 +91,10 @@ def main(argv=None) -> None:
             bar.write(f"step {step} loss {loss.item():.4f} preview vs VAE decoder on held-out frames: {row[3]} dB")
             run.writer.writerow(row)
             run.save()
-            tmp = args.run / "export.tmp"
+            tmp = args.out.with_name(args.out.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             preview.save_pretrained(tmp, safe_serialization=True)
-            replace_dir(tmp, args.run / "export")
+            replace_dir(tmp, args.out)
             plot_log(run.log_csv, args.run / "preview-loss.png", "L1 to the VAE decoder", "preview decoder training",
                      [("val_psnr_vs_vae_db", "held-out frames")], "dB", "preview vs VAE decoder (PSNR)")
             continue
@@ -96,4 +103,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

@@ -38,8 +38,8 @@ sys.path.insert(0, str(ROOT))
 from pipelines.degradation import downscale, upscale  # noqa: E402
 from pipelines.flow import FlowConfig, compute_clip_flows, warp  # noqa: E402
 from training.latent_parts import SCALE, empty_prompt_embedding  # noqa: E402
-from training.common import (Run, optimizer_step, parser, plot_log, prefetch, replace_dir,  # noqa: E402
-                             rescaled_crop, setup, step_randomness)
+from training.common import (Run, entry, local_folder, optimizer_step, parser, plot_log, prefetch,  # noqa: E402
+                             replace_dir, rescaled_crop, setup, step_randomness)
 from training.train_vae import SHARED_TRAIN, EVAL_CLIP_NAME, clip_frames, image_pool, shrink, to_tensor  # noqa: E402
 
 
@@ -222,7 +222,6 @@ def main(argv=None) -> None:
     p = parser(__doc__, ROOT / "training" / "checkpoints" / "tcm-x4", 100_000, 8, 128, 1e-4)
     p.add_argument("--model", type=Path, default=ROOT / "weights" / "latent-x4",
                    help="latent model folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/)")
-    p.add_argument("--out", type=Path, default=ROOT / "training" / "checkpoints" / "latent-x4-tcm")
     p.add_argument("--decoder", default="vae", help="vae, or a folder with a preview decoder (AutoencoderTiny)")
     p.add_argument("--no-shared", action="store_true", help="skip ../shared/clips/train (tests)")
     p.add_argument("--init", type=Path, default=None, help="a controlnet/ folder to continue from")
@@ -234,7 +233,11 @@ def main(argv=None) -> None:
                         "itself predicted with the TCM, as in the sweep (validation stays on pairs)")
     args = p.parse_args(argv)
 
-    device = setup(args)
+    local_folder(args.model, "--model")
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        local_folder(args.model / sub, f"--model's {sub}/:")
+    decoder_dir = None if args.decoder == "vae" else local_folder(Path(args.decoder), "--decoder")
+    device = setup(args, model=args.model, decoder=decoder_dir, init=local_folder(args.init, "--init"))
     from transformers import CLIPTextModel, CLIPTokenizer
 
     unet = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet").to(device).eval().requires_grad_(False)
@@ -266,7 +269,8 @@ def main(argv=None) -> None:
 
     frozen = Frozen(unet, vae, decoder, emb, alphas)
     val = validation_pairs(val_frames, args.crop, flow_cfg)
-    run = Run(args.run, {"model": cn}, opt, ["step", "loss", "seconds", "val_gain_db"])
+    run = Run(args.run, {"model": cn}, opt, ["step", "loss", "seconds", "val_gain_db"],
+              script="train_tcm", options=vars(args), minutes=args.minutes)
     bar = tqdm(total=args.steps, initial=run.step, desc="tcm", mininterval=10, file=sys.stdout)
     sample = sample_triples if args.chain else sample_pairs
     batches = prefetch(lambda s: sample(pairs, photos, step_randomness(args.seed, s)[0], args.batch, args.crop,
@@ -299,4 +303,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

@@ -35,9 +35,9 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pipelines.degradation import bicubic_resize  # noqa: E402
-from training.common import (Run, ema_update, optimizer_step, parser, plot_log, replace_dir,  # noqa: E402
-                             prefetch, rescaled_crop, setup, step_randomness)
-from training.train_vsr import SHARED, image_pool, procedural, psnr, to_tensor  # noqa: E402
+from training.common import (Run, TrainError, ema_update, entry, local_folder, optimizer_step, parser,  # noqa: E402
+                             plot_log, replace_dir, prefetch, rescaled_crop, setup, step_randomness)
+from training.train_vsr import SHARED, image_pool, procedural, psnr, to_tensor, wolf_available  # noqa: E402
 
 SHARED_TRAIN = SHARED / "clips" / "train"
 EVAL_CLIP_NAME = "woman-running"
@@ -126,10 +126,13 @@ def validation_frames(val_clip: str | None, wolf: list[torch.Tensor]) -> tuple[l
     """Every 8th frame of ``val_clip`` (a file in ../shared/clips/train, which :func:`shared_pool` must
     then exclude from training) and its description; without one, wolf's held-out last frames."""
     if not val_clip:
-        return wolf, "held-out wolf frames"
+        return wolf, ("held-out wolf frames" if wolf_available() else
+                      "held-out scikit-image photographs (no wolf.mp4 here)")
+    if not (SHARED_TRAIN / val_clip).is_file():
+        raise TrainError(f"--val-clip {val_clip}: no such clip in {SHARED_TRAIN}")
     val = clip_frames(SHARED_TRAIN / val_clip)
     if not val:
-        raise SystemExit(f"--val-clip {val_clip}: no frames read from {SHARED_TRAIN / val_clip}")
+        raise TrainError(f"--val-clip {val_clip}: no frames read from {SHARED_TRAIN / val_clip}")
     return val, f"frames of {val_clip} (left out of training)"
 
 
@@ -197,8 +200,6 @@ def reconstruct(vae: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
 
 def main(argv=None) -> None:
     p = parser(__doc__, ROOT / "training" / "checkpoints" / "vae-x4", 200_000, 16, 64, 1e-3)
-    p.add_argument("--out", type=Path, default=ROOT / "training" / "checkpoints" / "vae-x4" / "export",
-                   help="the EMA weights in diffusers layout (moves to weights/ once it meets its bar)")
     p.add_argument("--kl", type=float, default=1e-6)
     p.add_argument("--deterministic", action="store_true",
                    help="decode the posterior mean (no sampling noise): a plain autoencoder, for a high-PSNR finish")
@@ -228,7 +229,7 @@ def main(argv=None) -> None:
     if args.anchor and not args.init:
         p.error("--anchor needs --init (the VAE whose latents to stay close to)")
 
-    device = setup(args)
+    device = setup(args, init=local_folder(args.init, "--init"))
     if args.init:  # start from an exported VAE (its architecture and weights); a saved run still resumes
         arch = {k: v for k, v in AutoencoderKL.load_config(args.init).items() if not k.startswith("_")}
         vae = AutoencoderKL.from_pretrained(args.init, torch_dtype=torch.float32).to(device)
@@ -253,11 +254,13 @@ def main(argv=None) -> None:
     val, val_name = validation_frames(args.val_clip, val)
     pool = pool_to(base + extra, device, args.workers > 0)
     print(f"data: {len(base)} skimage/wolf images, {len(extra)} from {SHARED_TRAIN} "
-          f"({', '.join(used) if used else 'absent'}), procedural textures; validation: {len(val)} "
+          f"({', '.join(used) if used else 'skipped (--no-shared)' if args.no_shared else 'absent'}), procedural "
+          f"textures; validation: {len(val)} "
           f"{val_name}", flush=True)
     val_x, val_c = validation_tensors(val)
     run = Run(args.run, {"model": vae, "ema": ema}, opt, ["step", "loss", "seconds", "val_psnr_db", "latent_std",
-                                                           "val_color_psnr_db"])
+                                                           "val_color_psnr_db"],
+              script="train_vae", options=vars(args), minutes=args.minutes)
     print(f"params={sum(x.numel() for x in vae.parameters()) / 1e6:.2f}M "
           f"(decoder {sum(x.numel() for x in vae.decoder.parameters()) / 1e6:.2f}M) device={device}", flush=True)
     losses = {"l1": F.l1_loss, "mse": F.mse_loss, "l1+mse": lambda a, b: F.l1_loss(a, b) + F.mse_loss(a, b)}
@@ -312,4 +315,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

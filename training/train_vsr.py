@@ -9,33 +9,29 @@ Data: scikit-image's bundled photographs, frames of ../shared/clips/wolf.mp4 (co
 training/data/ once) and procedural textures. woman-running.mp4 is the evaluation clip and is
 never read here.
 
-Usage (seeded, resumable from runs/<name>/last.*):
+Usage (seeded, resumable from the --run folder; the export goes to <run>/export unless --out is given):
     nohup python training/train_vsr.py --threads 1 > runs/train.log 2>&1 &
 """
 from __future__ import annotations
 
-import argparse
-import csv
 import json
 import math
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pipelines.degradation import bicubic_resize, downscale, upscale  # noqa: E402
-from training.common import (optimizer_step, pick_device, plot_log, replace_dir, rescaled_crop,  # noqa: E402
-                             step_randomness)
+from training.common import (Run, TrainError, ema_update, entry, optimizer_step, parser, plot_log,  # noqa: E402
+                             replace_dir, rescaled_crop, setup, step_randomness)
 
 WOLF_COPY = ROOT / "training" / "data" / "wolf.mp4"
 # ../shared beside the checkout, or another copy of it (BISWEEP_SHARED, e.g. training/pack_gpu_data.py's)
@@ -66,6 +62,10 @@ def to_tensor(img: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
 
 
+def wolf_available() -> bool:
+    return WOLF_COPY.exists() or (SHARED / "clips" / "wolf.mp4").exists()
+
+
 def read_wolf() -> list[np.ndarray]:
     """wolf.mp4's frames (copied once from ../shared/clips into training/data/); [] when neither exists."""
     if not WOLF_COPY.exists():
@@ -74,7 +74,9 @@ def read_wolf() -> list[np.ndarray]:
             print(f"note: {src} is absent: training without wolf.mp4", flush=True)
             return []
         WOLF_COPY.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, WOLF_COPY)
+        tmp = WOLF_COPY.with_name(f".{WOLF_COPY.name}.tmp-{os.getpid()}")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, WOLF_COPY)  # another run reading the copy never sees half of it
     cap, frames = cv2.VideoCapture(str(WOLF_COPY)), []
     while True:
         ok, f = cap.read()
@@ -189,26 +191,14 @@ def validate(model, sched, val_hr, val_bic, residual_scale, device) -> tuple[flo
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, default=ROOT / "runs" / "vsr-x4")
-    p.add_argument("--out", type=Path, default=ROOT / "weights" / "vsr-x4")
+    p = parser(__doc__, ROOT / "runs" / "vsr-x4", 100_000, 16, 64, 2e-4)
     p.add_argument("--scale", type=int, default=4)
-    p.add_argument("--steps", type=int, default=100_000)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--crop", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--ema", type=float, default=0.999)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
-    p.add_argument("--every", type=int, default=250, help="validate, checkpoint and export every N steps")
-    p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
+    if args.scale < 1:
+        raise TrainError(f"--scale must be >= 1, got {args.scale}")
+    device = setup(args, crop_multiple=math.lcm(8, args.scale))  # a 4-level UNet at the output size; whole LR pixels
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
-    args.run.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
     model = UNet2DModel(**unet_config(args.scale)).to(device)
     ema = UNet2DModel(**unet_config(args.scale)).to(device).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
@@ -217,34 +207,26 @@ def main(argv=None) -> None:
     alphas = sched.alphas_cumprod.to(device)
 
     pool, val = image_pool()
+    val_name = "held-out wolf frames" if wolf_available() else "held-out scikit-image photographs (no wolf.mp4 here)"
+    print(f"data: {len(pool)} scikit-image/wolf.mp4 images, procedural textures; validation: {len(val)} {val_name}",
+          flush=True)
     val_hr = torch.stack([bicubic_resize(v, (256, 256))[:, 64:192, 64:192] for v in val]).clamp(-1, 1)
     val_bic = upscale(downscale(val_hr, args.scale), args.scale).clamp(-1, 1)
 
-    meta_path, log_csv = args.run / "state.json", args.run / "log.csv"
-    step, meta = 0, {}
-    if meta_path.exists():  # resume
-        meta = json.loads(meta_path.read_text())
-        step = meta["step"]
-        model.load_state_dict(load_file(args.run / "last_model.safetensors"))
-        ema.load_state_dict(load_file(args.run / "last_ema.safetensors"))
-        opt.load_state_dict(torch.load(args.run / "last_opt.pt", weights_only=True))
-        print(f"resumed from step {step}", flush=True)
-    if "residual_scale" not in meta:
+    run = Run(args.run, {"model": model, "ema": ema}, opt,
+              ["step", "loss", "seconds", "val_bicubic_db", "val_x0_db", "val_gain_db"],
+              script="train_vsr", options=vars(args), minutes=args.minutes)
+    if "residual_scale" not in run.meta:
         rng = np.random.default_rng(12345)
         hr, bic = sample_batch(pool, rng, 256, args.crop, args.scale)
-        meta["residual_scale"] = float((hr - bic).std())
-    rs = meta["residual_scale"]
+        run.meta["residual_scale"] = float((hr - bic).std())
+    rs = run.meta["residual_scale"]
     print(f"residual_scale={rs:.4f} params={sum(x.numel() for x in model.parameters())/1e6:.2f}M "
           f"device={device}", flush=True)
-    new_log = not log_csv.exists()
-    logf = log_csv.open("a", newline="")
-    writer = csv.writer(logf)
-    if new_log:
-        writer.writerow(["step", "loss", "seconds", "val_bicubic_db", "val_x0_db", "val_gain_db"])
 
-    bar = tqdm(total=args.steps, initial=step, desc="train", mininterval=10, file=sys.stdout)
-    t_start = time.time() - meta.get("seconds", 0.0)
-    while step < args.steps:
+    bar = tqdm(total=args.steps, initial=run.step, desc="train", mininterval=10, file=sys.stdout)
+    while not run.finished(args.steps, args.minutes):
+        step = run.step
         rng, gen = step_randomness(args.seed, step)
         hr, bic = sample_batch(pool, rng, args.batch, args.crop, args.scale)
         x0 = ((hr - bic) / rs).to(device)
@@ -258,35 +240,27 @@ def main(argv=None) -> None:
             g["lr"] = args.lr * min(1.0, (step + 1) / 200)
         loss = torch.nn.functional.mse_loss(model(torch.cat([xt, bic], 1), t).sample, target)
         optimizer_step(opt, loss, model.parameters())
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
-        step += 1
+        ema_update(ema, model, step, args.ema)
+        run.step = step = step + 1
         bar.update(1)
-        row = [step, f"{loss.item():.5f}", f"{time.time() - t_start:.1f}", "", "", ""]
-        if step % args.every == 0 or step == args.steps:
+        row = [step, f"{loss.item():.5f}", f"{run.seconds():.1f}", "", "", ""]
+        if step % args.every == 0 or run.finished(args.steps, args.minutes):
             b_db, x_db = validate(ema, sched, val_hr, val_bic, rs, device)
             row[3:] = [f"{b_db:.3f}", f"{x_db:.3f}", f"{x_db - b_db:.3f}"]
             bar.write(f"step {step} loss {loss.item():.4f} val: bicubic {b_db:.2f} dB, x0(T) {x_db:.2f} dB "
                       f"({x_db - b_db:+.2f})")
-            meta.update(step=step, seconds=time.time() - t_start)
-            save_file(model.state_dict(), args.run / "last_model.safetensors")
-            save_file(ema.state_dict(), args.run / "last_ema.safetensors")
-            torch.save(opt.state_dict(), args.run / "last_opt.pt")
-            meta_path.write_text(json.dumps(meta))
+            run.writer.writerow(row)
+            run.save()
             export(ema.to("cpu"), sched, args.out, dict(
                 task="super_resolution", scale=args.scale, residual_scale=rs, train_steps=step,
-                train_batch=args.batch, train_crop=args.crop, train_seconds=round(meta["seconds"]),
+                train_batch=args.batch, train_crop=args.crop, train_seconds=round(run.seconds()),
                 train_device=str(device)))
             ema.to(device)
-            writer.writerow(row)
-            logf.flush()
-            plot_loss(log_csv, args.out.parent / "vsr-x4-loss.png")
+            plot_loss(run.log_csv, args.run / "vsr-x4-loss.png")
             continue
-        writer.writerow(row)
-    logf.close()
+        run.writer.writerow(row)
+    run.close()
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)
