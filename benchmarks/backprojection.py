@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
             records.append({"model": model, "clip": clip.name, "method": "bicubic", "correction": None, **bic})
             for m in methods:
                 run = run_method(pipe, m, clip.lr, base)
+                if run.frames is None:  # the method failed (bad flags for it): its error, not a crash later
+                    raise ValueError(f"{m.name} on {clip.name}: {run.error}")
                 for how in CORRECTIONS:
                     if how == "flow-averaged" and m.alignment["mode"] == "none":
                         continue  # without alignment the job has no flow: per frame is what it does

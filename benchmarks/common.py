@@ -183,7 +183,27 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name (auto, cpu, cuda, cuda:1, ...)") from None
+
+
+def resolve_model(model: str | Path) -> str:
+    """A model folder (relative paths fall back to the repository root) or a hub id ("owner/name" that is
+    not on disk and whose first part is no local folder); a missing local-looking path is a ValueError at
+    once, not three rounds of hub lookups."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return str(path)
+    if not path.is_absolute() and (ROOT / path).is_dir():
+        return str(ROOT / path)
+    text = str(model)
+    first = text.split("/")[0]
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not (Path(first).is_dir()
+                                                                              or (ROOT / first).is_dir()):
+        return text
+    raise ValueError(f"model {model}: no such folder (nor under {ROOT})")
 
 
 def set_threads(threads: int | None) -> None:
@@ -205,7 +225,11 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_pipeline(model: str | Path, device="cpu", dtype=torch.float32, attempts: int = 3) -> VideoPipeline:
-    """VideoPipeline.from_pretrained, retried briefly: a training run may be swapping the folder."""
+    """VideoPipeline.from_pretrained, retried briefly: a training run may be swapping the folder (a hub id
+    is tried once)."""
+    model = resolve_model(model)
+    if not Path(model).is_dir():
+        attempts = 1
     for k in range(attempts):
         try:
             return VideoPipeline.from_pretrained(model, device=device, dtype=dtype)
@@ -395,8 +419,14 @@ def run_cli(cli_args: list[str], output: Path) -> tuple[float, dict]:
                          capture_output=True, text=True)
     wall = time.perf_counter() - start
     if run.returncode != 0:
-        raise RuntimeError(f"run_video.py failed ({run.returncode}): {(run.stderr.strip().splitlines() or ['?'])[-1]}")
+        last = (run.stderr.strip().splitlines() or ['?'])[-1]
+        raise (CliRefused if run.returncode == 2 else RuntimeError)(f"run_video.py failed ({run.returncode}): {last}")
     return wall, json.loads(Path(output).with_suffix(".json").read_text())
+
+
+class CliRefused(ValueError, RuntimeError):
+    """run_video.py refused the job (exit 2: bad input): a benchmark's bad flags, one line and exit 2 through
+    :func:`run_script`; callers recording a failed row still catch it as a RuntimeError."""
 
 
 def run_script(main) -> None:
@@ -409,10 +439,26 @@ def run_script(main) -> None:
 
 
 def write_json(path: str | Path, data: dict) -> None:
-    """Write ``data`` as JSON (nan/inf become null)."""
+    """Write ``data`` as JSON (nan/inf become null), atomically."""
+    write_text(path, json.dumps(_json_safe(data), indent=2) + "\n")
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` through a temporary sibling and a rename: a killed run never leaves half a report."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_json_safe(data), indent=2) + "\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"cannot write {path}: {path.parent} is not a folder") from None
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def default_out(name: str, full: bool) -> Path:
+    """Where a benchmark writes by default: ``benchmarks/results/<name>`` for a full run (the committed
+    figures), ``runs/benchmarks/<name>`` (ignored by git) for a smoke or partial one."""
+    return ROOT / ("benchmarks/results" if full else "runs/benchmarks") / name
 
 
 def method_dict(method: Method) -> dict:

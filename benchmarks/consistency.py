@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, run from anywhere
 from common import (run_script, DEFAULTS, DEFAULT_MODEL, EWARP_UNIT, EXAMPLE_GT, ROOT, Method, Reference, command_line,  # noqa: E402
+                    default_out,
                     evaluate, fmt, fusion, load_clip, load_pipeline, machine_info, machine_line,
                     markdown_table, method_dict, model_info, pick_device, pick_dtype, run_method,
                     run_record, set_threads, write_json)
@@ -255,10 +256,11 @@ def parse_args(argv):
                    help="ControlNet conditioning scale of every tcm row (alignment.tcm_scale)")
     p.add_argument("--methods", default=None, help="comma list of methods to run (bicubic is always run)")
     p.add_argument("--quick", action="store_true", help="smoke run: 4 frames at 64x64, 4 steps, 4 methods")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "consistency"))
+    p.add_argument("--out", default=None, help="output path stem (default: benchmarks/results/consistency; "
+                   "runs/benchmarks/consistency with --quick)")
+    p.add_argument("--zoom", type=int, default=3, help="nearest-neighbour enlargement of the strip crops")
     p.add_argument("--crop", default=None, help="strip crop Y,X,SIZE in output pixels (default: centred 64x64)")
     p.add_argument("--strip-frame", type=int, default=None, help="first of the 4 strip frames (default: middle)")
-    p.add_argument("--zoom", type=int, default=3, help="nearest-neighbour enlargement of the strip crops")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
@@ -267,6 +269,12 @@ def parse_args(argv):
     args.max_frames = args.max_frames if args.max_frames is not None else quick.get("max_frames")
     args.resize = args.resize if args.resize is not None else quick.get("resize")
     args.steps = args.steps if args.steps is not None else quick.get("steps", DEFAULTS["steps"])
+    if args.out is None:
+        args.out = str(default_out("consistency", full=not args.quick))
+    if args.zoom < 1:
+        p.error(f"--zoom must be >= 1, got {args.zoom}")
+    if args.max_frames is not None and args.max_frames < 2:
+        p.error(f"--max-frames must be >= 2 (warp errors compare neighbouring frames), got {args.max_frames}")
     return args
 
 

@@ -57,6 +57,9 @@ def kinds(device: str, names: list[str] | None):
     out.append(("shipped latent-x4", lambda dt: VideoPipeline.from_pretrained(ROOT / "weights" / "latent-x4",
                                                                               device=device, dtype=dt),
                 lr, lambda: Fusion(0.3)))
+    unknown = sorted(set(names or []) - {k[0] for k in out})
+    if unknown:
+        raise ValueError(f"unknown --kinds {', '.join(unknown)}; expected some of {', '.join(k[0] for k in out)}")
     return [k for k in out if not names or k[0] in names]
 
 
@@ -141,4 +144,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as err:  # bad flags: one line and exit 2
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -114,12 +114,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--frames", type=int, nargs="+", default=[30, 100, 300])
     p.add_argument("--size", type=int, default=64, help="input side (the tiny model upscales x2)")
-    p.add_argument("--modes", nargs="+", default=["one-pass", "windows"])
+    p.add_argument("--modes", nargs="+", default=["one-pass", "windows"], choices=["one-pass", "windows"])
     p.add_argument("--cli", action="store_true",
                    help="measure through run_video.py with the shipped model (default config, 1 step)")
     p.add_argument("--model", default=None, help="--cli: model.path (default: configs/default.yaml's)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "long_clip.json")
     a = p.parse_args(argv)
+    if len(set(a.frames)) < 2 or min(a.frames) < 2:
+        p.error(f"--frames needs two or more different clip lengths >= 2 (memory is fitted against length), "
+                f"got {' '.join(map(str, a.frames))}")
     sys.path.insert(0, str(ROOT / "tests"))
     import tiny
 

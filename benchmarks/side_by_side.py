@@ -15,7 +15,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from common import DEFAULTS, DEFAULT_MODEL, EXAMPLE_GT, load_pipeline  # noqa: E402
+from common import DEFAULTS, DEFAULT_MODEL, EXAMPLE_GT, load_pipeline, run_script  # noqa: E402
 from pipelines.align import Fusion  # noqa: E402
 from pipelines.degradation import downscale  # noqa: E402
 from pipelines.metrics import psnr  # noqa: E402
@@ -30,6 +30,12 @@ def main(argv=None) -> Path:
     p.add_argument("--crop", default="96,96,64", help="zoom crop Y,X,SIZE in output pixels")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "sr_side_by_side.png")
     a = p.parse_args(argv)
+    try:
+        y, x, s = (int(v) for v in a.crop.split(","))
+    except ValueError:
+        p.error(f"--crop must be Y,X,SIZE (three integers), got {a.crop!r}")
+    if a.frames < 1:
+        p.error(f"--frames must be >= 1, got {a.frames}")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -42,8 +48,9 @@ def main(argv=None) -> Path:
                            back_projection=DEFAULTS["back_projection"])
     with torch.no_grad():
         out = pipe(lr, options=opts, alignment=Fusion(DEFAULTS["weight"])).frames
+    if y < 0 or x < 0 or s < 1 or y + s > gt.shape[-2] or x + s > gt.shape[-1]:
+        raise ValueError(f"--crop {a.crop} is not inside the {gt.shape[-1]}x{gt.shape[-2]} frame")
     bic = pipe.conditioning_frames(lr)
-    y, x, s = (int(v) for v in a.crop.split(","))
     panels = [("bicubic", bic), ("output (bidirectional fusion)", out), ("ground truth", gt)]
     fig, ax = plt.subplots(2, 3, figsize=(10.5, 7.2), dpi=100)
     for col, (name, frames) in enumerate(panels):
@@ -66,4 +73,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

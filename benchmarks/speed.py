@@ -37,6 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, run from anywhere
 from common import (run_script, DEFAULTS, DEFAULT_MODEL, EWARP_UNIT, EXAMPLE_GT, ROOT, SHARED_CLIPS, Method, Reference,  # noqa: E402
+                    default_out, resolve_model,
                     run_cli, command_line, evaluate, fmt, fusion, load_clip, load_pipeline, machine_info, machine_line,
                     markdown_table, model_info, pick_device, pick_dtype, run_method, run_record, set_threads,
                     steps_run, sync, write_json)
@@ -230,6 +231,8 @@ def scheduler_verdict(rows: dict[str, dict], reference: str) -> str:
     # a run whose only step is t = 0 adds no noise and returns about the bicubic frame: not a candidate
     same = [n for n, r in rows.items() if r.get("psnr") is not None and (n == reference or r.get("t_start"))
             and r["ewarp"] <= ref["ewarp"] * (1 + SAME_EWARP) and r["psnr"] >= ref["psnr"] - SAME_PSNR]
+    if not same:
+        return "n/a: no run has a finite E_warp and PSNR to compare (too few frames?)"
     best = min(same, key=lambda n: rows[n]["seconds"])
     r = rows[best]
     if best == reference:
@@ -288,7 +291,7 @@ def section_models(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for k, model in enumerate(args.compare_models.split(",")):
             cli = ["--reference", str(EXAMPLE_GT), f"model.path={model}", f"model.device={args.device}",
-                   f"model.dtype={args.dtype}"]
+                   f"model.dtype={args.dtype}", f"sampling.num_inference_steps={args.steps}"]  # --quick's too
             if args.threads:
                 cli.append(f"runtime.threads={args.threads}")
             try:
@@ -508,7 +511,8 @@ def parse_args(argv):
     p.add_argument("--compare-models", default="weights/vsr-x4,weights/latent-x4",
                    help="models section: comma list of model paths (ratios are to the first)")
     p.add_argument("--quick", action="store_true", help="smoke run: 64x64 output, 4-8 frames, 4 steps")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed"))
+    p.add_argument("--out", default=None, help="output path stem (default: benchmarks/results/speed for a full "
+                   "run; runs/benchmarks/speed with --quick or some --sections)")
     p.add_argument("--child-scaling", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     quick = QUICK if args.quick else {}
@@ -521,6 +525,11 @@ def parse_args(argv):
     bad = [x for x in args.sections if x not in SECTIONS]
     if bad:
         p.error(f"unknown section(s) {', '.join(bad)}; expected some of {', '.join(SECTIONS)}")
+    if args.out is None:  # a smoke or partial run must not replace the committed full report
+        args.out = str(default_out("speed", full=not args.quick and set(args.sections) == set(SECTIONS)))
+    args.compare_models = ",".join(resolve_model(m.strip()) for m in args.compare_models.split(","))
+    if args.limit_frames < 2:
+        p.error(f"--limit-frames must be >= 2, got {args.limit_frames}")
     return args
 
 

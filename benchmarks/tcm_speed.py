@@ -25,12 +25,13 @@ from pipelines.flow import FlowConfig  # noqa: E402
 from pipelines.tcm import TCMAlignment  # noqa: E402
 from pipelines.timing import StageTimer  # noqa: E402
 from pipelines.video_pipeline import SamplingOptions, VideoPipeline  # noqa: E402
+from common import default_out, pick_device, resolve_model, run_script, write_json  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def run(model: str, frames: int, size: int, steps: int, device: str, dtype: str, flow_scale: float) -> dict:
-    pipe = VideoPipeline.from_pretrained(model, device=device, dtype=DTYPES[dtype])
+    pipe = VideoPipeline.from_pretrained(resolve_model(model), device=device, dtype=DTYPES[dtype])
     import tiny
 
     lr = tiny.textured_clip(frames, size, shift=(0.8, 0.3)).to(DTYPES[dtype])
@@ -56,8 +57,15 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--flow-scale", type=float, default=1.0)
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "tcm_speed.json")
+    p.add_argument("--out", type=Path, default=None,
+                   help="default: benchmarks/results/tcm_speed.json with --model, else runs/benchmarks/ (a tiny "
+                        "random model's figures are no result to commit)")
     a = p.parse_args(argv)
+    if a.out is None:
+        a.out = default_out("tcm_speed.json", full=a.model is not None)
+    if a.frames < 2:
+        p.error(f"--frames must be >= 2 (the TCM conditions a frame on its neighbour), got {a.frames}")
+    a.device = str(pick_device(a.device))
     with tempfile.TemporaryDirectory() as tmp:
         model = a.model
         if model is None:
@@ -69,10 +77,9 @@ def main(argv=None) -> int:
     res.update(model=a.model or "tiny random StableVSR layout", machine=platform.platform(), card=card,
                torch=torch.__version__, threads=torch.get_num_threads())
     print(json.dumps(res, indent=2))
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(res, indent=2) + "\n")
+    write_json(a.out, res)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

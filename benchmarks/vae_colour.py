@@ -76,8 +76,13 @@ def main(argv: list[str] | None = None) -> dict:
     sys.path.insert(0, str(ROOT))
     from training.train_vae import SHARED_TRAIN, clip_frames, validation_tensors
 
+    missing = [v for v in args.vaes if not (Path(v) / "config.json").is_file()]
+    if missing:
+        raise ValueError(f"{missing[0]}: no such VAE folder (an AutoencoderKL folder with config.json)")
     gt = load_clip(EXAMPLE_GT, 4, max_frames=16, resize=args.resize).gt
     held = None
+    if args.held_out and not (SHARED_TRAIN / args.held_out).exists():
+        print(f"note: --held-out {args.held_out} is not in {SHARED_TRAIN}: no held-out figures", flush=True)
     if args.held_out and (SHARED_TRAIN / args.held_out).exists():
         held = validation_tensors(clip_frames(SHARED_TRAIN / args.held_out))  # what train_vae.py validates on
     report = {"example_clip": str(EXAMPLE_GT), "held_out": args.held_out if held is not None else None, "vaes": {}}

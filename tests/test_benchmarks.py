@@ -1,6 +1,7 @@
 """Smoke test of the benchmark scripts on a tiny model and a tiny clip (numbers are meaningless)."""
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -218,3 +219,48 @@ def test_compressed_input_benchmark_reencodes_the_input_and_runs_the_command_lin
     assert "| crf40 |" in (tmp_path / "res" / "crf.md").read_text()
     with pytest.raises(ValueError, match="--crf"):
         compressed_input.main(["--input", str(tmp_path / "lr"), "--crf", "60"])
+
+
+# found by a hunt on the benchmark scripts: smoke runs replaced the committed results, a mistyped model
+# path took 2.5 minutes of hub retries, and bad flags were tracebacks
+
+
+def test_smoke_and_partial_runs_do_not_write_over_the_committed_results():
+    results, scratch = ROOT / "benchmarks" / "results", ROOT / "runs" / "benchmarks"
+    assert consistency.parse_args([]).out == str(results / "consistency")
+    assert consistency.parse_args(["--quick"]).out == str(scratch / "consistency")
+    assert speed.parse_args([]).out == str(results / "speed")
+    assert speed.parse_args(["--quick"]).out == str(scratch / "speed")
+    assert speed.parse_args(["--sections", "limit"]).out == str(scratch / "speed")  # one section: not the report
+    assert consistency.parse_args(["--quick", "--out", "/tmp/x"]).out == "/tmp/x"
+
+
+def test_a_mistyped_model_path_fails_at_once_and_the_cli_refusal_is_bad_input(tmp_path):
+    import time
+
+    import common
+
+    start = time.perf_counter()
+    for typo in ("weights/latent-x5", "./nope", str(tmp_path / "nope")):
+        try:
+            common.load_pipeline(typo)
+        except ValueError as e:
+            assert "no such folder" in str(e)
+        else:
+            raise AssertionError(f"{typo} loaded")
+    assert time.perf_counter() - start < 5  # before: three rounds of hub lookups, ~50 s each
+    assert Path(common.resolve_model("weights/latent-x4")).resolve() == ROOT / "weights" / "latent-x4"
+    assert common.resolve_model("someone/model") == "someone/model"  # a hub id stays one
+    try:
+        common.pick_device("gpu")
+    except ValueError as e:
+        assert "not a device name" in str(e)
+    else:
+        raise AssertionError("gpu accepted")
+    # run_video.py's exit 2 becomes the benchmark's own bad input (exit 2), still a failed row for speed.py
+    try:
+        common.run_cli(["--input", str(tmp_path / "missing.mp4")], tmp_path / "o.mp4")
+    except common.CliRefused as e:
+        assert isinstance(e, RuntimeError) and "missing.mp4: no such file" in str(e)
+    else:
+        raise AssertionError("the missing input was accepted")
