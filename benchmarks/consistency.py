@@ -257,7 +257,7 @@ def parse_args(argv):
     p.add_argument("--methods", default=None, help="comma list of methods to run (bicubic is always run)")
     p.add_argument("--quick", action="store_true", help="smoke run: 4 frames at 64x64, 4 steps, 4 methods")
     p.add_argument("--out", default=None, help="output path stem (default: benchmarks/results/consistency; "
-                   "runs/benchmarks/consistency with --quick)")
+                   "runs/benchmarks/consistency with --quick or --methods)")
     p.add_argument("--zoom", type=int, default=3, help="nearest-neighbour enlargement of the strip crops")
     p.add_argument("--crop", default=None, help="strip crop Y,X,SIZE in output pixels (default: centred 64x64)")
     p.add_argument("--strip-frame", type=int, default=None, help="first of the 4 strip frames (default: middle)")
@@ -270,7 +270,7 @@ def parse_args(argv):
     args.resize = args.resize if args.resize is not None else quick.get("resize")
     args.steps = args.steps if args.steps is not None else quick.get("steps", DEFAULTS["steps"])
     if args.out is None:
-        args.out = str(default_out("consistency", full=not args.quick))
+        args.out = str(default_out("consistency", full=not args.quick and args.methods is None))
     if args.zoom < 1:
         p.error(f"--zoom must be >= 1, got {args.zoom}")
     if args.max_frames is not None and args.max_frames < 2:

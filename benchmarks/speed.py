@@ -527,7 +527,8 @@ def parse_args(argv):
         p.error(f"unknown section(s) {', '.join(bad)}; expected some of {', '.join(SECTIONS)}")
     if args.out is None:  # a smoke or partial run must not replace the committed full report
         args.out = str(default_out("speed", full=not args.quick and set(args.sections) == set(SECTIONS)))
-    args.compare_models = ",".join(resolve_model(m.strip()) for m in args.compare_models.split(","))
+    if {"models", "batches"} & set(args.sections):
+        args.compare_models = ",".join(resolve_model(m.strip()) for m in args.compare_models.split(","))
     if args.limit_frames < 2:
         p.error(f"--limit-frames must be >= 2, got {args.limit_frames}")
     return args

@@ -74,7 +74,11 @@ class Checkpointer:
         if workdir.exists() and not workdir.is_dir():
             raise WorkdirMismatch(f"--workdir {workdir} exists and is not a folder")
         metas = [m for m in [workdir / "run.json", *workdir.glob("*/run.json")] if m.exists()]
-        if not metas and workdir.is_dir() and any(workdir.iterdir()):  # the user's own folder: never mixed into
+        # the user's own folder is never mixed into (hidden files, a fresh mount's lost+found and a run.json
+        # cut short before its rename do not make a folder the user's)
+        theirs = [] if metas or not workdir.is_dir() else \
+            [q for q in workdir.iterdir() if not q.name.startswith(".") and q.name not in ("lost+found", "run.tmp")]
+        if theirs:
             raise WorkdirMismatch(f"--workdir {workdir} holds other files and is not a work folder (no run.json); "
                                   "use a new or empty folder")
         for meta in metas:

@@ -396,6 +396,44 @@ def test_subprocess_unreachable_hub_model_is_one_line(data, tmp_path):
     assert proc.stderr.startswith("error: cannot load model 'someone/not-cached-here' from the Hugging Face hub")
     assert not (tmp_path / "o.mp4").exists()
 
+
+def test_library_chatter_while_loading_stays_off_stderr(data, tmp_path):
+    """The hub client's retry messages (its logger) and warnings while a model loads do not reach stderr:
+    a model that then fails to load is one line. A real process (pytest would swallow both in-process),
+    with from_pretrained replaced by a stub that does what huggingface_hub does offline."""
+    script = tmp_path / "offline.py"
+    script.write_text(f"""
+import logging, sys, warnings
+sys.path.insert(0, {str(ROOT)!r})
+import run_video
+from pipelines.loading import ModelLoadError
+from pipelines.video_pipeline import VideoPipeline
+
+def offline(*args, **kwargs):
+    logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 8s [Retry 1/5].")
+    warnings.warn("The `local_dir_use_symlinks` argument is deprecated", UserWarning)
+    raise ModelLoadError("cannot load model 'someone/model' from the Hugging Face hub: offline")
+
+VideoPipeline.from_pretrained = offline
+sys.exit(run_video.main(["--input", {str(data / "clip.mp4")!r}, "--output", {str(tmp_path / "o.mp4")!r},
+                         "model.path=someone/model"]))
+""")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2
+    assert proc.stderr == "error: cannot load model 'someone/model' from the Hugging Face hub: offline\n", proc.stderr
+
+
+def test_workdir_with_only_hidden_files_or_lost_found_is_accepted(data, tmp_path, capsys):
+    """A fresh mount (lost+found) or a folder with a .DS_Store is not "a folder of other files"."""
+    wd = tmp_path / "wd"
+    (wd / "lost+found").mkdir(parents=True)
+    (wd / ".DS_Store").write_bytes(b"finder")
+    rc, _, err = cli(capsys, "--input", data / "clip.mp4", "--output", tmp_path / "o.mp4",
+                     f"model.path={data / 'model'}", *FAST, "--workdir", wd)
+    assert rc == 0, err
+    assert (wd / "run.json").exists() and (wd / ".DS_Store").read_bytes() == b"finder"
+
 def test_internal_error_names_opencv_once(data, tmp_path, capsys, monkeypatch):
     """OpenCV's exception class is called 'error': the line must not read 'error: internal: error: ...'."""
     def boom(*args, **kwargs):

@@ -455,12 +455,32 @@ TRAIN_BAD = [
     ("out holds the run", lambda d: ["--out", str(d)], "overlaps --run"),
     ("out is the init", lambda d: ["--init", str(_vae_copy(d)), "--out", str(d / "vae")], "overlaps --init"),
     ("out over other files", lambda d: ["--out", str(_foreign(d))], "holds other files and is not an exported model"),
+    ("out over a folder of models", lambda d: ["--out", str(_models_parent(d))],
+     "holds other files and is not an exported model"),
+    ("run over other files", lambda d: ["--run", str(_foreign_run(d))], "holds other files (checkpoint-500..."),
     ("run of another script", lambda d: ["--run", str(_run_of(d, '{"step": 1, "script": "SCRIPT"}'))],
      "is a train_tcm run, not a train_vae one"),
     ("damaged state.json", lambda d: ["--run", str(_run_of(d, "{not json"))], "state.json is damaged"),
     ("missing checkpoint", lambda d: ["--run", str(_run_of(d, '{"step": 3, "checkpoint": "checkpoint-00000003"}'))],
      "checkpoint-00000003/last_model.safetensors is missing"),
 ]
+
+
+def _models_parent(d: Path) -> Path:
+    """A user's folder holding a model below it (an export there would delete the whole folder)."""
+    (d / "models" / "vae-a").mkdir(parents=True)
+    (d / "models" / "vae-a" / "config.json").write_text("{}")
+    (d / "models" / "notes.txt").write_text("keep me")
+    return d / "models"
+
+
+def _foreign_run(d: Path) -> Path:
+    """Another tool's training folder: its checkpoint, log and weights must survive."""
+    (d / "exp" / "checkpoint-500").mkdir(parents=True)
+    (d / "exp" / "checkpoint-500" / "model.safetensors").write_bytes(b"weights")
+    (d / "exp" / "log.csv").write_text("epoch,loss\n")
+    (d / "exp" / "last_best.safetensors").write_bytes(b"best")
+    return d / "exp"
 
 
 def _corrupt_file(d: Path) -> Path:
@@ -576,7 +596,22 @@ def test_a_timed_session_stopped_early_continues_its_budget(tmp_path):
     other.close()
     again = Run(tmp_path / "run", {"model": model}, opt, ["step"], minutes=10)
     assert again.progress(10 ** 9, 10) == pytest.approx(0.0, abs=0.01)
+    again.t_session = time.time() - 360  # 6 of 10 minutes, then the run reaches its --steps: it ended as planned
+    again.step = 20
+    again.save()
+    assert again.finished(20, 10)
     again.close()
+    longer = Run(tmp_path / "run", {"model": model}, opt, ["step"], minutes=10)  # --steps raised: a new budget
+    assert longer.progress(10 ** 9, 10) == pytest.approx(0.0, abs=0.01)
+    longer.t_session = time.time() - 120
+    longer.save()  # killed after 2 minutes ...
+    longer.close()
+    unlimited = Run(tmp_path / "run", {"model": model}, opt, ["step"], minutes=0)
+    unlimited.save()  # ... then a session with no time limit
+    unlimited.close()
+    timed = Run(tmp_path / "run", {"model": model}, opt, ["step"], minutes=10)  # no stale 2-minute budget
+    assert timed.progress(10 ** 9, 10) == pytest.approx(0.0, abs=0.01)
+    timed.close()
 
 
 def test_train_vsr_exports_into_its_run_folder_not_over_the_shipped_model(tmp_path, capsys):

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -51,7 +52,8 @@ def parser(doc: str, run: Path, steps: int, batch: int, crop: int, lr: float):
     p.add_argument("--every", type=int, default=250, help="validate, checkpoint and export every N steps")
     p.add_argument("--device", default="auto")
     p.add_argument("--minutes", type=float, default=0.0,
-                   help="stop (validating, saving and exporting) after this many minutes of this session (0: no limit)")
+                   help="stop (validating, saving and exporting) after this many minutes (0: no limit); a session "
+                        "that was killed, resumed with the same value, continues its budget and lr schedule")
     p.add_argument("--workers", type=int, default=0, help="threads preparing batches ahead (0: inline)")
     return p
 
@@ -69,6 +71,9 @@ def pick_device(name: str) -> torch.device:
         acc = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
         if acc is None or acc.type != device.type:
             raise TrainError(f"--device {name}: this machine has no {device.type} device (use auto or cpu)")
+        if device.index is not None and device.index >= torch.accelerator.device_count():
+            raise TrainError(f"--device {name}: this machine has {torch.accelerator.device_count()} {device.type} "
+                             "device(s)")
     return device
 
 
@@ -116,10 +121,14 @@ def check_out(out: Path, run: Path, **inputs: Path | None) -> None:
 
 
 def _looks_exported(folder: Path) -> bool:
-    """A diffusers model or model folder, as the exports write them."""
-    names = ("config.json", "vsr_config.json", "model_index.json")
-    return any((folder / n).is_file() for n in names) or any((d / "config.json").is_file()
-                                                             for d in folder.iterdir() if d.is_dir())
+    """What the exports write at the top of ``--out``: one diffusers model (config.json) or a model folder
+    (vsr_config.json); a folder merely holding models somewhere below is not one."""
+    return any((folder / n).is_file() for n in ("config.json", "vsr_config.json", "model_index.json"))
+
+
+CHECKPOINT = re.compile(r"checkpoint-\d{8}(\.tmp)?")
+# what a run folder holds before its first save (a run killed then): nothing of the user's
+OWN_BEFORE_SAVE = ("log.csv", "_tokenizer_files", "state.json.tmp")
 
 
 def setup(args, crop_multiple: int = 16, **inputs: Path | None) -> torch.device:
@@ -215,6 +224,15 @@ def load_optimizer(opt: torch.optim.Optimizer, folder: Path) -> None:
             opt.state[p] = state
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file (or a folder's entries) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class Run:
     """A resumable run in ``folder``: ``models`` (name -> module) and the optimizer saved as safetensors in
     ``checkpoint-<step>/``, ``state.json`` (step, seconds, the checkpoint's name, the script and options,
@@ -229,6 +247,11 @@ class Run:
         self.step, self.meta = 0, {}
         options = {k: str(v) for k, v in (options or {}).items()}
         resumed = self.meta_path.exists()
+        foreign = sorted(q.name for q in self.folder.iterdir()
+                         if not (q.name in OWN_BEFORE_SAVE or CHECKPOINT.fullmatch(q.name)))
+        if not resumed and foreign:
+            raise TrainError(f"--run {self.folder} holds other files ({foreign[0]}...) and is not a run folder (no "
+                             "state.json); use a new or empty folder")
         if resumed:
             self._resume(script, options)
         self.meta.update(script=script, options=options)
@@ -245,7 +268,8 @@ class Run:
         self.t_session = time.time()
         self.t_start = self.t_session - self.meta.get("seconds", 0.0)
         budget = self.meta.get("budget") or {}
-        if minutes > 0 and budget.get("minutes") == minutes and budget.get("used", 0.0) < 60 * minutes:
+        if minutes > 0 and budget.get("minutes") == minutes and not budget.get("ended") \
+                and budget.get("used", 0.0) < 60 * minutes:
             self.t_session -= budget["used"]  # a session stopped early: its time budget (and lr schedule) goes on
             print(f"continuing the {minutes:g}-minute budget ({budget['used'] / 60:.1f} min used)", flush=True)
         self.minutes = minutes
@@ -296,7 +320,11 @@ class Run:
         """True once ``steps`` are done, or this session has run ``minutes`` (0: no time limit) and made at
         least one step (so it always ends validated, saved and exported)."""
         timed_out = minutes > 0 and time.time() - self.t_session > 60 * minutes and self.step > self.session_start
-        return self.step >= steps or timed_out
+        done = self.step >= steps or timed_out
+        if done and "budget" in self.meta and not self.meta["budget"].get("ended") and self.meta_path.exists():
+            self.meta["budget"]["ended"] = True  # the session ended as planned: a resume starts a new budget
+            self._write_meta()
+        return done
 
     def progress(self, steps: int, minutes: float) -> float:
         """How far through the run, in [0, 1]: by steps, or by the time budget when that ends it first (a
@@ -325,21 +353,32 @@ class Run:
         for key, m in self.models.items():
             save_file(m.state_dict(), tmp / f"last_{key}.safetensors")
         save_optimizer(self.opt, tmp / "last_opt.safetensors")
+        for f in tmp.iterdir():
+            _fsync(f)
         if (self.folder / name).exists():
             shutil.rmtree(self.folder / name)
         os.replace(tmp, self.folder / name)
         self.meta.update(step=self.step, seconds=self.seconds(), checkpoint=name)
         if self.minutes > 0:
             self.meta["budget"] = {"minutes": self.minutes, "used": time.time() - self.t_session}
+        else:
+            self.meta.pop("budget", None)
+        self._write_meta()  # the commit point
+        for old in self.folder.iterdir():
+            if CHECKPOINT.fullmatch(old.name) and old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+        old_layout = [self.folder / f"last_{key}.safetensors" for key in self.models]
+        for old in [*old_layout, self.folder / "last_opt.safetensors", self.folder / "last_opt.pt"]:
+            old.unlink(missing_ok=True)  # an older run's files, now in the checkpoint folder
+        self._file.flush()
+
+    def _write_meta(self) -> None:
+        """``state.json`` through a synced temporary file and a rename."""
         meta_tmp = self.meta_path.with_suffix(".json.tmp")
         meta_tmp.write_text(json.dumps(self.meta))
-        os.replace(meta_tmp, self.meta_path)  # the commit point
-        for old in self.folder.glob("checkpoint-*"):
-            if old.name != name:
-                shutil.rmtree(old, ignore_errors=True)
-        for old in [*self.folder.glob("last_*.safetensors"), self.folder / "last_opt.pt"]:  # older runs' layout
-            old.unlink(missing_ok=True)
-        self._file.flush()
+        _fsync(meta_tmp)
+        os.replace(meta_tmp, self.meta_path)
+        _fsync(self.folder)
 
     def close(self) -> None:
         self._file.close()

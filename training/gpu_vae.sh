@@ -34,7 +34,8 @@ train)
   R=/tmp/vae-run; mkdir -p "$OUT"
   nvidia-smi --query-gpu=name --format=csv,noheader > "$OUT/card.txt"
   # resumes when /tmp/vae-run holds a run (a second call on the same warm machine)
-  timeout $(( ${M%.*} * 60 + 160 )) python3 training/train_vae.py --init "$INIT" --anchor 1 --deterministic --loss mse \
+  m=${M%.*}  # whole minutes (M=2.5 -> 2, M=.5 -> 0); the extra 160 s cover the fraction, validation and export
+  timeout $(( ${m:-0} * 60 + 160 )) python3 training/train_vae.py --init "$INIT" --anchor 1 --deterministic --loss mse \
     --color-jitter 0.5 --val-clip rollercoaster.mp4 --crop 128 --batch 32 --every 500 --minutes "$M" --threads 12 \
     --workers 0 --seed 5 --lr "$LR" --run $R --out $R/export > "$OUT/vae.log" 2>&1
   echo "train_vae exit $?"

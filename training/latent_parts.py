@@ -34,8 +34,8 @@ def tiny_text_encoder(folder: Path, hidden: int = 64, seed: int = 0, max_length:
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
     tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
-    with torch.random.fork_rng(devices=[]):  # its own seed; the caller's random stream (--seed) is left as it was
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # its own seed; the caller's CPU stream (--seed) is left as it was
+        torch.default_generator.manual_seed(seed)  # (torch.manual_seed would also reseed the accelerators')
         enc = CLIPTextModel(CLIPTextConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4,
                                            num_hidden_layers=2, vocab_size=len(vocab),
                                            max_position_embeddings=max_length, bos_token_id=0, eos_token_id=1,

@@ -59,6 +59,12 @@ def main(argv=None) -> int:
         print(f"error: --src {src}: no {missing[0].name} there (a ../shared/clips copy; or set BISWEEP_SHARED)",
               file=sys.stderr)
         return 2
+    if args.out.exists() and not args.out.is_dir():
+        print(f"error: --out {args.out} is a file; give a new folder", file=sys.stderr)
+        return 2
+    if args.out.resolve() == src.resolve().parent:
+        print(f"error: --out {args.out} is the folder being packed (--src {src})", file=sys.stderr)
+        return 2
     if args.out.exists() and any(args.out.iterdir()) and not (args.out / "clips").is_dir():
         print(f"error: --out {args.out} holds other files; use a new folder", file=sys.stderr)
         return 2

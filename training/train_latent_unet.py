@@ -32,7 +32,8 @@ from training.latent_parts import (SCALE, empty_prompt_embedding, hr_lr_batch, s
                                    tiny_text_encoder, unet_config)
 from training.common import (Run, ema_update, entry, local_folder, optimizer_step, parser, plot_log,  # noqa: E402
                              prefetch, replace_dir, setup, step_randomness)
-from training.train_vae import SHARED_TRAIN, image_pool, pool_to, psnr, shared_pool, validation_frames  # noqa: E402
+from training import train_vae  # noqa: E402  (its SHARED_TRAIN, read when used)
+from training.train_vae import image_pool, pool_to, psnr, shared_pool, validation_frames  # noqa: E402
 
 
 def export(ema: UNet2DConditionModel, vae_dir: Path, enc, tok, out: Path, meta: dict) -> None:
@@ -127,7 +128,7 @@ def main(argv=None) -> None:
     extra, used = ([], []) if args.no_shared else shared_pool(exclude=args.val_clip)
     val, val_name = validation_frames(args.val_clip, val)
     pool = pool_to(base + extra, device, args.workers > 0)
-    print(f"data: {len(base)} skimage/wolf images, {len(extra)} from {SHARED_TRAIN} "
+    print(f"data: {len(base)} skimage/wolf images, {len(extra)} from {train_vae.SHARED_TRAIN} "
           f"({', '.join(used) if used else 'skipped (--no-shared)' if args.no_shared else 'absent'}), procedural "
           f"textures; validation: {len(val)} {val_name}", flush=True)
     val_hr, val_lr = validation_crops(val)

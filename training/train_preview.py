@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 from pipelines.degradation import bicubic_resize  # noqa: E402
 from training.common import (Run, entry, local_folder, optimizer_step, parser, plot_log, prefetch,  # noqa: E402
                              replace_dir, setup, step_randomness)
-from training.train_vae import SHARED_TRAIN, image_pool, pool_to, psnr, sample_crops, shared_pool  # noqa: E402
+from training import train_vae  # noqa: E402  (its SHARED_TRAIN, read when used)
+from training.train_vae import image_pool, pool_to, psnr, sample_crops, shared_pool  # noqa: E402
 from training.train_vsr import wolf_available  # noqa: E402
 
 
@@ -60,7 +61,7 @@ def main(argv=None) -> None:
     base, val = image_pool()
     extra, used = ([], []) if args.no_shared else shared_pool()
     pool = pool_to(base + extra, device, args.workers > 0)
-    print(f"data: {len(base)} skimage/wolf images, {len(extra)} from {SHARED_TRAIN} "
+    print(f"data: {len(base)} skimage/wolf images, {len(extra)} from {train_vae.SHARED_TRAIN} "
           f"({', '.join(used) if used else 'skipped (--no-shared)' if args.no_shared else 'absent'}); validation: "
           f"{len(val)} held-out {'wolf frames' if wolf_available() else 'scikit-image photographs'}", flush=True)
     val_x = torch.stack([bicubic_resize(v, (128, 224)) for v in val]).clamp(-1, 1).to(device)

@@ -226,8 +226,8 @@ def main(argv=None) -> None:
     p.add_argument("--no-shared", action="store_true", help="skip ../shared/clips/train (tests)")
     p.add_argument("--init", type=Path, default=None, help="a controlnet/ folder to continue from")
     p.add_argument("--cosine", action="store_true",
-                   help="decay the learning rate to 0 by a half cosine: by step over --steps, or over this "
-                        "session's --minutes when that ends first")
+                   help="decay the learning rate to 0 by a half cosine: by step over --steps, or over the "
+                        "--minutes budget when that ends first")
     p.add_argument("--chain", action="store_true",
                    help="train on chains of three frames: the condition is the decoded x0 of a neighbour that was "
                         "itself predicted with the TCM, as in the sweep (validation stays on pairs)")
