@@ -4,7 +4,7 @@ A :class:`ClipSource` knows how many frames the selection (``start``, ``end``, `
 ``max_frames``) holds, their rate and, for videos, their presentation timestamps, without keeping
 any frame: :meth:`ClipSource.read` decodes the frames ``[a, b)`` of the selection when asked, so a
 job working window by window holds one window of input. Videos are decoded with PyAV (FFmpeg's
-libraries, any container FFmpeg reads); a first pass decodes the stream once without keeping
+libraries; the containers of video_io.VIDEO_EXTS); a first pass decodes the stream once without keeping
 frames, to count the frames that really decode (a damaged file declares more than that) and to
 record their timestamps (variable frame rate is kept, not assumed). Reading forwards is
 sequential; the last frames read are cached so overlapping windows do not decode twice.
@@ -32,6 +32,7 @@ class ClipSource:
         self.warnings: list[str] = []
         self.time_base: Fraction | None = None
         self.pts: list[int] | None = None  # presentation timestamps of the selected frames (videos)
+        self.sample_aspect: Fraction | None = None  # pixel aspect ratio when not square (videos)
         self.start_pts: int | None = None
         self.rotation = 0  # degrees counterclockwise applied to decoded video frames (display matrix)
         self._cache: dict[int, np.ndarray] = {}
@@ -50,8 +51,9 @@ class ClipSource:
                 self._scan_video(*sel)
             elif ext == ".gif":
                 self._kind = "memory"
-                frames, fps = _read_gif(self.path, start, end, stride, max_frames)
-                self._frames, self.fps = frames, (None if fps is None else fps / stride)
+                frames, self.fps, pts = _read_gif(self.path, start, end, stride, max_frames)
+                self._frames, self.time_base = frames, Fraction(1, 1000)
+                self.pts = pts if len(set(np.diff(pts))) > 1 else None  # uneven delays: kept as timestamps
                 self._index = list(range(len(frames)))
             elif ext in IMAGE_EXTS:
                 self._kind, self._files = "images", [self.path]
@@ -61,7 +63,7 @@ class ClipSource:
                 raise InputError(
                     f"{self.path}: unsupported file type '{self.path.suffix}' (expected a video "
                     f"{'/'.join(VIDEO_EXTS)}, a .gif, an image, or a folder of images)")
-        if self._kind == "images" and len(self._index) > 1:
+        if self._kind == "images":
             self._check_image_sizes()
         if strict and self.warnings:
             raise InputError(f"{self.warnings[0]} (input.strict is set)")
@@ -91,16 +93,23 @@ class ClipSource:
         return sorted(files, key=lambda p: _natural_key(p.name))
 
     def _check_image_sizes(self) -> None:
-        """All selected images the size of the first, from their headers (nothing decoded), up front."""
+        """All selected images the size of the first as displayed (EXIF orientation applied, as decoding
+        does), and none animated (only its first frame would be read), from their headers, up front."""
         from PIL import Image
 
         first = None
         for i in self._index:
             try:
                 with Image.open(self._files[i]) as im:
-                    size = im.size
-            except (OSError, ValueError):
+                    size, frames = im.size, getattr(im, "n_frames", 1)
+                    # a quarter turn: decoding shows it sideways (Pillow's TIFF size already is the turned one)
+                    if im.format != "TIFF" and im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+                        size = size[::-1]
+            except (OSError, ValueError, SyntaxError):
                 continue  # undecodable: reported with its name when read
+            if frames > 1:
+                raise InputError(f"{self._files[i]}: an animated or multi-page image ({frames} frames) is not read; "
+                                 "convert it to a video or a folder of frames")
             if first is None:
                 first = (size, self._files[i])
             elif size != first[0]:
@@ -115,10 +124,16 @@ class ClipSource:
             container = av.open(str(self.path))
         except (av.error.FFmpegError, OSError, UnicodeDecodeError) as e:
             raise InputError(f"{self.path}: cannot open video (corrupt or unsupported format)") from e
-        if not container.streams.video:
+        # an audio file's cover art is a one-picture "video" stream marked as an attached picture
+        moving = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+        if not moving:
+            cover = " (only a cover picture)" if container.streams.video else ""
             container.close()
-            raise InputError(f"{self.path}: cannot open video: no video stream")
-        stream = container.streams.video[0]
+            raise InputError(f"{self.path}: cannot open video: no video stream{cover}")
+        stream = moving[0]
+        if len(moving) > 1 and not any("video streams" in w for w in self.warnings):
+            self.warnings.append(f"{self.path.name} holds {len(moving)} video streams; the first "
+                                 f"({stream.codec_context.width}x{stream.codec_context.height}) is read")
         stream.thread_type = "AUTO"
         return container, stream
 
@@ -137,6 +152,8 @@ class ClipSource:
         try:
             declared = stream.frames or 0
             self.time_base = stream.time_base
+            sar = stream.codec_context.sample_aspect_ratio  # non-square pixels: kept by the output
+            self.sample_aspect = sar if sar and sar != 1 else None
             rate = stream.average_rate or stream.guessed_rate
             # decode no further than the last frame the selection can take
             stop = end if max_frames is None else start + (max_frames - 1) * stride + 1

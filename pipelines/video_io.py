@@ -25,6 +25,8 @@ import torch.nn.functional as F
 
 from .video_writer import DEFAULT_CRF, WriteError, Written, commit, file_mode, temp_sibling, write_h264
 
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # its own warnings would break one-line errors
+
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -99,37 +101,62 @@ def _natural_key(name: str):
 
 
 def _decode_image(path: Path) -> np.ndarray:
-    """One image file -> uint8 (H, W, 3) RGB (alpha dropped, gray expanded, 16 bit reduced)."""
+    """One image file -> uint8 (H, W, 3) RGB (alpha dropped, gray expanded, 16 bit reduced, EXIF
+    orientation applied)."""
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as e:
         raise InputError(f"{path}: cannot read file ({e.strerror})") from None
+    if path.suffix.lower() in (".tif", ".tiff") and data.size:
+        img = _tiff_with_alpha(data)
+        if img is not None:
+            return img
     img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if img is None:
         raise InputError(f"{path}: cannot decode image (corrupt or unsupported format)")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
+def _tiff_with_alpha(data: np.ndarray) -> np.ndarray | None:
+    """A TIFF with alpha as uint8 RGB with its colours as stored: OpenCV's reader multiplies them by alpha
+    (measured), so they are divided back out (fully transparent pixels stay black); its reader applies the
+    TIFF orientation tag itself here. None for any other TIFF (read as usual)."""
+    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if img is None or img.ndim != 3 or img.shape[2] != 4:
+        return None
+    peak = 65535.0 if img.dtype == np.uint16 else 255.0 if img.dtype == np.uint8 else 1.0
+    bgra = img.astype(np.float32) / peak
+    alpha = bgra[..., 3:]
+    rgb = np.where(alpha > 0, bgra[..., 2::-1] / np.maximum(alpha, 1e-6), 0.0)
+    return np.clip(rgb * 255.0, 0, 255).round().astype(np.uint8)
+
+
 def _read_gif(path: Path, start, end, stride, max_frames):
+    """The selected frames, their mean rate and their start times in ms (per-frame delays kept; a delay of
+    10 ms or less shows for 100 ms, as browsers play it)."""
     from PIL import Image, ImageSequence
 
-    frames, durations, i = [], [], 0
+    frames, durations, i, chosen = [], [], 0, []
     try:
         with Image.open(path) as im:
             for frame in ImageSequence.Iterator(im):
                 if _finished(i, len(frames), end, max_frames):
                     break
-                durations.append(frame.info.get("duration") or 0)
+                delay = frame.info.get("duration") or 0
+                durations.append(delay if delay > 10 else 100)
                 if _wanted(i, start, stride):
                     frames.append(np.asarray(frame.convert("RGB")))
+                    chosen.append(i)
                 i += 1
     except (OSError, EOFError, SyntaxError, ValueError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise InputError(f"{path}: cannot decode GIF ({msg})") from None
     if not frames:
         raise _nothing_selected(path, start, i)
-    mean_ms = float(np.mean(durations))
-    return np.stack(frames), (1000.0 / mean_ms if min(durations) > 0 else None)
+    starts = np.concatenate([[0], np.cumsum(durations)]).astype(int)
+    # each chosen frame stands for itself and the stride - 1 frames skipped after it (those read)
+    span_ms = sum(sum(durations[k:k + stride]) for k in chosen)
+    return np.stack(frames), 1000.0 * len(chosen) / span_ms, [int(starts[k]) for k in chosen]
 
 
 # ----------------------------------------------------------------------------- tensors

@@ -21,6 +21,9 @@ import numpy as np
 DEFAULT_CRF = 12
 VIDEO_CODEC = "libx264"
 PIX_FMT = "yuv420p"
+# the stream's colour description (FFmpeg's enum values): the BT.601 matrix (smpte170m) at limited range,
+# which append converts with, and BT.709 primaries and transfer (sRGB's primaries: the RGB frames')
+COLOR_MATRIX, COLOR_RANGE, SRGB_PRIMARIES_TRC = 6, 1, 1
 
 
 class WriteError(RuntimeError):
@@ -207,14 +210,14 @@ class VideoWriter:
     """
 
     def __init__(self, path, fps: float, *, crf: int = DEFAULT_CRF, audio_from=None, audio_start_s: float = 0.0,
-                 replace: bool = True, time_base: Fraction | None = None):
+                 replace: bool = True, time_base: Fraction | None = None, sample_aspect: Fraction | None = None):
         if not fps or fps <= 0:
             raise ValueError(f"fps must be > 0, got {fps}")
         if not 0 <= crf <= 51:
             raise ValueError(f"crf must be in [0, 51], got {crf}")
         self.path, self.crf, self.replace = Path(path), crf, replace
         self.rate = Fraction(fps).limit_denominator(1001000)
-        self.time_base = time_base
+        self.time_base, self.sample_aspect = time_base, sample_aspect  # sample_aspect: non-square pixels
         self.audio_from, self.audio_start_s = audio_from, audio_start_s
         self.tmp = temp_sibling(self.path)
         self.out = self.stream = self.audio = None
@@ -232,6 +235,11 @@ class VideoWriter:
         except (av.error.FFmpegError, ValueError) as e:
             raise WriteError(f"{self.path}: cannot open an output container ({e})") from e
         self.stream.width, self.stream.height, self.stream.pix_fmt = w, h, PIX_FMT
+        cc = self.stream.codec_context  # what append's conversion does, said in the stream: players that guess
+        cc.colorspace, cc.color_range = COLOR_MATRIX, COLOR_RANGE  # would take an HD-sized output for BT.709
+        cc.color_primaries = cc.color_trc = SRGB_PRIMARIES_TRC
+        if self.sample_aspect is not None:
+            cc.sample_aspect_ratio = self.sample_aspect
         if self.time_base is not None:
             self.stream.codec_context.time_base = self.time_base
             self.stream.time_base = self.time_base
@@ -268,7 +276,8 @@ class VideoWriter:
             raise ValueError(f"frame size {frames.shape[1:3]} differs from the first frames' {self.size}")
         try:
             for k, img in enumerate(frames):
-                frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+                frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(
+                    format=PIX_FMT, dst_colorspace="ITU601", dst_color_range="MPEG")  # BT.601, limited range
                 if pts is not None:
                     self.first_pts = pts[k] if self.first_pts is None else self.first_pts
                     frame.pts = pts[k] - self.first_pts

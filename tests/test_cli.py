@@ -597,3 +597,29 @@ def test_a_ctrl_c_swallowed_while_the_libraries_loaded_ends_the_run_with_130(cap
     monkeypatch.setattr(run_video, "run", lambda args: pytest.fail("the job ran after Ctrl-C"))
     assert run_video.main(["--output", "never.mp4"]) == 130
     assert capsys.readouterr().err == "error: interrupted\n"
+
+
+def test_non_square_pixels_are_kept(data, tmp_path, capsys):
+    """A clip with 2:1 pixels (64x48 stored, shown 128x48) came out with square pixels, stretched to 4:3;
+    the output now carries the input's pixel aspect ratio. The input is written with PyAV directly."""
+    from fractions import Fraction
+
+    import av
+
+    src = tmp_path / "sar.mp4"
+    with av.open(str(src), "w") as out:
+        s = out.add_stream("libx264", rate=12)
+        s.width, s.height, s.pix_fmt = 32, 16, "yuv420p"
+        s.codec_context.sample_aspect_ratio = Fraction(2, 1)
+        for i, f in enumerate(to_uint8(tiny.textured_clip(4, 32))[:, :16]):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")
+            frame.pts = i
+            for p in s.encode(frame):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+    rc, _, err = cli(capsys, "--input", src, "--output", tmp_path / "o.mp4", f"model.path={data / 'model'}", *FAST)
+    assert rc == 0, err
+    with av.open(str(tmp_path / "o.mp4")) as c:
+        cc = c.streams.video[0].codec_context
+        assert (cc.width, cc.height, cc.sample_aspect_ratio) == (64, 32, Fraction(2, 1))

@@ -501,3 +501,131 @@ def test_a_full_disk_keeps_the_earlier_video(tiny_disk):
         write_video(out, noise, 10, crf=0)
     assert "\n" not in str(info.value)
     assert out.read_bytes() == good and os.listdir(tiny_disk) == ["o.mp4"]
+
+
+# ----------------------------------------------------------------------------- unusual media (a hunt on real
+# inputs: each case was silently wrong, or a late or noisy error, before)
+
+
+def test_written_video_says_its_colours_and_they_are_bt601_limited(tmp_path):
+    """The H.264 stream is labelled (BT.601 matrix, limited range, BT.709 primaries and transfer): an
+    unlabelled one is shown as BT.709 by browsers once it is HD-sized, shifting every colour. Reference
+    kind: closed-form maths, the BT.601 luma Y = 16 + 219 (0.299 R + 0.587 G + 0.114 B) of pure primaries."""
+    import av
+
+    frames = np.zeros((2, 64, 96, 3), np.uint8)
+    frames[:, :, :32], frames[:, :, 32:64], frames[:, :, 64:] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    write_video(tmp_path / "c.mp4", frames, fps=12)
+    with av.open(str(tmp_path / "c.mp4")) as c:
+        cc = c.streams.video[0].codec_context
+        assert (cc.colorspace, cc.color_range, cc.color_primaries, cc.color_trc) == (6, 1, 1, 1)
+        y = next(c.decode(video=0)).to_ndarray(format="yuv420p")[:64]
+    for col, weight in ((16, 0.299), (48, 0.587), (80, 0.114)):
+        assert abs(int(y[32, col]) - (16 + 219 * weight)) <= 1.0  # BT.709 would give 63, 173, 32
+
+
+def test_animated_or_multi_page_images_are_refused_not_cut_to_one_frame(tmp_path):
+    frames = [Image.new("RGB", (16, 16), (40 * i, 0, 0)) for i in range(3)]
+    frames[0].save(tmp_path / "a.webp", save_all=True, append_images=frames[1:], duration=100)
+    frames[0].save(tmp_path / "m.tif", save_all=True, append_images=frames[1:])
+    for name in ("a.webp", "m.tif"):
+        with pytest.raises(InputError, match=r"an animated or multi-page image \(3 frames\) is not read"):
+            read_clip(tmp_path / name)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    frames[0].save(folder / "000.png")
+    shutil.copy(tmp_path / "a.webp", folder / "001.webp")
+    with pytest.raises(InputError, match="001.webp: an animated"):
+        read_clip(folder)
+
+
+def test_gif_frame_delays_are_kept(tmp_path):
+    """Delays 1000, 40, 40, 40 ms: the frames start at 0, 1000, 1040, 1080 ms (before: one mean rate, the
+    first frame shown 280 ms, the others 7x too slow); from the second frame on the rate is 25 fps."""
+    from pipelines.clip_source import ClipSource
+
+    frames = [Image.new("RGB", (16, 16), (60 * i, 0, 0)) for i in range(4)]
+    frames[0].save(tmp_path / "v.gif", save_all=True, append_images=frames[1:], duration=[1000, 40, 40, 40])
+    src = ClipSource(tmp_path / "v.gif")
+    assert src.pts == [0, 1000, 1040, 1080] and float(src.time_base) == 1e-3
+    later = ClipSource(tmp_path / "v.gif", start=1)
+    assert later.fps == pytest.approx(25.0) and later.pts is None  # even delays: a plain rate
+
+
+def test_cover_art_of_an_audio_file_is_no_video(tmp_path):
+    """An m4a-style file (AAC + an attached MJPEG picture) was upscaled as a 1-frame video at 90000 fps."""
+    import av
+
+    path = tmp_path / "song.mp4"
+    with av.open(str(path), "w") as out:
+        audio = out.add_stream("aac", rate=44100)
+        cover = out.add_stream("mjpeg", rate=1)
+        cover.width, cover.height, cover.pix_fmt = 32, 32, "yuvj420p"
+        cover.disposition = av.stream.Disposition.attached_pic
+        pic = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 200, np.uint8), "rgb24").reformat(format="yuvj420p")
+        pic.pts = 0
+        for p in [*cover.encode(pic), *cover.encode()]:
+            out.mux(p)
+        for i in range(20):
+            fr = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            fr.sample_rate, fr.pts = 44100, i * 1024
+            for p in audio.encode(fr):
+                out.mux(p)
+        for p in audio.encode():
+            out.mux(p)
+    with pytest.raises(InputError, match=r"no video stream \(only a cover picture\)"):
+        read_clip(path)
+
+
+def test_a_second_video_stream_is_named_in_a_warning(tmp_path):
+    import av
+
+    from pipelines.clip_source import ClipSource
+
+    path = tmp_path / "two.mkv"
+    with av.open(str(path), "w") as out:
+        streams = [out.add_stream("libx264", rate=10) for _ in range(2)]
+        for s, (w, h) in zip(streams, ((32, 24), (64, 48))):
+            s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        for i in range(3):
+            for s in streams:
+                f = av.VideoFrame.from_ndarray(np.zeros((s.height, s.width, 3), np.uint8), "rgb24")
+                f.pts = i
+                for p in s.encode(f):
+                    out.mux(p)
+        for s in streams:
+            for p in s.encode():
+                out.mux(p)
+    src = ClipSource(path)
+    assert src.size == (24, 32)
+    assert any("holds 2 video streams; the first (32x24) is read" in w for w in src.warnings)
+
+
+def test_phone_photos_turned_by_exif_have_their_displayed_size(tmp_path):
+    """A folder of portrait photos, one stored landscape with EXIF orientation 6 (a quarter turn), the
+    others stored upright: all display 6 wide x 8 high, as decoding shows them (was refused by the size
+    check, which read the stored size)."""
+    turned = Image.new("RGB", (8, 6), (200, 0, 0))
+    exif = turned.getexif()
+    exif[0x0112] = 6
+    turned.save(tmp_path / "a.jpg", exif=exif)
+    for name in ("b.jpg", "c.jpg"):
+        Image.new("RGB", (6, 8), (0, 200, 0)).save(tmp_path / name)
+    assert read_clip(tmp_path).frames.shape == (3, 8, 6, 3)
+
+
+def test_rgba_tiff_keeps_its_colours_and_opencv_stays_quiet(tmp_path, capfd):
+    """OpenCV's TIFF reader multiplies RGB by alpha ((200, 100, 50) at alpha 128 read as (100, 50, 25));
+    PNG keeps the stored colours, and so does TIFF now (1 level of rounding). A float TIFF it cannot read
+    is one InputError, without OpenCV's own warning on stderr."""
+    rgba = np.zeros((8, 6, 4), np.uint8)
+    rgba[..., :3], rgba[..., 3] = (200, 100, 50), 128
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "x.tif")
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "x.png")
+    tif, png = read_clip(tmp_path / "x.tif").frames[0], read_clip(tmp_path / "x.png").frames[0]
+    assert np.abs(tif.astype(int) - png.astype(int)).max() <= 1 and tuple(png[0, 0]) == (200, 100, 50)
+    cv2.imwrite(str(tmp_path / "f.tif"), np.random.default_rng(0).random((8, 8, 3)).astype(np.float32))
+    capfd.readouterr()
+    with pytest.raises(InputError, match="cannot decode image"):
+        read_clip(tmp_path / "f.tif")
+    assert capfd.readouterr().err == ""
