@@ -238,8 +238,8 @@ def load_model(cfg: DictConfig, path: str, device: torch.device, timer: StageTim
     from .loading import ModelLoadError
     from .video_pipeline import VideoPipeline
 
-    diffusers_logging.set_verbosity_error()  # library chatter would break the one-line-error contract
-    diffusers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # its chatter (even logged "errors" about
+    diffusers_logging.disable_progress_bar()  # optional files) would break the one-line-error contract
     try:
         import transformers
 
@@ -270,6 +270,22 @@ def load_model(cfg: DictConfig, path: str, device: torch.device, timer: StageTim
     if cfg.sampling.num_inference_steps > train_steps:
         raise ConfigError(f"sampling.num_inference_steps={cfg.sampling.num_inference_steps} exceeds the "
                           f"{train_steps} training timesteps of {cfg.model.path}'s scheduler")
+    if pipe.kind == "upscale":
+        labels = getattr(pipe.unet, "class_embedding", None)
+        if pipe.upscale_convention() == "stablevsr" and labels is not None:
+            raise ConfigError("the upscaler's UNet has a class embedding (noise-level labels), which the StableVSR "
+                              "convention does not pass; use model.convention=sd_upscaler")
+        if pipe.upscale_convention() == "sd_upscaler":
+            top = min(pipe.low_res_scheduler.config.num_train_timesteps, getattr(labels, "num_embeddings", 10 ** 9))
+            if not 0 <= cfg.sampling.noise_level < top:
+                raise ConfigError(f"sampling.noise_level={cfg.sampling.noise_level} must be in [0, {top - 1}] for "
+                                  f"{cfg.model.path}")
+    if pipe.controlnet is not None and cfg.alignment.mode == "tcm":
+        factor = 2 ** (len(pipe.controlnet.config.conditioning_embedding_out_channels) - 1)
+        want = pipe.scale if pipe.kind == "upscale" else 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        if factor != want:
+            raise ConfigError(f"the ControlNet's conditioning embedding takes its RGB condition down x{factor}, but "
+                              f"this model's condition is x{want} its latents")
     if cfg.sampling.guidance_scale > 1 and pipe.text_encoder is None:
         raise ConfigError(f"sampling.guidance_scale={cfg.sampling.guidance_scale} needs a text-conditioned model; "
                           f"{cfg.model.path} has no text encoder (use sampling.guidance_scale=1)")

@@ -7,6 +7,8 @@ from pathlib import Path
 import diffusers
 import torch
 
+from schedulers import check_scheduler
+
 SCHEDULER_KINDS = {
     "ddpm": "DDPMScheduler",
     "ddim": "DDIMScheduler",
@@ -63,7 +65,11 @@ def make_scheduler(config, kind: str = "auto"):
         name = SCHEDULER_KINDS[kind]
     else:
         raise ValueError(f"scheduler kind must be auto or one of {', '.join(SCHEDULER_KINDS)}, not {kind!r}")
-    extra = {"algorithm_type": "dpmsolver++"} if name == "DPMSolverMultistepScheduler" else {}
+    extra = {"algorithm_type": "dpmsolver++"} if kind == "dpm++" else {}  # auto keeps the checkpoint's own
+    if kind != "auto" and "clip_sample" not in config:
+        # another class's defaults would clip x0 to [-1, 1] (DDIM, DDPM); diffusers' pipelines turn that off
+        # for a checkpoint that does not ask for it, and so does this
+        extra["clip_sample"] = False
     return getattr(diffusers, name).from_config(config, **extra)
 
 
@@ -82,6 +88,11 @@ def load_pipeline(cls, path, *, device="cpu", dtype=torch.float32, scheduler_kin
         unet_model = diffusers.AutoModel.from_pretrained(path, subfolder=unet, torch_dtype=dtype)
         sched_cfg = diffusers.DDPMScheduler.load_config(path, subfolder=scheduler)
         sched = make_scheduler(sched_cfg, scheduler_kind)
+        try:
+            check_scheduler(sched)
+        except ValueError as e:
+            raise ModelLoadError(f"model {path}: {e}; scheduler.kind=ddim, ddpm, dpm++ or euler replaces "
+                                 "the checkpoint's scheduler") from None
         comps = dict(vae=None, text_encoder=None, tokenizer=None, controlnet=None, low_res_scheduler=None,
                      preview=None)
         if _has(path, vae, local):
@@ -101,6 +112,9 @@ def load_pipeline(cls, path, *, device="cpu", dtype=torch.float32, scheduler_kin
         if use_controlnet and _has(path, controlnet, local):
             comps["controlnet"] = diffusers.ControlNetModel.from_pretrained(path, subfolder=controlnet,
                                                                             torch_dtype=dtype)
+        if comps["vae"] is not None and comps["vae"].config.get("shift_factor") not in (None, 0, 0.0):
+            raise ModelLoadError(f"model {path}: its VAE has a shift_factor (SD3/Flux-style latents), which this "
+                                 "pipeline does not apply")
         if comps["vae"] is not None and unet_model.config.in_channels == comps["vae"].config.latent_channels + 3:
             # the upscaler's low-res noise schedule; StableVSR ships none and uses the default DDPM one
             comps["low_res_scheduler"] = (diffusers.DDPMScheduler.from_pretrained(path, subfolder=low_res_scheduler)

@@ -97,20 +97,32 @@ class VideoPipeline:
     # ------------------------------------------------------------------ construction
     def _kind(self) -> ModelKind:
         cin, cout = self.unet.config.in_channels, self.unet.config.out_channels
+        cfg = self.unet.config
+        if cfg.get("addition_embed_type"):
+            raise ValueError(f"the UNet needs added conditioning (addition_embed_type={cfg.addition_embed_type}, "
+                             "SDXL-style), which this pipeline does not supply")
+        if cfg.get("time_cond_proj_dim"):
+            raise ValueError("the UNet is guidance-distilled (time_cond_proj_dim: LCM-style) and needs a guidance "
+                             "embedding, which this pipeline does not supply")
         if self.vae is None:
             if self.residual_scale is not None:
                 if cin != cout + 3:
                     raise ValueError(f"the residual SR UNet has {cin} input channels; expected {cout + 3} "
                                      f"(its {cout} output channels + the upscaled RGB frame)")
                 return "residual_sr"
-            if cin != cout:
+            if not cin == cout == 3:
                 raise ValueError(f"the UNet has {cin} input and {cout} output channels, so it is not a pixel-space "
-                                 "model; a latent model needs its VAE")
+                                 "(RGB) model; a latent model needs its VAE")
             return "pixel"
         lat = self.vae.config.latent_channels
+        if cout != lat:
+            raise ValueError(f"the UNet predicts {cout} channels for {lat} latent channels (a learned variance?), "
+                             "which this pipeline does not use")
         if cin == lat + 3:
             return "upscale"
         if cin == lat:
+            if getattr(self.unet, "class_embedding", None) is not None:
+                raise ValueError("the img2img UNet has a class embedding, whose labels this pipeline does not supply")
             return "img2img"
         raise ValueError(f"UNet has {cin} input channels; expected {lat} (img2img) or {lat + 3} (upscaler)")
 

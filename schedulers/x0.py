@@ -57,6 +57,10 @@ def check_scheduler(scheduler) -> None:
         raise ValueError(f"prediction_type {kind!r} is not supported; use one of: {', '.join(PREDICTION_TYPES)}")
     if scheduler.config.get("thresholding", False):
         raise ValueError("scheduler option thresholding=True is not supported (it changes x0 non-linearly)")
+    algorithm = scheduler.config.get("algorithm_type", "dpmsolver++")
+    if type(scheduler).__name__ == "DPMSolverMultistepScheduler" and algorithm != "dpmsolver++":
+        raise ValueError(f"DPM-Solver algorithm_type {algorithm!r} is not supported (only the deterministic "
+                         "dpmsolver++, which scheduler.kind=dpm++ selects)")
 
 
 @dataclass

@@ -261,7 +261,7 @@ BAD = [
     # found by a third probe: each ran (or failed with exit 1 after loading) instead of a one-line error
     ("mistyped vae subfolder", lambda d: ["model.vae_subfolder=vea"], "model.vae_subfolder=vea: "),
     ("latent model without its vae", lambda d: [f"model.path={_stablevsr_without(d, 'vae')}"],
-     "the UNet has 7 input and 4 output channels, so it is not a pixel-space model"),
+     "the UNet has 7 input and 4 output channels, so it is not a pixel-space (RGB) model"),
     ("text encoder without tokenizer", lambda d: [f"model.path={_stablevsr_without(d, 'tokenizer')}"],
      "has a text_encoder/ text encoder but no tokenizer/ tokenizer subfolder"),
     ("text-conditioned unet without text encoder",
@@ -275,7 +275,96 @@ BAD = [
     ("folder of videos and an image", lambda d: ["--input", _videos_and_image(d), "--output", d / "outs"],
      "holds 1 video(s) (clip.mp4...) and 1 image(s)"),
     ("workdir over other files", lambda d: ["--workdir", _foreign_dir(d)], "holds other files and is not a work"),
+    # found by a probe with models of other layouts (diffusers-built, tiny): each was exit 1 or ran wrong
+    ("scheduler the maths does not support", lambda d: [f"model.path={_sd_like(d, sched='pndm')}"],
+     "scheduler PNDMScheduler is not supported"),
+    ("stochastic or first-order DPM-Solver", lambda d: [f"model.path={_sd_like(d, sched='dpmsolver')}"],
+     "DPM-Solver algorithm_type 'dpmsolver' is not supported"),
+    ("SDXL-style added conditioning", lambda d: [f"model.path={_sd_like(d, unet='sdxl')}"],
+     "addition_embed_type=text_time"),
+    ("guidance-distilled UNet", lambda d: [f"model.path={_sd_like(d, unet='lcm')}"], "guidance-distilled"),
+    ("learned variance", lambda d: [f"model.path={_sd_like(d, unet='variance')}"], "predicts 8 channels"),
+    ("latent UNet without its vae", lambda d: [f"model.path={_sd_like(d, vae=False, unet='plain4')}"],
+     "not a pixel-space (RGB) model"),
+    ("VAE with a shift_factor", lambda d: [f"model.path={_sd_like(d, shift=0.3)}"], "shift_factor"),
+    ("class-labelled upscaler under the StableVSR convention",
+     lambda d: [f"model.path={_upscaler(d)}", "model.convention=stablevsr"], "use model.convention=sd_upscaler"),
+    ("noise level beyond the schedule", lambda d: [f"model.path={_upscaler(d)}", "sampling.noise_level=1000"],
+     "sampling.noise_level=1000 must be in [0, 999]"),
+    ("ControlNet of another scale", lambda d: [f"model.path={_other_controlnet(d)}", "alignment.mode=tcm"],
+     "takes its RGB condition down x8, but this model's condition is x4"),
 ]
+
+
+def _sd_like(d, sched="ddim", unet="cond", vae=True, shift=None):
+    """A tiny SD-layout img2img model (unet/, vae/, text_encoder/, tokenizer/, scheduler/), built with
+    diffusers, with the named scheduler or UNet variant."""
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler, UNet2DConditionModel,
+                           UNet2DModel)
+
+    path = d / "sd"
+    sd = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
+    torch.manual_seed(0)
+    extra = {"sdxl": dict(addition_embed_type="text_time", addition_time_embed_dim=8,
+                          projection_class_embeddings_input_dim=80),
+             "lcm": dict(time_cond_proj_dim=16)}
+    if unet == "plain4":
+        model = UNet2DModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                            layers_per_block=1, down_block_types=("DownBlock2D",) * 2,
+                            up_block_types=("UpBlock2D",) * 2, norm_num_groups=32)
+    elif unet in extra:
+        model = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                     layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
+                                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=32,
+                                     **extra[unet])
+    else:
+        model = tiny.cond_unet(4, 8 if unet == "variance" else 4)
+    model.save_pretrained(path / "unet")
+    if vae:
+        v = tiny.vae()
+        if shift is not None:
+            v.register_to_config(scaling_factor=0.5, shift_factor=shift)
+        v.save_pretrained(path / "vae")
+    if unet != "plain4":
+        enc, tok = tiny.clip_parts(d / "_tok")
+        enc.save_pretrained(path / "text_encoder")
+        tok.save_pretrained(path / "tokenizer")
+    made = {"ddim": lambda: DDIMScheduler(**sd, clip_sample=False),
+            "pndm": lambda: PNDMScheduler(**sd, skip_prk_steps=True),
+            "dpmsolver": lambda: DPMSolverMultistepScheduler(**sd, algorithm_type="dpmsolver",
+                                                             final_sigmas_type="sigma_min")}[sched]()
+    made.save_pretrained(path / "scheduler")
+    return path
+
+
+def _upscaler(d):
+    """A tiny SD x4 upscaler layout: a 7-channel UNet with noise-level labels, no ControlNet."""
+    from diffusers import DDPMScheduler
+
+    path = d / "x4"
+    tiny.cond_unet(7, class_embed=True).save_pretrained(path / "unet")
+    v = tiny.vae(down=3)
+    v.register_to_config(scaling_factor=0.08333)
+    v.save_pretrained(path / "vae")
+    enc, tok = tiny.clip_parts(d / "_tok")
+    enc.save_pretrained(path / "text_encoder")
+    tok.save_pretrained(path / "tokenizer")
+    DDPMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction").save_pretrained(path / "scheduler")
+    return path
+
+
+def _other_controlnet(d):
+    """StableVSR's layout (x4) with a ControlNet whose conditioning embedding goes down x8."""
+    import shutil
+
+    from diffusers import ControlNetModel
+
+    path = tiny.save_stablevsr_layout(d / "stablevsr")
+    shutil.rmtree(path / "controlnet")
+    ControlNetModel.from_unet(tiny.cond_unet(in_channels=7), conditioning_embedding_out_channels=(16, 32, 32, 32)
+                              ).save_pretrained(path / "controlnet")
+    return path
 
 
 def _stablevsr_without(d, *drop):

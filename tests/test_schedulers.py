@@ -116,3 +116,26 @@ def test_unsupported_scheduler_error_names_supported_ones():
         check_scheduler(PNDMScheduler())
     with pytest.raises(ValueError, match="thresholding"):
         check_scheduler(DDPMScheduler(thresholding=True))
+
+
+def test_switching_the_scheduler_kind_does_not_turn_on_x0_clipping():
+    """An SD checkpoint's PNDM config has no clip_sample; DDIMScheduler/DDPMScheduler.from_config would then
+    clip latent x0 to [-1, 1] (their default), which diffusers' own Stable Diffusion pipelines turn off for
+    such a checkpoint (reference: diffusers' StableDiffusionPipeline, which sets clip_sample=False on a
+    scheduler config that does not say it). A config that asks for clipping keeps it. ``auto`` keeps the
+    checkpoint's DPM-Solver algorithm (refused later if unsupported); ``dpm++`` selects dpmsolver++."""
+    from diffusers import DPMSolverMultistepScheduler, PNDMScheduler
+
+    from pipelines.loading import make_scheduler
+
+    sd = PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                       skip_prk_steps=True).config
+    assert "clip_sample" not in sd and DDIMScheduler.from_config(sd).config.clip_sample  # the trap
+    for kind in ("ddim", "ddpm"):
+        assert make_scheduler(sd, kind).config.clip_sample is False
+    asks = DDIMScheduler(clip_sample=True).config
+    assert make_scheduler(asks, "ddpm").config.clip_sample is True
+    dpm = DPMSolverMultistepScheduler(algorithm_type="dpmsolver", final_sigmas_type="sigma_min")
+    first_order = {**dpm.config, "_class_name": type(dpm).__name__}  # as load_config reads it from disk
+    assert make_scheduler(first_order, "auto").config.algorithm_type == "dpmsolver"
+    assert make_scheduler(first_order, "dpm++").config.algorithm_type == "dpmsolver++"
