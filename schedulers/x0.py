@@ -58,9 +58,9 @@ def check_scheduler(scheduler) -> None:
     if scheduler.config.get("thresholding", False):
         raise ValueError("scheduler option thresholding=True is not supported (it changes x0 non-linearly)")
     algorithm = scheduler.config.get("algorithm_type", "dpmsolver++")
-    if type(scheduler).__name__ == "DPMSolverMultistepScheduler" and algorithm != "dpmsolver++":
-        raise ValueError(f"DPM-Solver algorithm_type {algorithm!r} is not supported (only the deterministic "
-                         "dpmsolver++, which scheduler.kind=dpm++ selects)")
+    if type(scheduler).__name__ == "DPMSolverMultistepScheduler" and algorithm.startswith("sde-"):
+        raise ValueError(f"DPM-Solver algorithm_type {algorithm!r} is not supported (its stochastic steps are "
+                         "not covered; dpmsolver and dpmsolver++ are, scheduler.kind=dpm++ selects the latter)")
 
 
 @dataclass

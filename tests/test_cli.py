@@ -278,8 +278,8 @@ BAD = [
     # found by a probe with models of other layouts (diffusers-built, tiny): each was exit 1 or ran wrong
     ("scheduler the maths does not support", lambda d: [f"model.path={_sd_like(d, sched='pndm')}"],
      "scheduler PNDMScheduler is not supported"),
-    ("stochastic or first-order DPM-Solver", lambda d: [f"model.path={_sd_like(d, sched='dpmsolver')}"],
-     "DPM-Solver algorithm_type 'dpmsolver' is not supported"),
+    ("stochastic DPM-Solver", lambda d: [f"model.path={_sd_like(d, sched='sde')}"],
+     "DPM-Solver algorithm_type 'sde-dpmsolver++' is not supported"),
     ("SDXL-style added conditioning", lambda d: [f"model.path={_sd_like(d, unet='sdxl')}"],
      "addition_embed_type=text_time"),
     ("guidance-distilled UNet", lambda d: [f"model.path={_sd_like(d, unet='lcm')}"], "guidance-distilled"),
@@ -332,8 +332,7 @@ def _sd_like(d, sched="ddim", unet="cond", vae=True, shift=None):
         tok.save_pretrained(path / "tokenizer")
     made = {"ddim": lambda: DDIMScheduler(**sd, clip_sample=False),
             "pndm": lambda: PNDMScheduler(**sd, skip_prk_steps=True),
-            "dpmsolver": lambda: DPMSolverMultistepScheduler(**sd, algorithm_type="dpmsolver",
-                                                             final_sigmas_type="sigma_min")}[sched]()
+            "sde": lambda: DPMSolverMultistepScheduler(**sd, algorithm_type="sde-dpmsolver++")}[sched]()
     made.save_pretrained(path / "scheduler")
     return path
 

@@ -123,7 +123,8 @@ def test_switching_the_scheduler_kind_does_not_turn_on_x0_clipping():
     clip latent x0 to [-1, 1] (their default), which diffusers' own Stable Diffusion pipelines turn off for
     such a checkpoint (reference: diffusers' StableDiffusionPipeline, which sets clip_sample=False on a
     scheduler config that does not say it). A config that asks for clipping keeps it. ``auto`` keeps the
-    checkpoint's DPM-Solver algorithm (refused later if unsupported); ``dpm++`` selects dpmsolver++."""
+    checkpoint's DPM-Solver algorithm (first-order dpmsolver: covered, test_parity); ``dpm++`` selects
+    dpmsolver++."""
     from diffusers import DPMSolverMultistepScheduler, PNDMScheduler
 
     from pipelines.loading import make_scheduler
