@@ -153,6 +153,10 @@ class ClipSource:
             declared = stream.frames or 0
             self.time_base = stream.time_base
             sar = stream.codec_context.sample_aspect_ratio  # non-square pixels: kept by the output
+            hdr = {16: "PQ (HDR10)", 18: "HLG"}.get(int(stream.codec_context.color_trc or 0))
+            if hdr:  # FFmpeg's transfer enum: SMPTE ST 2084, ARIB STD-B67
+                self.warnings.append(f"{self.path.name} is HDR ({hdr}); it is read as SDR without tone mapping, "
+                                     "so the output will look washed out")
             self.sample_aspect = sar if sar and sar != 1 else None
             rate = stream.average_rate or stream.guessed_rate
             # decode no further than the last frame the selection can take

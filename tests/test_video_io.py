@@ -629,3 +629,28 @@ def test_rgba_tiff_keeps_its_colours_and_opencv_stays_quiet(tmp_path, capfd):
     with pytest.raises(InputError, match="cannot decode image"):
         read_clip(tmp_path / "f.tif")
     assert capfd.readouterr().err == ""
+
+
+def test_hdr_clips_are_named_in_a_warning(tmp_path):
+    """A clip tagged PQ (HDR10) or HLG was read as SDR without a word (a phone's HDR clip comes out washed
+    out); the run now says so. The clips are written with PyAV, their transfer tag set directly."""
+    import av
+
+    from pipelines.clip_source import ClipSource
+
+    for trc, name in ((16, "PQ (HDR10)"), (18, "HLG"), (1, None)):
+        path = tmp_path / f"t{trc}.mp4"
+        with av.open(str(path), "w") as out:
+            s = out.add_stream("libx264", rate=10)
+            s.width, s.height, s.pix_fmt = 32, 32, "yuv420p"
+            s.codec_context.color_trc = trc
+            for i in range(2):
+                f = av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), "rgb24")
+                f.pts = i
+                for p in s.encode(f):
+                    out.mux(p)
+            for p in s.encode():
+                out.mux(p)
+        warned = [w for w in ClipSource(path).warnings if "HDR" in w or "HLG" in w]
+        assert warned == ([] if name is None else [f"t{trc}.mp4 is HDR ({name}); it is read as SDR without tone "
+                                                   "mapping, so the output will look washed out"])
