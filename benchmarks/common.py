@@ -190,19 +190,16 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def resolve_model(model: str | Path) -> str:
-    """A model folder (relative paths fall back to the repository root) or a hub id ("owner/name" that is
-    not on disk and whose first part is no local folder); a missing local-looking path is a ValueError at
-    once, not three rounds of hub lookups."""
-    path = Path(model).expanduser()
+    """A model folder (relative paths fall back to the repository root) or a hub id (the command line's
+    rule, ``pipelines.job.is_hub_id``); a missing local-looking path is a ValueError at once, not three
+    rounds of hub lookups."""
+    from pipelines.job import from_root, is_hub_id
+
+    path = from_root(Path(model))
     if path.is_dir():
         return str(path)
-    if not path.is_absolute() and (ROOT / path).is_dir():
-        return str(ROOT / path)
-    text = str(model)
-    first = text.split("/")[0]
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not (Path(first).is_dir()
-                                                                              or (ROOT / first).is_dir()):
-        return text
+    if is_hub_id(str(model)):
+        return str(model)
     raise ValueError(f"model {model}: no such folder (nor under {ROOT})")
 
 
@@ -444,15 +441,16 @@ def write_json(path: str | Path, data: dict) -> None:
 
 
 def write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` through a temporary sibling and a rename: a killed run never leaves half a report."""
+    """Write ``text`` atomically (``pipelines.video_io.atomic_write_text``): a killed run never leaves half
+    a report."""
+    from pipelines.video_io import atomic_write_text
+
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise ValueError(f"cannot write {path}: {path.parent} is not a folder") from None
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def default_out(name: str, full: bool) -> Path:

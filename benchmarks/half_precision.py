@@ -144,8 +144,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as err:  # bad flags: one line and exit 2
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    from common import run_script
+
+    run_script(main)  # bad flags: one line and exit 2

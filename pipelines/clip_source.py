@@ -124,16 +124,12 @@ class ClipSource:
             container = av.open(str(self.path))
         except (av.error.FFmpegError, OSError, UnicodeDecodeError) as e:
             raise InputError(f"{self.path}: cannot open video (corrupt or unsupported format)") from e
-        # an audio file's cover art is a one-picture "video" stream marked as an attached picture
-        moving = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+        moving = _moving_pictures(container)
         if not moving:
             cover = " (only a cover picture)" if container.streams.video else ""
             container.close()
             raise InputError(f"{self.path}: cannot open video: no video stream{cover}")
         stream = moving[0]
-        if len(moving) > 1 and not any("video streams" in w for w in self.warnings):
-            self.warnings.append(f"{self.path.name} holds {len(moving)} video streams; the first "
-                                 f"({stream.codec_context.width}x{stream.codec_context.height}) is read")
         stream.thread_type = "AUTO"
         return container, stream
 
@@ -152,6 +148,9 @@ class ClipSource:
         try:
             declared = stream.frames or 0
             self.time_base = stream.time_base
+            if len(streams := _moving_pictures(container)) > 1:
+                self.warnings.append(f"{self.path.name} holds {len(streams)} video streams; the first "
+                                     f"({stream.codec_context.width}x{stream.codec_context.height}) is read")
             sar = stream.codec_context.sample_aspect_ratio  # non-square pixels: kept by the output
             hdr = {16: "PQ (HDR10)", 18: "HLG"}.get(int(stream.codec_context.color_trc or 0))
             if hdr:  # FFmpeg's transfer enum: SMPTE ST 2084, ARIB STD-B67
@@ -233,3 +232,11 @@ class ClipSource:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _moving_pictures(container) -> list:
+    """The container's video streams but attached pictures (an audio file's cover art is a one-picture
+    "video" stream marked as such)."""
+    import av
+
+    return [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]

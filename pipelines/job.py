@@ -64,6 +64,16 @@ def from_root(path: Path) -> Path:
     return path
 
 
+def is_hub_id(model: str) -> bool:
+    """pipelines.loading's rule: what is not on disk and looks like "owner/name" is a hub id, unless its
+    first part is a local folder ("weights/nope" is a missing local model, not a hub repository)."""
+    model = str(model)
+    owner = model.split("/")[0]
+    local_owner = Path(owner).is_dir() or (ROOT / owner).is_dir()
+    return (not from_root(Path(model)).exists() and not model.startswith((".", "/", "~"))
+            and model.count("/") == 1 and not local_owner)
+
+
 # ----------------------------------------------------------------------------- paths
 
 
@@ -204,12 +214,7 @@ def resolve_model_path(cfg: DictConfig) -> str:
     checked for the components the config needs. Raises ConfigError."""
     m = cfg.model
     path = str(from_root(Path(m.path)))
-    # pipelines.loading's rule: what is not on disk and looks like "owner/name" is a hub id, unless its
-    # first part is a local folder ("weights/nope" is a missing local model, not a hub repository)
-    owner = path.split("/")[0]
-    local_owner = Path(owner).is_dir() or (ROOT / owner).is_dir()
-    if not Path(path).exists() and not path.startswith((".", "/", "~")) and path.count("/") == 1 \
-            and not local_owner:
+    if is_hub_id(path):
         return path  # checked when loading
     folder = Path(path)
     if not folder.is_dir():

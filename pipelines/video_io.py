@@ -107,8 +107,8 @@ def _decode_image(path: Path) -> np.ndarray:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as e:
         raise InputError(f"{path}: cannot read file ({e.strerror})") from None
-    if path.suffix.lower() in (".tif", ".tiff") and data.size:
-        img = _tiff_with_alpha(data)
+    if path.suffix.lower() in (".tif", ".tiff") and data.size and _has_alpha(path):
+        img = _tiff_with_alpha(data)  # decoded once: the header said which reader
         if img is not None:
             return img
     img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
@@ -117,10 +117,21 @@ def _decode_image(path: Path) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
+def _has_alpha(path: Path) -> bool:
+    """Whether the image's header declares an alpha band (nothing decoded)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return "A" in im.getbands()
+    except (OSError, ValueError, SyntaxError):
+        return False
+
+
 def _tiff_with_alpha(data: np.ndarray) -> np.ndarray | None:
     """A TIFF with alpha as uint8 RGB with its colours as stored: OpenCV's reader multiplies them by alpha
     (measured), so they are divided back out (fully transparent pixels stay black); its reader applies the
-    TIFF orientation tag itself here. None for any other TIFF (read as usual)."""
+    TIFF orientation tag itself here. None when it decodes without 4 channels (read as usual)."""
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if img is None or img.ndim != 3 or img.shape[2] != 4:
         return None

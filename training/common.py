@@ -92,7 +92,7 @@ def check_args(args, crop_multiple: int = 16) -> None:
     _check(args.every >= 1, "--every", ">= 1", args.every)
     _check(args.minutes >= 0, "--minutes", ">= 0 (0: no limit)", args.minutes)
     _check(args.threads >= 0, "--threads", ">= 0 (0: torch default)", args.threads)
-    _check(getattr(args, "workers", 0) >= 0, "--workers", ">= 0", getattr(args, "workers", 0))
+    _check(args.workers >= 0, "--workers", ">= 0", args.workers)
 
 
 def local_folder(path: Path | None, flag: str) -> Path | None:
@@ -138,10 +138,9 @@ def setup(args, crop_multiple: int = 16, **inputs: Path | None) -> torch.device:
     check_args(args, crop_multiple)
     if args.run.exists() and not args.run.is_dir():
         raise TrainError(f"--run {args.run} is a file; give a folder for the run's checkpoints")
-    if getattr(args, "out", "absent") is None:
+    if args.out is None:
         args.out = args.run / "export"
-    if hasattr(args, "out"):
-        check_out(args.out, args.run, **inputs)
+    check_out(args.out, args.run, **inputs)
     device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
