@@ -589,7 +589,8 @@ def run_clip(cfg: DictConfig, input=None, output=None, *, config_path=DEFAULT_CO
     writer = VideoWriter(paths.output, fps, crf=o.crf, replace=overwrite, audio_from=paths.input if o.audio and source.is_video else None,
                          audio_start_s=audio_start, time_base=source.time_base if keep_times else None,
                          sample_aspect=source.sample_aspect)
-    sbs = None if paths.side_by_side is None else VideoWriter(paths.side_by_side, fps, crf=o.crf, replace=overwrite)
+    sbs = None if paths.side_by_side is None else VideoWriter(paths.side_by_side, fps, crf=o.crf, replace=overwrite,
+                                                               sample_aspect=source.sample_aspect)
     pngs = None if paths.frames_dir is None else FrameFolderWriter(paths.frames_dir)
     scores = Scores(flow_cfg)
     try:

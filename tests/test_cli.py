@@ -689,7 +689,8 @@ def test_a_ctrl_c_swallowed_while_the_libraries_loaded_ends_the_run_with_130(cap
 
 def test_non_square_pixels_are_kept(data, tmp_path, capsys):
     """A clip with 2:1 pixels (64x48 stored, shown 128x48) came out with square pixels, stretched to 4:3;
-    the output now carries the input's pixel aspect ratio. The input is written with PyAV directly."""
+    the output (and the side-by-side video, whose halves share those pixels) now carries the input's pixel
+    aspect ratio. The input is written with PyAV directly."""
     from fractions import Fraction
 
     import av
@@ -706,8 +707,11 @@ def test_non_square_pixels_are_kept(data, tmp_path, capsys):
                 out.mux(p)
         for p in s.encode():
             out.mux(p)
-    rc, _, err = cli(capsys, "--input", src, "--output", tmp_path / "o.mp4", f"model.path={data / 'model'}", *FAST)
+    rc, _, err = cli(capsys, "--input", src, "--output", tmp_path / "o.mp4", f"model.path={data / 'model'}", *FAST,
+                     f"output.side_by_side={tmp_path / 'sbs.mp4'}")
     assert rc == 0, err
     with av.open(str(tmp_path / "o.mp4")) as c:
         cc = c.streams.video[0].codec_context
         assert (cc.width, cc.height, cc.sample_aspect_ratio) == (64, 32, Fraction(2, 1))
+    with av.open(str(tmp_path / "sbs.mp4")) as c:
+        assert c.streams.video[0].codec_context.sample_aspect_ratio == Fraction(2, 1)
