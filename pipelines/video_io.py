@@ -27,7 +27,8 @@ from .video_writer import DEFAULT_CRF, WriteError, Written, commit, file_mode, t
 
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # its own warnings would break one-line errors
 
-VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+VIDEO_EXTS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".mts", ".m2ts", ".mpg", ".mpeg", ".vob",
+              ".3gp", ".flv", ".f4v", ".wmv", ".asf", ".mxf", ".y4m", ".divx")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 

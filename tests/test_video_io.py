@@ -654,3 +654,35 @@ def test_hdr_clips_are_named_in_a_warning(tmp_path):
         warned = [w for w in ClipSource(path).warnings if "HDR" in w or "HLG" in w]
         assert warned == ([] if name is None else [f"t{trc}.mp4 is HDR ({name}); it is read as SDR without tone "
                                                    "mapping, so the output will look washed out"])
+
+
+@pytest.mark.parametrize("ext, fmt, codec", [(".ts", "mpegts", "libx264"), (".mts", "mpegts", "libx264"),
+                                              (".mpg", "mpeg", "mpeg2video"), (".3gp", "3gp", "mpeg4"),
+                                              (".m4v", "mp4", "libx264"), (".flv", "flv", "flv")])
+def test_camera_and_broadcast_containers_are_read(tmp_path, ext, fmt, codec):
+    """Containers FFmpeg reads but the extension list refused (exit 2, "unsupported file type"): camcorder
+    AVCHD (.mts), broadcast transport streams (.ts, whose timeline starts after 0), DVD-style MPEG-2
+    program streams, phone .3gp, iTunes .m4v, Flash video. Written with PyAV directly; read back frame
+    for frame, at their rate, and a .ts's AAC audio copied into the written mp4."""
+    import av
+
+    src, frames = tmp_path / f"in{ext}", moving_clip(n=6, h=32, w=32)
+    with av.open(str(src), "w", format=fmt) as out:
+        v = out.add_stream(codec, rate=25)
+        v.width = v.height = 32
+        v.pix_fmt, v.bit_rate = "yuv420p", 4_000_000  # the default rate blurs 32 px frames under 25 dB
+        a = out.add_stream("aac", rate=16000) if fmt == "mpegts" else None
+        for img in frames:
+            for p in v.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(p)
+        for p in v.encode():
+            out.mux(p)
+        if a is not None:
+            mux_tone(out, a, (0.3 * np.sin(np.arange(8192) / 5)).astype(np.float32), "fltp")
+    clip = read_clip(src)
+    assert clip.frames.shape == (6, 32, 32, 3) and clip.fps == pytest.approx(25)
+    mse = ((clip.frames.astype(float) - frames) ** 2).mean(axis=(1, 2, 3))
+    assert (10 * np.log10(255 ** 2 / mse) > 25).all()  # each frame is its own (the square moves 4 px a frame)
+    if fmt == "mpegts":
+        w = write_video(tmp_path / "out.mp4", clip.frames, 25, audio_from=src)
+        assert w.audio is None and streams(tmp_path / "out.mp4")["audio"][0] == "aac"
