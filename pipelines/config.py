@@ -63,6 +63,7 @@ class ModelConfig:
     text_encoder_subfolder: str = "text_encoder"
     tokenizer_subfolder: str = "tokenizer"
     controlnet_subfolder: str = "controlnet"
+    variant: Optional[str] = None  # weight files of this variant where a component has them (fp16: *.fp16.safetensors)
     dtype: Dtype = "float32"  # float16 / bfloat16 need CUDA
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     vae_tiling: bool = False
@@ -273,6 +274,9 @@ def validate(cfg: DictConfig) -> None:
     _check(bool(m.path.strip()), "model.path", "a hub id or a folder", m.path)
     _check(DEVICE_PATTERN.fullmatch(m.device) is not None, "model.device", "auto, cpu, cuda or cuda:N", m.device)
     _check(m.dtype in get_args(Dtype), "model.dtype", " or ".join(get_args(Dtype)), m.dtype)
+    if m.variant is not None:
+        _check(re.fullmatch(r"[A-Za-z0-9_-]+", m.variant) is not None, "model.variant",
+               "null or a weights variant name such as fp16", m.variant)
     _check(cfg.scheduler.eta >= 0, "scheduler.eta", ">= 0", cfg.scheduler.eta)
 
     _check(s.num_inference_steps >= 1, "sampling.num_inference_steps", ">= 1", s.num_inference_steps)
@@ -365,7 +369,7 @@ def pipeline_kwargs(cfg: DictConfig) -> dict:
     return dict(scheduler_kind=cfg.scheduler.kind, unet=m.unet_subfolder, vae=m.vae_subfolder,
                 scheduler=m.scheduler_subfolder, text_encoder=m.text_encoder_subfolder,
                 tokenizer=m.tokenizer_subfolder, controlnet=m.controlnet_subfolder,
-                use_controlnet=cfg.alignment.mode == "tcm")
+                use_controlnet=cfg.alignment.mode == "tcm", variant=m.variant)
 
 
 def build_alignment(cfg: DictConfig, pipe: VideoPipeline) -> Alignment:

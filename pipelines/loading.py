@@ -43,6 +43,30 @@ def _hub_json(repo: str, name: str) -> dict:
         return {}
 
 
+def _variants_only(folder: Path) -> list[str]:
+    """Weight variants (``fp16`` of ``diffusion_pytorch_model.fp16.safetensors``) in ``folder`` when it holds
+    no plain weights file; [] otherwise."""
+    if not folder.is_dir():
+        return []
+    names = [f.name for f in folder.iterdir() if f.name.endswith((".safetensors", ".bin"))]
+    parts = [n.split(".") for n in names]
+    if not names or any(len(q) == 2 for q in parts):
+        return []
+    return sorted({q[-2] for q in parts if len(q) == 3})
+
+
+def _from_pretrained(load, path: str, sub: str, variant: str | None, **kw):
+    """``load(path, subfolder=sub)`` with the weights ``variant`` when the component has it, else its plain
+    weights (as diffusers' pipelines do: a scheduler or tokenizer has no variants, nor need every model)."""
+    if variant:
+        try:
+            return load(path, subfolder=sub, variant=variant, **kw)
+        except OSError as e:
+            if "no file named" not in str(e):
+                raise
+    return load(path, subfolder=sub, **kw)
+
+
 def read_vsr_config(path: str | Path) -> dict:
     """This project's ``vsr_config.json`` (scale, residual_scale, training facts); {} when absent."""
     f = Path(path) / "vsr_config.json"
@@ -77,7 +101,9 @@ def load_pipeline(cls, path, *, device="cpu", dtype=torch.float32, scheduler_kin
                   unet: str = "unet", vae: str | None = "vae", scheduler: str = "scheduler",
                   text_encoder: str | None = "text_encoder", tokenizer: str | None = "tokenizer",
                   controlnet: str | None = "controlnet", low_res_scheduler: str | None = "low_res_scheduler",
-                  use_controlnet: bool = True):
+                  use_controlnet: bool = True, variant: str | None = None):
+    """The pipeline ``cls`` from a diffusers-layout folder or hub id. ``variant`` picks weight files such as
+    ``diffusion_pytorch_model.fp16.safetensors`` for the components that have them."""
     path = str(Path(path).expanduser()) if _is_local(str(path)) else str(path)
     local = _is_local(path)
     if local and not Path(path).is_dir():
@@ -85,7 +111,7 @@ def load_pipeline(cls, path, *, device="cpu", dtype=torch.float32, scheduler_kin
     if local and not (Path(path) / unet).is_dir():
         raise ModelLoadError(f"model folder {path} has no {unet}/ subfolder (diffusers layout expected)")
     try:
-        unet_model = diffusers.AutoModel.from_pretrained(path, subfolder=unet, torch_dtype=dtype)
+        unet_model = _from_pretrained(diffusers.AutoModel.from_pretrained, path, unet, variant, torch_dtype=dtype)
         sched_cfg = diffusers.DDPMScheduler.load_config(path, subfolder=scheduler)
         sched = make_scheduler(sched_cfg, scheduler_kind)
         try:
@@ -96,7 +122,7 @@ def load_pipeline(cls, path, *, device="cpu", dtype=torch.float32, scheduler_kin
         comps = dict(vae=None, text_encoder=None, tokenizer=None, controlnet=None, low_res_scheduler=None,
                      preview=None)
         if _has(path, vae, local):
-            comps["vae"] = diffusers.AutoencoderKL.from_pretrained(path, subfolder=vae, torch_dtype=dtype)
+            comps["vae"] = _from_pretrained(diffusers.AutoencoderKL.from_pretrained, path, vae, variant, torch_dtype=dtype)
         if _has(path, text_encoder, local):
             from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -104,14 +130,15 @@ def load_pipeline(cls, path, *, device="cpu", dtype=torch.float32, scheduler_kin
                 raise ModelLoadError(f"model {path} has a {text_encoder}/ text encoder but no {tokenizer}/ "
                                      "tokenizer subfolder")
 
-            comps["text_encoder"] = CLIPTextModel.from_pretrained(path, subfolder=text_encoder, torch_dtype=dtype)
+            comps["text_encoder"] = _from_pretrained(CLIPTextModel.from_pretrained, path, text_encoder, variant,
+                                                      torch_dtype=dtype)
             comps["tokenizer"] = CLIPTokenizer.from_pretrained(path, subfolder=tokenizer)
         if use_controlnet and _has(path, "preview_decoder", local):  # the TCM condition's tiny decoder
-            comps["preview"] = diffusers.AutoencoderTiny.from_pretrained(path, subfolder="preview_decoder",
-                                                                         torch_dtype=dtype)
+            comps["preview"] = _from_pretrained(diffusers.AutoencoderTiny.from_pretrained, path, "preview_decoder",
+                                               variant, torch_dtype=dtype)
         if use_controlnet and _has(path, controlnet, local):
-            comps["controlnet"] = diffusers.ControlNetModel.from_pretrained(path, subfolder=controlnet,
-                                                                            torch_dtype=dtype)
+            comps["controlnet"] = _from_pretrained(diffusers.ControlNetModel.from_pretrained, path, controlnet,
+                                                  variant, torch_dtype=dtype)
         if comps["vae"] is not None and comps["vae"].config.get("shift_factor") not in (None, 0, 0.0):
             raise ModelLoadError(f"model {path}: its VAE has a shift_factor (SD3/Flux-style latents), which this "
                                  "pipeline does not apply")
@@ -125,7 +152,13 @@ def load_pipeline(cls, path, *, device="cpu", dtype=torch.float32, scheduler_kin
     except (OSError, EnvironmentError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = "" if local else " from the Hugging Face hub (needs network access, or a local copy as model.path)"
-        raise ModelLoadError(f"cannot load model {path!r}{where}: {first}") from e
+        hint = ""
+        if local and not variant:
+            found = {v for sub in (unet, vae, text_encoder, controlnet, "preview_decoder") if sub
+                     for v in _variants_only(Path(path) / sub)}
+            if found:
+                hint = f" (it holds only {'/'.join(sorted(found))} variant weights: set model.variant={min(found)})"
+        raise ModelLoadError(f"cannot load model {path!r}{where}: {first}{hint}") from e
     if isinstance(unet_model, diffusers.UNet2DConditionModel) and comps["text_encoder"] is None:
         raise ModelLoadError(f"model {path}: the UNet is text-conditioned (UNet2DConditionModel) but there is no "
                              f"{text_encoder}/ text encoder subfolder")

@@ -715,3 +715,51 @@ def test_non_square_pixels_are_kept(data, tmp_path, capsys):
         assert (cc.width, cc.height, cc.sample_aspect_ratio) == (64, 32, Fraction(2, 1))
     with av.open(str(tmp_path / "sbs.mp4")) as c:
         assert c.streams.video[0].codec_context.sample_aspect_ratio == Fraction(2, 1)
+
+
+def test_model_variant_picks_the_variant_weights_where_a_component_has_them(data, tmp_path, capsys):
+    """``model.variant=fp16`` loads ``*.fp16.safetensors`` (as diffusers' ``variant=`` does): a folder holding
+    plain weights A and fp16 variant weights B runs B with the option (the same frames as a folder of B
+    alone) and A without it; components without the variant (the StableVSR layout's VAE, text encoder and
+    ControlNet here) keep their plain weights. A folder of variant weights only, without the option,
+    is one line naming the option (was diffusers' "no file named diffusion_pytorch_model.bin")."""
+    import shutil
+
+    a = UNet2DModel.from_pretrained(data / "model" / "unet")
+    b = UNet2DModel.from_pretrained(data / "model" / "unet")
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    both, only_b, only_variant = tmp_path / "both", tmp_path / "only_b", tmp_path / "only_variant"
+    for folder in (both, only_b, only_variant):
+        shutil.copytree(data / "model", folder, ignore=shutil.ignore_patterns("unet"))
+    a.save_pretrained(both / "unet")
+    b.half().save_pretrained(both / "unet", variant="fp16")  # half() is in place: b is float16 from here on
+    b.save_pretrained(only_b / "unet")
+    b.save_pretrained(only_variant / "unet", variant="fp16")
+
+    def frames(model, *extra):
+        out = tmp_path / f"{model.name}{len(extra)}"
+        rc, _, err = cli(capsys, "--input", data / "clip.mp4", "--output", out / "o.mp4", f"model.path={model}",
+                         *FAST, "alignment.mode=none", f"output.frames_dir={out / 'png'}", *extra)
+        assert rc == 0, err
+        return read_clip(out / "png").frames
+
+    with_variant = frames(both, "model.variant=fp16")
+    assert np.array_equal(with_variant, frames(only_b))
+    assert not np.array_equal(with_variant, frames(both))
+    rc, _, err = cli(capsys, "--input", data / "clip.mp4", "--output", tmp_path / "x.mp4",
+                     f"model.path={only_variant}", *FAST)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "set model.variant=fp16" in err, err
+    assert np.array_equal(frames(only_variant, "model.variant=fp16"), with_variant)
+
+    latent = tiny.save_stablevsr_layout(tmp_path / "stablevsr")  # the variant for the UNet alone
+    from diffusers import UNet2DConditionModel
+
+    UNet2DConditionModel.from_pretrained(latent / "unet").half().save_pretrained(latent / "unet", variant="fp16")
+    rc, _, err = cli(capsys, "--input", data / "clip.mp4", "--output", tmp_path / "l.mp4", f"model.path={latent}",
+                     *FAST, "alignment.mode=tcm", "model.variant=fp16")
+    assert rc == 0, err
+    rc, _, err = cli(capsys, "--output", tmp_path / "y.mp4", "model.variant=fp16/../x")
+    assert rc == 2 and "model.variant must be" in err
