@@ -11,6 +11,8 @@ to a temporary sibling first, then moved into place with ``os.replace``.
 """
 from __future__ import annotations
 
+import functools
+import io
 import os
 import re
 import shutil
@@ -102,31 +104,61 @@ def _natural_key(name: str):
 
 
 def _decode_image(path: Path) -> np.ndarray:
-    """One image file -> uint8 (H, W, 3) RGB (alpha dropped, gray expanded, 16 bit reduced, EXIF
-    orientation applied)."""
+    """One image file -> uint8 (H, W, 3) sRGB (alpha dropped, gray expanded, 16 bit reduced, EXIF
+    orientation applied, an embedded non-sRGB ICC profile converted to sRGB)."""
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as e:
         raise InputError(f"{path}: cannot read file ({e.strerror})") from None
-    if path.suffix.lower() in (".tif", ".tiff") and data.size and _has_alpha(path):
+    alpha, icc = _header(path) if data.size else (False, None)
+    img = None
+    if alpha and path.suffix.lower() in (".tif", ".tiff"):
         img = _tiff_with_alpha(data)  # decoded once: the header said which reader
-        if img is not None:
-            return img
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if img is None:
-        raise InputError(f"{path}: cannot decode image (corrupt or unsupported format)")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+        if bgr is None:
+            raise InputError(f"{path}: cannot decode image (corrupt or unsupported format)")
+        img = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return _to_srgb(img, icc) if icc else img
 
 
-def _has_alpha(path: Path) -> bool:
-    """Whether the image's header declares an alpha band (nothing decoded)."""
+def _header(path: Path) -> tuple[bool, bytes | None]:
+    """Whether the image's header declares an alpha band, and its embedded ICC profile (nothing decoded)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            return "A" in im.getbands()
+            return "A" in im.getbands(), im.info.get("icc_profile") or None
     except (OSError, ValueError, SyntaxError):
-        return False
+        return False, None
+
+
+@functools.lru_cache(maxsize=8)
+def _srgb_transform(icc: bytes):
+    """LittleCMS transform from an RGB ``icc`` profile to sRGB (relative colorimetric, as browsers show it);
+    None for an sRGB profile (kept bit for bit), a non-RGB one (gray: OpenCV already expanded it) or one
+    that does not parse (ignored, as OpenCV did before)."""
+    from PIL import ImageCms
+
+    try:
+        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if src.profile.xcolor_space.strip() != "RGB" or "srgb" in (src.profile.profile_description or "").lower():
+            return None
+        return ImageCms.buildTransform(src, ImageCms.createProfile("sRGB"), "RGB", "RGB",
+                                       ImageCms.Intent.RELATIVE_COLORIMETRIC)
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return None
+
+
+def _to_srgb(rgb: np.ndarray, icc: bytes) -> np.ndarray:
+    """uint8 RGB pixels encoded in the ``icc`` profile's colours (Display P3, Adobe RGB...) -> sRGB, the
+    colours every later stage and the written video assume: unconverted, a P3 photo comes out dull."""
+    from PIL import Image, ImageCms
+
+    transform = _srgb_transform(bytes(icc))
+    if transform is None:
+        return rgb
+    return np.asarray(ImageCms.applyTransform(Image.fromarray(np.ascontiguousarray(rgb)), transform))
 
 
 def _tiff_with_alpha(data: np.ndarray) -> np.ndarray | None:

@@ -686,3 +686,66 @@ def test_camera_and_broadcast_containers_are_read(tmp_path, ext, fmt, codec):
     if fmt == "mpegts":
         w = write_video(tmp_path / "out.mp4", clip.frames, 25, audio_from=src)
         assert w.audio is None and streams(tmp_path / "out.mp4")["audio"][0] == "aac"
+
+
+def _display_p3_icc(gamma=2.2) -> tuple[bytes, np.ndarray]:
+    """An ICC v2 matrix/TRC monitor profile with Display P3's primaries (D65 white, Bradford-adapted to the
+    D50 connection space) and a pure-power tone curve, built from the ICC spec's layout (Pillow can make
+    only sRGB/LAB/XYZ profiles and none ship on this machine); also its linear RGB -> XYZ (D65) matrix."""
+    import struct
+
+    def xyz(x, y):
+        return np.array([x / y, 1.0, (1 - x - y) / y])
+
+    prim = np.stack([xyz(0.680, 0.320), xyz(0.265, 0.690), xyz(0.150, 0.060)], 1)
+    d65, d50 = xyz(0.3127, 0.3290), np.array([0.9642, 1.0, 0.8249])
+    to_xyz = prim * np.linalg.solve(prim, d65)  # columns scaled so that RGB = 1 is the white
+    brad = np.array([[0.8951, 0.2664, -0.1614], [-0.7502, 1.7135, 0.0367], [0.0389, -0.0685, 1.0296]])
+    adapt = np.linalg.inv(brad) @ np.diag((brad @ d50) / (brad @ d65)) @ brad
+    cols = adapt @ to_xyz
+
+    def s15(v):
+        return struct.pack(">3i", *(int(round(c * 65536)) for c in v))
+
+    text = b"Display P3 (test)"
+    desc = (b"desc" + bytes(4) + struct.pack(">I", len(text) + 1) + text + b"\0" + bytes(8) + bytes(3) + bytes(67))
+    curv = b"curv" + bytes(4) + struct.pack(">IH", 1, int(round(gamma * 256))) + bytes(2)
+    tags = [(b"desc", desc), (b"wtpt", b"XYZ " + bytes(4) + s15(d50)), (b"cprt", b"text" + bytes(4) + b"none\0\0\0\0")]
+    tags += [(name, b"XYZ " + bytes(4) + s15(cols[:, i])) for i, name in enumerate((b"rXYZ", b"gXYZ", b"bXYZ"))]
+    tags += [(name, curv) for name in (b"rTRC", b"gTRC", b"bTRC")]
+    offset, table, body = 128 + 4 + 12 * len(tags), b"", b""
+    for name, data in tags:
+        data += bytes(-len(data) % 4)
+        table += name + struct.pack(">II", offset + len(body), len(data))
+        body += data
+    size = offset + len(body)
+    header = (struct.pack(">I", size) + bytes(4) + bytes([2, 0x10, 0, 0]) + b"mntrRGB XYZ " + bytes(12) + b"acsp"
+              + bytes(24) + struct.pack(">I", 0) + s15(d50) + bytes(48))
+    assert len(header) == 128
+    return header + struct.pack(">I", len(tags)) + table + body, to_xyz
+
+
+def test_an_embedded_display_p3_profile_is_converted_to_srgb(tmp_path):
+    """A phone photo stored in Display P3 was read as if its numbers were sRGB (dull colours in the output,
+    which players show as sRGB/BT.709). Colours now match the closed form P3 -> XYZ -> sRGB within 2 levels
+    (LittleCMS does the conversion; the profile is built here from the ICC layout); an sRGB-profiled image
+    is kept bit for bit."""
+    from PIL import ImageCms
+
+    icc, p3_to_xyz = _display_p3_icc()
+    colours = np.array([[200, 100, 50], [60, 160, 90], [128, 128, 128], [90, 40, 160]], np.uint8)
+    img = np.repeat(colours[:, None], 8, axis=1)  # 4 x 8 pixels, one colour per row
+    Image.fromarray(img).save(tmp_path / "p3.png", icc_profile=icc)
+    Image.fromarray(img).save(tmp_path / "p3.jpg", icc_profile=icc, quality=100, subsampling=0)
+    srgb_icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    Image.fromarray(img).save(tmp_path / "srgb.png", icc_profile=srgb_icc)
+
+    srgb_to_xyz = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+    lin = np.linalg.solve(srgb_to_xyz, p3_to_xyz @ ((colours / 255.0) ** 2.2).T).T.clip(0, 1)
+    want = 255 * np.where(lin <= 0.0031308, 12.92 * lin, 1.055 * lin ** (1 / 2.4) - 0.055)
+    assert np.abs(want - colours).max() > 20  # the conversion matters: P3's numbers are not sRGB's
+    got = read_clip(tmp_path / "p3.png").frames[0][:, 0].astype(float)
+    assert np.abs(got - want).max() <= 2, (got, want)
+    got_jpg = read_clip(tmp_path / "p3.jpg").frames[0][:, 0].astype(float)
+    assert np.abs(got_jpg - want).max() <= 4  # JPEG's own loss on top
+    assert np.array_equal(read_clip(tmp_path / "srgb.png").frames[0], img)
