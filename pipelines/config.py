@@ -14,6 +14,7 @@ The schema defaults are the library's defaults; ``configs/default.yaml`` holds t
 from __future__ import annotations
 
 import importlib.util
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,7 +278,8 @@ def validate(cfg: DictConfig) -> None:
     if m.variant is not None:
         _check(re.fullmatch(r"[A-Za-z0-9_-]+", m.variant) is not None, "model.variant",
                "null or a weights variant name such as fp16", m.variant)
-    _check(cfg.scheduler.eta >= 0, "scheduler.eta", ">= 0", cfg.scheduler.eta)
+    _check(math.isfinite(cfg.scheduler.eta) and cfg.scheduler.eta >= 0, "scheduler.eta", "finite and >= 0",
+           cfg.scheduler.eta)
 
     _check(s.num_inference_steps >= 1, "sampling.num_inference_steps", ">= 1", s.num_inference_steps)
     _check(0 <= s.seed < 2 ** 63 - 1000000, "sampling.seed", "in [0, 2**63 - 1e6)", s.seed)
@@ -285,7 +287,8 @@ def validate(cfg: DictConfig) -> None:
     if int(s.num_inference_steps * s.strength) < 1:
         raise ConfigError(f"sampling.strength={s.strength} x sampling.num_inference_steps={s.num_inference_steps}"
                           " leaves no denoising step to run (int(steps * strength) must be >= 1)")
-    _check(s.guidance_scale >= 0, "sampling.guidance_scale", ">= 0", s.guidance_scale)
+    _check(math.isfinite(s.guidance_scale) and s.guidance_scale >= 0, "sampling.guidance_scale", "finite and >= 0",
+           s.guidance_scale)
     _check(s.noise_level >= 0, "sampling.noise_level", ">= 0", s.noise_level)
     _check(s.batch_size >= 0, "sampling.batch_size", ">= 0 (0 = auto)", s.batch_size)
     _check(s.decode_batch_size >= 0, "sampling.decode_batch_size", ">= 0 (0 = auto)", s.decode_batch_size)
@@ -295,7 +298,7 @@ def validate(cfg: DictConfig) -> None:
 
     a = cfg.alignment
     _check(0 <= a.weight <= 1, "alignment.weight", "in [0, 1]", a.weight)
-    _check(a.tcm_scale >= 0, "alignment.tcm_scale", ">= 0", a.tcm_scale)
+    _check(math.isfinite(a.tcm_scale) and a.tcm_scale >= 0, "alignment.tcm_scale", "finite and >= 0", a.tcm_scale)
     _check(0 <= a.tcm_start < a.tcm_end <= 1, "alignment.tcm_start/tcm_end", "0 <= start < end <= 1",
            (a.tcm_start, a.tcm_end))
 

@@ -34,7 +34,7 @@ from omegaconf import DictConfig
 
 from . import metrics
 from .config import (ConfigError, ModelConfig, build_alignment, flow_config, pipeline_kwargs, sampling_options, to_dict,
-                     to_yaml)
+                     to_yaml, validate)
 from .degradation import bicubic_resize
 from .flow import check_flow_size, compute_clip_flows
 from .timing import StageTimer
@@ -428,6 +428,7 @@ def run_clip(cfg: DictConfig, input=None, output=None, *, config_path=DEFAULT_CO
     from .clip_source import ClipSource
 
     t0 = time.perf_counter()
+    validate(cfg)  # again: a library caller may have edited the loaded config
     paths = plan_paths(cfg, input, output, config_path, reference)
     check_paths(paths, overwrite)
     targets = [target for _, target in paths.files()] + ([paths.frames_dir] if paths.frames_dir else [])

@@ -22,7 +22,10 @@ class ModelLoadError(ValueError):
 
 
 def _is_local(path: str) -> bool:
-    return Path(path).exists() or path.startswith((".", "/", "~")) or path.count("/") != 1
+    """What is on disk, looks like a path, or is not "owner/name" is local; so is "owner/name" whose owner
+    is a local folder ("weights/nope" is a missing local model, not a hub repository to retry for a minute)."""
+    return (Path(path).exists() or path.startswith((".", "/", "~")) or path.count("/") != 1
+            or Path(path.split("/")[0]).is_dir())
 
 
 def _has(path: str, sub: str | None, local: bool) -> bool:

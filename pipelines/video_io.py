@@ -231,7 +231,7 @@ def crop_to(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def to_tensor(frames_uint8: np.ndarray, device=None) -> torch.Tensor:
     """uint8 ``(F, H, W, 3)`` -> float32 ``(F, 3, H, W)`` in [-1, 1]:  x / 127.5 - 1."""
-    _check_frames(frames_uint8)
+    frames_uint8 = _check_frames(frames_uint8)
     x = torch.from_numpy(np.ascontiguousarray(frames_uint8)).to(device)
     return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
@@ -242,10 +242,18 @@ def to_uint8(frames: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def _check_frames(frames: np.ndarray) -> None:
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames):
-        raise ValueError(f"expected uint8 frames (F>0, H, W, 3), got {frames.dtype} "
-                         f"{tuple(frames.shape)}")
+def _check_frames(frames) -> np.ndarray:
+    """``frames`` as a uint8 (F, H, W, 3) numpy array (a uint8 tensor, such as the pipeline's
+    ``output_uint8`` frames, is taken as is); ValueError otherwise."""
+    if torch.is_tensor(frames) and frames.dtype == torch.uint8:
+        frames = frames.detach().cpu().numpy()
+    if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 \
+            or not len(frames):
+        kind = "tensor" if torch.is_tensor(frames) else type(frames).__name__
+        hint = " (to_uint8 converts (F, 3, H, W) frames in [-1, 1])" if torch.is_tensor(frames) else ""
+        raise ValueError(f"expected uint8 frames (F>0, H, W, 3), got a {kind} of {getattr(frames, 'dtype', '?')} "
+                         f"{tuple(getattr(frames, 'shape', ()))}{hint}")
+    return frames
 
 
 # ----------------------------------------------------------------------------- writing
@@ -269,7 +277,7 @@ def write_video(path, frames: np.ndarray, fps: float, *, crf: int = DEFAULT_CRF,
     verified; odd sides are padded by repeating the last row/column (``Written.padded`` says so).
     With ``audio_from``, that clip's audio from ``audio_start_s`` on is copied in, trimmed to the video.
     See :func:`pipelines.video_writer.write_h264`."""
-    _check_frames(frames)
+    frames = _check_frames(frames)
     try:
         return write_h264(path, frames, fps, crf=crf, audio_from=audio_from, audio_start_s=audio_start_s,
                           replace=replace)
@@ -291,7 +299,7 @@ class FrameFolderWriter:
         self.done = False
 
     def append(self, frames: np.ndarray) -> None:
-        _check_frames(frames)
+        frames = _check_frames(frames)
         for frame in frames:
             ok, png = cv2.imencode(".png", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
             if not ok:
@@ -329,7 +337,7 @@ class FrameFolderWriter:
 def write_frames(folder, frames: np.ndarray) -> None:
     """Write uint8 RGB ``(F, H, W, 3)`` frames as ``folder/frame_00000.png, ...``, atomically
     (see :class:`FrameFolderWriter`)."""
-    _check_frames(frames)
+    frames = _check_frames(frames)
     writer = FrameFolderWriter(folder)
     try:
         writer.append(frames)

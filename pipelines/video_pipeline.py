@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
+import diffusers
 import torch
 
 from .align import Alignment
@@ -70,6 +71,32 @@ class SamplingOptions:
     decode_batch_size: int = 0  # frames per VAE call; 0 = auto_batch
     offload_state: bool = False  # keep per-frame state on the host, move only the batch to the device
     back_projection: bool = False  # SR models: the output made to agree with its input (pipelines.backproject)
+    frame_offset: int = 0  # index of the first frame in the whole clip (windows): frame f draws from seed + f
+
+    def __post_init__(self):
+        """Ranges and names checked here too, for library callers (the config checks its own copy)."""
+        import math
+
+        if self.chain_length == 0:
+            self.chain_length = None  # the config's "0 = the exact sweep"
+        for name, ok, want in (
+                ("num_inference_steps", self.num_inference_steps >= 1, ">= 1"),
+                ("strength", 0 < self.strength <= 1, "in (0, 1]"),
+                ("seed", 0 <= self.seed < 2 ** 63 - 1_000_000, "in [0, 2**63 - 1e6)"),
+                ("noise", self.noise in ("independent", "shared"), "independent or shared"),
+                ("eta", math.isfinite(self.eta) and self.eta >= 0, "finite and >= 0"),
+                ("guidance_scale", math.isfinite(self.guidance_scale) and self.guidance_scale >= 0, "finite and >= 0"),
+                ("noise_level", self.noise_level >= 0, ">= 0"),
+                ("direction", self.direction in ("bidirectional", "forward", "backward"),
+                 "bidirectional, forward or backward"),
+                ("start", self.start in ("forward", "backward"), "forward or backward"),
+                ("passes", self.passes >= 0, ">= 0"),
+                ("chain_length", self.chain_length is None or self.chain_length >= 1, "None, 0 or >= 1"),
+                ("batch_size", self.batch_size >= 0, ">= 0 (0 = auto)"),
+                ("decode_batch_size", self.decode_batch_size >= 0, ">= 0 (0 = auto)"),
+                ("frame_offset", self.frame_offset >= 0, ">= 0")):
+            if not ok:
+                raise ValueError(f"SamplingOptions.{name} must be {want}, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -129,8 +156,15 @@ class VideoPipeline:
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device="cpu", dtype=torch.float32, **subfolders):
         """Load from a hub id or a local folder in diffusers layout (unet/, scheduler/, optional vae/,
-        text_encoder/, tokenizer/, controlnet/, low_res_scheduler/ and this project's vsr_config.json)."""
+        text_encoder/, tokenizer/, controlnet/, low_res_scheduler/ and this project's vsr_config.json).
+        ``dtype``: a torch dtype or its name (float32, float16, bfloat16)."""
         from . import loading
+
+        if isinstance(dtype, str):
+            names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+            if dtype not in names:
+                raise ValueError(f"dtype must be a torch dtype or one of {', '.join(names)}, not {dtype!r}")
+            dtype = names[dtype]
 
         return loading.load_pipeline(cls, path, device=device, dtype=dtype, **subfolders)
 
@@ -301,13 +335,27 @@ class VideoPipeline:
         o = options or SamplingOptions()
         alignment = alignment or Alignment()
         timer = timer or NullTimer()
+        from .filestore import FileTensor
+
+        if not isinstance(frames, (torch.Tensor, FileTensor)) or not frames.dtype.is_floating_point:
+            got = f"{type(frames).__name__} of {frames.dtype}" if hasattr(frames, "dtype") else type(frames).__name__
+            raise ValueError(f"frames must be a float tensor (F, 3, H, W) in [-1, 1], got a {got} "
+                             "(pipelines.video_io.to_tensor converts uint8 (F, H, W, 3) frames)")
         dev, F = self.device, frames.shape[0]
-        if frames.dim() != 4 or frames.shape[1] != 3 or F < 1:
+        if len(frames.shape) != 4 or frames.shape[1] != 3 or F < 1:
             raise ValueError(f"frames must be (F, 3, H, W) with F >= 1, got {tuple(frames.shape)}")
+        m = self.input_multiple()
+        if (frames.shape[-2] % m or frames.shape[-1] % m) and isinstance(self.unet, diffusers.UNet2DModel):
+            # UNet2DModel cannot take such sides (UNet2DConditionModel upsamples to the skip's size itself)
+            raise ValueError(f"this model takes frames whose sides are multiples of {m}, got "
+                             f"{frames.shape[-2]}x{frames.shape[-1]} (pad with pipelines.video_io.pad_to_multiple "
+                             "and crop the output back, as the job does)")
+        if not 0 <= keep_last <= F:
+            raise ValueError(f"keep_last must be in [0, {F}] (the frames given), got {keep_last}")
         if state_dir is not None and (problem := self.file_state_problem(o.chain_length, F)):
             raise ValueError(problem)
         state_dev = torch.device("cpu") if o.offload_state else dev
-        gens = [torch.Generator().manual_seed(o.seed + f) for f in range(F)]
+        gens = [torch.Generator().manual_seed(o.seed + o.frame_offset + f) for f in range(F)]
         # timesteps stay on the host: the schedule maths per frame then never waits for the accelerator
         timesteps = img2img_timesteps(self.scheduler, o.num_inference_steps, o.strength)
         out_size = self.output_size(frames)
@@ -346,8 +394,9 @@ class VideoPipeline:
             shape = (F, self.vae.config.latent_channels, *(self.unet_latent_size(frames)))
         else:
             shape = tuple(frames.shape)
-        shared = initial_noise(shape, gens[:1], state_dev, torch.float32, "shared")[:1] if o.noise == "shared" \
-            else None
+        # one draw for the whole clip, from the seed of its first frame (not of this window's)
+        shared = None if o.noise != "shared" else initial_noise(
+            shape, [torch.Generator().manual_seed(o.seed)], state_dev, torch.float32, "shared")[:1]
 
         def start(a: int, b: int) -> torch.Tensor:
             """The starting samples of frames [a, b): pure noise at strength 1 (text-to-image), else the

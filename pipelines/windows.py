@@ -112,8 +112,8 @@ def iter_windows(pipe, num_frames: int, read, *, window: int, overlap: int, anch
             ckpt = None if workdir is None else Checkpointer(Path(workdir) / f"window{k:04d}", fingerprint,
                                                              checkpoint_every)
             keep = overlap if k + 1 < len(spans) else 0
-            res = pipe(read(a, b), options=replace(options, seed=options.seed + a), alignment=align, flow=flow,
-                       progress=progress, timer=timer, checkpoint=ckpt, output_uint8=True, keep_last=keep)
+            res = pipe(read(a, b), options=replace(options, frame_offset=options.frame_offset + a), alignment=align,
+                       flow=flow, progress=progress, timer=timer, checkpoint=ckpt, output_uint8=True, keep_last=keep)
             out, tail = res.frames, res.samples
             if crop is not None:
                 out = out[:, :crop[0], :crop[1]].contiguous()
