@@ -28,7 +28,7 @@ try:  # Ctrl-C while the libraries load: one line and exit 130, not a traceback
     import torch
 
     from pipelines.checkpoint import WorkdirMismatch
-    from pipelines.config import ConfigError, load_config, to_yaml
+    from pipelines.config import ConfigError, asked_keys, load_config, to_yaml
     from pipelines.job import DEFAULT_CONFIG, UsageError, clip_list, from_root, output_names, process_group, run_clip
     from pipelines.video_io import InputError
     from pipelines.video_writer import OutputAppeared
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(config, args.overrides)
     print(to_yaml(cfg), end="", flush=True)
     run_clip(cfg, args.input, args.output, config_path=config, reference=args.reference, overwrite=args.overwrite,
-             workdir=args.workdir, log=log)
+             workdir=args.workdir, log=log, asked=asked_keys(config, args.overrides))
     return 0
 
 

@@ -394,11 +394,101 @@ def build_alignment(cfg: DictConfig, pipe: VideoPipeline) -> Alignment:
         raise ConfigError(f"alignment.mode=tcm needs a model with a {cfg.model.controlnet_subfolder}/ folder "
                           f"(model.controlnet_subfolder) and a VAE; {cfg.model.path} has "
                           f"{'no controlnet' if pipe.controlnet is None else 'no VAE'}")
-    if hasattr(align, "make_alignment"):
-        return align.make_alignment(a, pipe)
     from .tcm import TCMAlignment
 
-    fusion = align.Fusion(a.weight, a.weight_schedule, pipe.scheduler.config.num_train_timesteps) \
-        if a.tcm_fusion else None
+    T = pipe.scheduler.config.num_train_timesteps
+    fusion = None
+    if a.tcm_fusion:  # the same fusion as mode fusion, in the space asked for
+        fusion = align.DecodedFusion(a.weight, a.weight_schedule, T) if a.space == "decoded" else \
+            align.Fusion(a.weight, a.weight_schedule, T, a.space)
     return TCMAlignment(scale=a.tcm_scale, masked=a.tcm_masked, fusion=fusion, warp_mode=a.tcm_warp,
                         start=a.tcm_start, end=a.tcm_end, decoder=a.tcm_decoder)
+
+
+# ----------------------------------------------------------------------------- settings without effect
+
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _flat_keys(tree, prefix: str = "") -> set[str]:
+    if not isinstance(tree, dict):
+        return {prefix} if prefix else set()
+    return set().union(*(_flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+                         for k, v in tree.items())) if tree else set()
+
+
+def asked_keys(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> set[str]:
+    """The dotted keys a user chose: every override, and the keys of each YAML file in the ``base:`` chain
+    that is not one of this repository's configs/ (a shipped config's keys are the project's, tuned for its
+    own mode). Call after :func:`load_config` accepted the same arguments."""
+    keys: set[str] = set()
+    seen = set()
+    while path is not None and Path(path).resolve() not in seen:
+        path = Path(path)
+        seen.add(path.resolve())
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        base = data.pop(BASE_KEY, None)
+        if path.resolve().parent != SHIPPED_CONFIGS:
+            keys |= _flat_keys(data)
+        path = path.parent / base if isinstance(base, str) else None
+    for item in overrides:
+        keys |= _flat_keys(OmegaConf.to_container(OmegaConf.from_dotlist([item])))
+    return keys
+
+
+def check_model_settings(cfg: DictConfig, pipe: VideoPipeline) -> None:
+    """Settings that contradict the loaded model: ConfigError (exit 2), like guidance without a text encoder."""
+    s, m = cfg.sampling, cfg.model
+    if pipe.text_encoder is None and (s.prompt or s.negative_prompt):
+        raise ConfigError(f"sampling.prompt / negative_prompt need a text-conditioned model; {m.path} has no text "
+                          "encoder (leave them empty)")
+    if m.convention != "auto" and pipe.kind != "upscale":
+        raise ConfigError(f"model.convention={m.convention} applies to latent upscalers; {m.path} is a {pipe.kind} "
+                          "model (use model.convention=auto)")
+
+
+def ineffective_settings(cfg: DictConfig, pipe: VideoPipeline, asked: set[str]) -> list[str]:
+    """One line for each setting in ``asked`` (see :func:`asked_keys`) whose value differs from the schema's
+    default but has no effect with this model and mode, saying why (for a warning)."""
+    import inspect
+
+    a, sc, s, f = cfg.alignment, cfg.schedule, cfg.sampling, cfg.flow
+    rules = []
+    if a.mode != "tcm":
+        rules.append((("tcm_scale", "tcm_masked", "tcm_fusion", "tcm_warp", "tcm_decoder", "tcm_start", "tcm_end"),
+                      "alignment", f"alignment.mode is {a.mode}, not tcm"))
+    if a.mode == "none":
+        rules.append((("weight", "weight_schedule", "space"), "alignment", "alignment.mode is none"))
+        rules.append((("direction", "start", "passes", "chain_length"), "schedule",
+                      "alignment.mode is none: every frame is sampled on its own"))
+    else:
+        if a.mode == "tcm" and not a.tcm_fusion:
+            rules.append((("weight", "weight_schedule", "space"), "alignment",
+                          "the TCM fuses no estimates without alignment.tcm_fusion=true"))
+        elif pipe.vae is not None and a.space == "sample":
+            rules.append((("space",), "alignment", "a latent model fuses its latents under frame and sample alike"))
+        if sc.direction != "bidirectional":
+            rules.append((("passes", "start"), "schedule", f"schedule.direction is {sc.direction}"))
+    if "eta" not in inspect.signature(pipe.scheduler.step).parameters:
+        rules.append((("eta",), "scheduler", f"{type(pipe.scheduler).__name__} takes none (scheduler.kind=ddim does)"))
+    if pipe.kind != "upscale" or pipe.upscale_convention() != "sd_upscaler":
+        rules.append((("noise_level",), "sampling", "only the sd_upscaler convention noises the low-res frame"))
+    if s.guidance_scale <= 1:
+        rules.append((("negative_prompt",), "sampling", "sampling.guidance_scale <= 1 runs no negative branch"))
+    if f.method != "dis":
+        rules.append((("dis_preset",), "flow", f"flow.method is {f.method}"))
+    if f.method != "raft":
+        rules.append((("raft_weights",), "flow", f"flow.method is {f.method}"))
+    if pipe.vae is None:
+        rules.append((("vae_tiling", "vae_slicing"), "model", "the model has no VAE"))
+    default = OmegaConf.structured(JobConfig)
+    lines = []
+    for names, section, why in rules:
+        for name in names:
+            key, value = f"{section}.{name}", cfg[section][name]
+            if key in asked and value != default[section][name]:
+                lines.append(f"config: {key}={value} has no effect: {why}")
+    if "sampling.guidance_scale" in asked and s.guidance_scale > 1 and s.prompt == s.negative_prompt:
+        lines.append(f"config: sampling.guidance_scale={s.guidance_scale} with the prompt equal to the negative "
+                     "prompt gives the unguided result at twice the model calls")
+    return lines

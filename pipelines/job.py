@@ -33,8 +33,8 @@ import torch
 from omegaconf import DictConfig
 
 from . import metrics
-from .config import (ConfigError, ModelConfig, build_alignment, flow_config, pipeline_kwargs, sampling_options, to_dict,
-                     to_yaml, validate)
+from .config import (ConfigError, ModelConfig, build_alignment, check_model_settings, flow_config,
+                     ineffective_settings, pipeline_kwargs, sampling_options, to_dict, to_yaml, validate)
 from .degradation import bicubic_resize
 from .flow import check_flow_size, compute_clip_flows
 from .timing import StageTimer
@@ -294,6 +294,7 @@ def load_model(cfg: DictConfig, path: str, device: torch.device, timer: StageTim
     if cfg.sampling.guidance_scale > 1 and pipe.text_encoder is None:
         raise ConfigError(f"sampling.guidance_scale={cfg.sampling.guidance_scale} needs a text-conditioned model; "
                           f"{cfg.model.path} has no text encoder (use sampling.guidance_scale=1)")
+    check_model_settings(cfg, pipe)
     return pipe
 
 
@@ -419,10 +420,12 @@ def _choose_mode(cfg: DictConfig, n: int) -> str:
 
 def run_clip(cfg: DictConfig, input=None, output=None, *, config_path=DEFAULT_CONFIG, reference=None,
              overwrite: bool = False, workdir=None, log: Callable[[str], None] = print,
-             progress: bool = True) -> dict:
+             progress: bool = True, asked: set[str] | None = None) -> dict:
     """Run the job ``cfg`` on one clip and write ``output`` (H.264), ``<stem>.json`` (the report, also
     returned) and ``<stem>.yaml`` (the merged config). Raises ConfigError / UsageError / InputError /
-    WorkdirMismatch for bad input (checked before heavy work where it can be known up front)."""
+    WorkdirMismatch for bad input (checked before heavy work where it can be known up front).
+    ``asked``: the keys the user chose (:func:`pipelines.config.asked_keys`); those this model and mode
+    leave without effect are named in warnings."""
     from tqdm import tqdm
 
     from .clip_source import ClipSource
@@ -476,6 +479,10 @@ def run_clip(cfg: DictConfig, input=None, output=None, *, config_path=DEFAULT_CO
     pipe = load_model(cfg, model_path, device, timer)
     log(f"model: {pipe.kind}, x{pipe.scale}")
     alignment = build_alignment(cfg, pipe)
+    job_warnings = list(source.warnings)
+    for warning in ineffective_settings(cfg, pipe, asked or set()):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+        job_warnings.append(warning)
     out_size = (read.size[0] * pipe.scale, read.size[1] * pipe.scale)
     if ref_source is not None and tuple(ref_source.size) != out_size:
         raise UsageError(f"--reference frames are {_wxh(ref_source.size)}, output frames are {_wxh(out_size)}")
@@ -653,7 +660,7 @@ def run_clip(cfg: DictConfig, input=None, output=None, *, config_path=DEFAULT_CO
         frames=n, source_size=list(source.size), input_size=list(read.size), output_size=list(out_size),
         fps=fps, model_kind=pipe.kind, scale=pipe.scale, input_multiple=multiple, device=str(device),
         dtype=cfg.model.dtype, steps_run=steps_run, mode=mode, state_in_files=in_files, video=video,
-        warnings=source.warnings,
+        warnings=job_warnings,
         timings=timings, peak_memory=peak_memory(device), **scores.report(pipe.scale), config=to_dict(cfg))
     atomic_write_text(paths.report, json.dumps(report, indent=2) + "\n", replace=overwrite)
     summary = f", psnr {report['psnr']:.2f} dB" if report.get("psnr") is not None else ""

@@ -763,3 +763,23 @@ def test_model_variant_picks_the_variant_weights_where_a_component_has_them(data
     assert rc == 0, err
     rc, _, err = cli(capsys, "--output", tmp_path / "y.mp4", "model.variant=fp16/../x")
     assert rc == 2 and "model.variant must be" in err
+
+
+def test_settings_that_contradict_the_model_or_do_nothing(data, tmp_path, capsys):
+    """A prompt for a model without a text encoder, or a latent-upscaler convention for a pixel model, ran
+    as if not given: exit 2 now. Keys the user set that this model and mode leave without effect (eta under
+    DDPM, fusion keys without fusion) are named in warnings, on stderr and in the report."""
+    base = ["--input", data / "clip.mp4", f"model.path={data / 'model'}", *FAST]
+    for bad, words in (("sampling.prompt=a cat", "need a text-conditioned model"),
+                       ("model.convention=stablevsr", "applies to latent upscalers")):
+        rc, _, err = cli(capsys, *base, "--output", tmp_path / "x.mp4", bad)
+        assert rc == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    rc, _, err = cli(capsys, *base, "--output", tmp_path / "o.mp4", "alignment.mode=none", "alignment.weight=0.9",
+                     "scheduler.eta=0.5")
+    assert rc == 0, err
+    warned = [line for line in err.splitlines() if line.startswith("warning: config:")]
+    assert len(warned) == 2 and "alignment.weight=0.9" in warned[0] and "scheduler.eta=0.5" in warned[1]
+    report = json.loads((tmp_path / "o.json").read_text())
+    assert [f"warning: {w}" for w in report["warnings"]] == warned
+    rc, _, err = cli(capsys, *base, "--output", tmp_path / "p.mp4", "alignment.mode=none")  # default.yaml's weight
+    assert rc == 0 and "warning" not in err

@@ -116,3 +116,48 @@ def test_build_alignment_tcm():
     assert isinstance(tcm.fusion, Fusion) and tcm.fusion.weight == 0.5
     with pytest.raises(ConfigError, match="no VAE"):
         build_alignment(load_config(None, ["alignment.mode=tcm"]), SimpleNamespace(**{**vars(pipe), "vae": None}))
+
+
+def test_tcm_fusion_fuses_in_the_space_asked_for():
+    """alignment.space=decoded with tcm_fusion ran latent fusion without a word."""
+    from pipelines.align import DecodedFusion
+
+    sched = SimpleNamespace(config=SimpleNamespace(num_train_timesteps=1000))
+    pipe = SimpleNamespace(controlnet=object(), vae=object(), scheduler=sched)
+    both = ["alignment.mode=tcm", "alignment.tcm_fusion=true"]
+    assert isinstance(build_alignment(load_config(None, [*both, "alignment.space=decoded"]), pipe).fusion,
+                      DecodedFusion)
+    assert type(build_alignment(load_config(None, both), pipe).fusion) is Fusion
+
+
+def test_asked_keys_are_the_users_not_the_shipped_configs(tmp_path):
+    """Keys a user typed (overrides, their own YAML) count; a shipped config's keys, which a user's file may
+    take as its base, do not: their values were chosen for the shipped mode."""
+    from pipelines.config import asked_keys
+
+    own = write(tmp_path, f"base: {DEFAULT}\nalignment:\n  weight: 0.7\nflow: {{scale: 0.5}}\n")
+    assert asked_keys(own, ["scheduler.eta=1", "schedule={passes: 2}"]) == {
+        "alignment.weight", "flow.scale", "scheduler.eta", "schedule.passes"}
+    assert asked_keys(DEFAULT, ["alignment.mode=none"]) == {"alignment.mode"}
+
+
+def test_settings_without_effect_are_named():
+    """A dozen keys were accepted and did nothing (found by running each with and without): each is named
+    with its reason when the user set it, and not when a shipped config did."""
+    import diffusers
+
+    from pipelines.config import ineffective_settings
+
+    pipe = SimpleNamespace(kind="residual_sr", vae=None, text_encoder=None, scheduler=diffusers.DDPMScheduler(),
+                           upscale_convention=lambda: "stablevsr")
+    over = ["alignment.mode=none", "alignment.weight=0.7", "schedule.passes=2", "scheduler.eta=1",
+            "sampling.noise_level=300", "flow.method=farneback", "flow.dis_preset=fast", "alignment.tcm_start=0.5",
+            "model.vae_tiling=true", "flow.raft_weights=/x.pth"]
+    cfg = load_config(DEFAULT, over)
+    lines = ineffective_settings(cfg, pipe, {o.split("=")[0] for o in over})
+    named = sorted(line.split("=")[0].removeprefix("config: ") for line in lines)
+    assert named == sorted(o.split("=")[0] for o in over if o.split("=")[0] not in ("alignment.mode", "flow.method"))
+    assert "DDPMScheduler takes none" in next(line for line in lines if "eta" in line)
+    assert ineffective_settings(cfg, pipe, {"alignment.mode"}) == []  # default.yaml's weight 0.3: not the user's
+    pipe.scheduler = diffusers.DDIMScheduler()
+    assert not any("eta" in line for line in ineffective_settings(cfg, pipe, {"scheduler.eta"}))
