@@ -7,8 +7,10 @@ A work folder made by a different configuration is refused.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -17,6 +19,31 @@ from safetensors.torch import load_file, save_file
 
 class WorkdirMismatch(ValueError):
     """The work folder belongs to another run configuration."""
+
+
+@contextmanager
+def workdir_lock(workdir: Path | None):
+    """Hold ``<workdir>/.lock`` (an flock, released when the process ends however it ends) while a run uses
+    the folder: a second run on the same folder would overwrite the first one's checkpoints mid-save.
+    A folder that cannot be made is not locked here; the checks that follow say what is wrong with it."""
+    fd = None
+    if workdir is not None:
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(workdir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            fd = None
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise WorkdirMismatch(f"--workdir {workdir} is in use by another run; wait for it to end or use "
+                                      "another folder") from None
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _scheduler_state(scheduler) -> tuple[dict, dict]:
@@ -74,10 +101,11 @@ class Checkpointer:
         if workdir.exists() and not workdir.is_dir():
             raise WorkdirMismatch(f"--workdir {workdir} exists and is not a folder")
         metas = [m for m in [workdir / "run.json", *workdir.glob("*/run.json")] if m.exists()]
-        # the user's own folder is never mixed into (hidden files, a fresh mount's lost+found and a run.json
-        # cut short before its rename do not make a folder the user's)
+        # the user's own folder is never mixed into (hidden files, a fresh mount's lost+found, a run.json cut
+        # short before its rename and the job's notes on the machine and outputs do not make a folder the user's)
+        ours = ("lost+found", "run.tmp", "machine.json", "outputs.json")
         theirs = [] if metas or not workdir.is_dir() else \
-            [q for q in workdir.iterdir() if not q.name.startswith(".") and q.name not in ("lost+found", "run.tmp")]
+            [q for q in workdir.iterdir() if not q.name.startswith(".") and q.name not in ours]
         if theirs:
             raise WorkdirMismatch(f"--workdir {workdir} holds other files and is not a work folder (no run.json); "
                                   "use a new or empty folder")

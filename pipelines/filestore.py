@@ -18,9 +18,10 @@ _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: Non
 
 
 class FileTensor:
-    """``(N, *row)`` float tensor stored row-major in ``path`` (created zero-filled unless it exists)."""
+    """``(N, *row)`` float tensor stored row-major in ``path`` (created zero-filled unless it exists; with
+    ``must_exist``, a file of exactly that size must be there: the saved state a run resumes from)."""
 
-    def __init__(self, path, shape, dtype: torch.dtype = torch.float32):
+    def __init__(self, path, shape, dtype: torch.dtype = torch.float32, must_exist: bool = False):
         if _NP.get(dtype) is None:
             raise ValueError(f"FileTensor holds float32 or float16, not {dtype}")
         self.path, self.shape, self.dtype = Path(path), tuple(int(s) for s in shape), dtype
@@ -28,6 +29,11 @@ class FileTensor:
         self._np = _NP[dtype]
         self.row_bytes = int(np.prod(self.row, dtype=np.int64)) * np.dtype(self._np).itemsize
         size = self.row_bytes * self.shape[0]
+        if must_exist:
+            found = self.path.stat().st_size if self.path.is_file() else None
+            if found != size:
+                raise ValueError(f"{self.path} is {'missing' if found is None else f'{found} bytes'} where the saved "
+                                 f"state has {size}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         if os.fstat(self.fd).st_size != size:
@@ -91,9 +97,9 @@ class SteppedState:
     """The samples of a denoising loop in two files: during step s, reads come from ``x{s % 2}`` and
     writes go to ``x{(s + 1) % 2}``; :meth:`begin_step` switches. Indexing looks like a tensor's."""
 
-    def __init__(self, folder, shape, dtype: torch.dtype = torch.float32):
+    def __init__(self, folder, shape, dtype: torch.dtype = torch.float32, resume: bool = False):
         folder = Path(folder)
-        self.bufs = [FileTensor(folder / "x0.bin", shape, dtype), FileTensor(folder / "x1.bin", shape, dtype)]
+        self.bufs = [FileTensor(folder / f"x{i}.bin", shape, dtype, must_exist=resume) for i in (0, 1)]
         self.shape, self.dtype, self.step = tuple(shape), dtype, 0
 
     device = torch.device("cpu")

@@ -16,7 +16,6 @@ import io
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -311,8 +310,8 @@ class FrameFolderWriter:
         folder, old = self.folder, None
         try:
             os.chmod(self.tmp, file_mode() | ((file_mode() & 0o444) >> 2))  # a folder as mkdir would make it
-            if folder.exists():
-                old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old-"))
+            if folder.exists():  # aside under a temporary name: a run killed right here leaves it to the sweep
+                old = _temp_sibling(folder, directory=True)
                 os.replace(folder, old)  # onto an empty directory: allowed on POSIX
             try:
                 os.replace(self.tmp, folder)

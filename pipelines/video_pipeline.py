@@ -431,8 +431,14 @@ class VideoPipeline:
         else:  # long one-pass clips: the samples live in two files in state_dir (see pipelines.filestore)
             from .filestore import SteppedState
 
-            latents = SteppedState(state_dir, shape, self.unet.dtype)
-            if checkpoint is None or not checkpoint.has_state():
+            resume = checkpoint is not None and checkpoint.has_state()
+            try:
+                latents = SteppedState(state_dir, shape, self.unet.dtype, resume=resume)
+            except ValueError as e:  # truncated or deleted: resuming would start from zeros
+                from .checkpoint import WorkdirMismatch
+
+                raise WorkdirMismatch(f"work folder {checkpoint.dir}: {e}; delete the folder to start over") from e
+            if not resume:
                 for a in range(0, F, batch):
                     latents.init(torch.arange(a, min(F, a + batch)), start(a, min(F, a + batch)))
         if hasattr(alignment, "bind"):

@@ -5,8 +5,8 @@ A video is encoded to a temporary sibling ``.<stem>.tmp-<pid>-XXXX<ext>``, close
 checked (the container parses and holds every frame written), fsynced, given the permissions the
 umask allows, and only then committed: ``os.replace`` when replacing is allowed, otherwise a
 no-replace link (fails if the target appeared meanwhile). On any failure the temporary file is
-removed and an existing output is left as it was. Temporary files of dead processes (the pid in
-their name) are removed by :func:`remove_stale_temps`.
+removed and an existing output is left as it was. Temporary files of dead processes (the pid and its
+start time in their name: a pid alone is reused) are removed by :func:`remove_stale_temps`.
 """
 from __future__ import annotations
 
@@ -50,10 +50,27 @@ def file_mode() -> int:
     return 0o666 & ~mask
 
 
+def _start_time(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks after boot: /proc/<pid>/stat's field 22), or None when there is
+    no such process or it is a zombie (dead, only not yet reaped by its parent)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _owner_tag() -> str:
+    """``<pid>-<start time>`` of this process: a pid alone is reused (every container's first process is 1)."""
+    pid = os.getpid()
+    return f"{pid}-{_start_time(pid) or 0}"
+
+
 def temp_sibling(path: Path, directory: bool = False) -> Path:
-    """A fresh ``.<name>.tmp-<pid>-XXXX<ext>`` next to ``path`` (created, so the name is ours)."""
+    """A fresh ``.<name>.tmp-<pid>-<start>-XXXX<ext>`` next to ``path`` (created, so the name is ours)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{path.stem if not directory else path.name}.tmp-{os.getpid()}-"
+    prefix = f".{path.stem if not directory else path.name}.tmp-{_owner_tag()}-"
     if directory:
         return Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix))
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=path.suffix)
@@ -62,17 +79,19 @@ def temp_sibling(path: Path, directory: bool = False) -> Path:
 
 
 def remove_stale_temps(path: Path) -> list[Path]:
-    """Remove this tool's temporary siblings of ``path`` whose writing process no longer exists."""
+    """Remove this tool's temporary siblings of ``path`` whose writing process no longer runs."""
     removed = []
     if not path.parent.is_dir():
         return removed
     for prefix, p in [(x, p) for x in {f".{path.stem}.tmp-", f".{path.name}.tmp-"}  # files; folders (temp_sibling)
                       for p in path.parent.glob(x + "*")]:
+        parts = p.name[len(prefix):].split("-")  # pid, start time, random (earlier versions: pid, random)
         try:
-            pid = int(p.name[len(prefix):].split("-")[0])
+            pid = int(parts[0])
         except ValueError:
             continue
-        if pid == os.getpid() or _alive(pid):
+        start = parts[1] if len(parts) >= 3 and parts[1].isdigit() else None
+        if _alive(pid, start):
             continue
         try:
             if p.is_dir():
@@ -87,7 +106,14 @@ def remove_stale_temps(path: Path) -> list[Path]:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, start: str | None = None) -> bool:
+    """Whether the process that wrote a temporary file runs: ``pid`` exists, is no zombie and, where its name
+    recorded one, started at ``start`` (else the pid now belongs to another process)."""
+    if Path("/proc/self/stat").exists():
+        now = _start_time(pid)
+        return now is not None and (start is None or start == "0" or now == start)
+    if pid == os.getpid():
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -101,8 +101,7 @@ def iter_windows(pipe, num_frames: int, read, *, window: int, overlap: int, anch
     for k, (a, b) in enumerate(spans):
         done = None if workdir is None else Path(workdir) / f"window{k:04d}.safetensors"
         if done is not None and done.exists():
-            saved = load_file(done)
-            out, tail = saved["frames"], saved.get("tail")
+            out, tail = _finished_window(done, b - a, overlap if k + 1 < len(spans) else 0)
             if progress is not None:  # the window's frame-steps, done in the run that stored it
                 progress((b - a) * steps)
         else:
@@ -134,6 +133,25 @@ def iter_windows(pipe, num_frames: int, read, *, window: int, overlap: int, anch
         nxt = a_overlap(spans, k + 1) if k + 1 < len(spans) else 0
         held = out[len(out) - nxt:] if nxt else None
         yield a, out[:len(out) - nxt]
+
+
+def _finished_window(path: Path, n: int, n_tail: int):
+    """A finished window's stored frames (n, H, W, 3) uint8 and final samples of its last ``n_tail`` frames;
+    WorkdirMismatch when the file is damaged or not one this code wrote for this window."""
+    from .checkpoint import WorkdirMismatch
+
+    try:
+        saved = load_file(path)
+        out, tail = saved["frames"], saved.get("tail")
+        ok = out.dtype == torch.uint8 and out.dim() == 4 and len(out) == n and out.shape[-1] == 3 and \
+            (tail is None if n_tail == 0 else tail is not None and len(tail) == n_tail)
+    except Exception as e:  # noqa: BLE001  (safetensors raises its own errors for a damaged file)
+        raise WorkdirMismatch(f"work folder {path.parent}: {path.name} is damaged ({type(e).__name__}); delete it "
+                              "to sample that window again") from e
+    if not ok:
+        raise WorkdirMismatch(f"work folder {path.parent}: {path.name} does not hold this window's {n} frames; "
+                              "delete it to sample that window again")
+    return out, tail
 
 
 def sample_windowed(pipe, frames: torch.Tensor, **kwargs) -> torch.Tensor:

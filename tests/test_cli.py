@@ -783,3 +783,89 @@ def test_settings_that_contradict_the_model_or_do_nothing(data, tmp_path, capsys
     assert [f"warning: {w}" for w in report["warnings"]] == warned
     rc, _, err = cli(capsys, *base, "--output", tmp_path / "p.mp4", "alignment.mode=none")  # default.yaml's weight
     assert rc == 0 and "warning" not in err
+
+
+def _run_with_workdir(capsys, data, tmp_path, *extra, name="o"):
+    return cli(capsys, "--input", data / "clip.mp4", "--output", tmp_path / f"{name}.mp4", "--workdir",
+               tmp_path / "work", f"model.path={data / 'model'}", *FAST, *extra)
+
+
+def test_a_run_stopped_while_committing_is_finished_by_the_same_command(data, tmp_path, capsys, monkeypatch):
+    """Stopped between committing the video and the report, the same command was refused ("o.mp4 exists,
+    use --overwrite"): the work folder now records what its run was committing, and the rerun finishes it.
+    Once finished, the same command is refused again as before."""
+    from pipelines import job
+
+    real = job.atomic_write_text
+
+    def stop_at_the_report(path, text, replace=False):
+        if Path(path).name == "o.json":
+            raise KeyboardInterrupt
+        return real(path, text, replace=replace)
+
+    monkeypatch.setattr(job, "atomic_write_text", stop_at_the_report)
+    rc, _, err = _run_with_workdir(capsys, data, tmp_path)
+    assert rc == 130 and (tmp_path / "o.mp4").exists() and not (tmp_path / "o.json").exists()
+    monkeypatch.setattr(job, "atomic_write_text", real)
+    rc, out, err = _run_with_workdir(capsys, data, tmp_path)
+    assert rc == 0, err
+    assert "finishing the outputs" in out and json.loads((tmp_path / "o.json").read_text())["frames"] == 4
+    rc, _, err = _run_with_workdir(capsys, data, tmp_path)
+    assert rc == 2 and "exists (use --overwrite" in err
+
+
+@pytest.mark.parametrize("damage", ["files", "windows"])
+def test_a_damaged_saved_state_is_refused_not_resumed_from_zeros(data, tmp_path, capsys, damage):
+    """One pass with its samples in files: a truncated x0.bin resumed from zeros (every frame wrong, exit 0);
+    windows: a truncated finished-window file was "internal: SafetensorError" (exit 1). Both exit 2 now."""
+    extra = ["runtime.files_above=0"] if damage == "files" else ["runtime.mode=windows", "runtime.window=2",
+                                                                 "runtime.overlap=1"]
+    rc, _, err = _run_with_workdir(capsys, data, tmp_path, *extra)
+    assert rc == 0, err
+    victim = tmp_path / "work" / ("state/x0.bin" if damage == "files" else "window0000.safetensors")
+    os.truncate(victim, 100)
+    rc, _, err = _run_with_workdir(capsys, data, tmp_path, *extra, "--overwrite")
+    last = err.strip().splitlines()[-1]  # after the progress bar: the damage shows when the sampling resumes
+    assert rc == 2 and last.startswith("error: work folder") and victim.name in last, err
+
+
+def test_a_work_folder_in_use_or_overlapping_an_output_is_refused(data, tmp_path, capsys):
+    """Two runs on one work folder crashed one of them (exit 1, a FileNotFoundError on state.tmp); a work folder
+    that is an output (or holds or sits in one) sampled everything and then failed, or had its checkpoints
+    deleted with the PNG folder."""
+    import fcntl
+
+    (tmp_path / "work").mkdir()
+    with open(tmp_path / "work" / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        rc, _, err = _run_with_workdir(capsys, data, tmp_path)
+    assert rc == 2 and "in use by another run" in err
+    for workdir, extra in ((tmp_path / "o.mp4", []), (tmp_path / "png", [f"output.frames_dir={tmp_path / 'png'}"]),
+                           (tmp_path / "png" / "w", [f"output.frames_dir={tmp_path / 'png'}"]),
+                           (tmp_path, [])):
+        rc, _, err = cli(capsys, "--input", data / "clip.mp4", "--output", tmp_path / "o.mp4", "--workdir", workdir,
+                         f"model.path={data / 'model'}", *FAST, *extra)
+        assert rc == 2 and "overlaps" in err, err
+
+
+def test_resuming_with_other_threads_is_named(data, tmp_path, capsys):
+    """A run resumed with another thread count (the default depends on the machine) is no longer bit-identical
+    to an uninterrupted one (10 of 16 frames differed); that was silent."""
+    rc, _, err = _run_with_workdir(capsys, data, tmp_path, "runtime.threads=1")
+    assert rc == 0 and "warning" not in err
+    rc, _, err = _run_with_workdir(capsys, data, tmp_path, "runtime.threads=2", "--overwrite")
+    assert rc == 0 and "warning: resuming with threads 2 where the run began with 1" in err
+    torch.set_num_threads(1)
+
+
+def test_the_old_frames_folder_goes_aside_under_a_temporary_name(tmp_path, monkeypatch):
+    """Replacing output.frames_dir moves the old folder aside first; a run killed before deleting it left
+    '.png.old-XXXX' for good (the sweep of dead runs' temporaries did not know that name)."""
+    from pipelines import video_io
+    from pipelines.video_writer import _owner_tag
+
+    video_io.write_frames(tmp_path / "png", np.zeros((1, 4, 4, 3), np.uint8))
+    monkeypatch.setattr(video_io.shutil, "rmtree", lambda *a, **k: None)  # "killed" before the old one went
+    video_io.write_frames(tmp_path / "png", np.ones((1, 4, 4, 3), np.uint8))
+    left = [p.name for p in tmp_path.iterdir() if p.name != "png"]
+    assert len(left) == 1 and left[0].startswith(f".png.tmp-{_owner_tag()}-"), left

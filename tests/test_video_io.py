@@ -749,3 +749,28 @@ def test_an_embedded_display_p3_profile_is_converted_to_srgb(tmp_path):
     got_jpg = read_clip(tmp_path / "p3.jpg").frames[0][:, 0].astype(float)
     assert np.abs(got_jpg - want).max() <= 4  # JPEG's own loss on top
     assert np.array_equal(read_clip(tmp_path / "srgb.png").frames[0], img)
+
+
+def test_temps_of_a_reused_pid_or_a_zombie_are_stale(tmp_path):
+    """A run in a container is pid 1 every time, so a killed run's temporaries (pid 1 in their name) were
+    taken for the new run's own and kept forever; a killed process not yet reaped (a zombie, for about a
+    second under `timeout`) counted as running. Names now carry the process's start time too."""
+    import subprocess
+    import sys
+    import time
+
+    from pipelines.video_writer import _start_time, remove_stale_temps, temp_sibling
+
+    mine = temp_sibling(tmp_path / "o.mp4")  # this process's own, with its start time
+    same_pid_other_run = tmp_path / f".o.tmp-{os.getpid()}-{int(_start_time(os.getpid())) + 1}-abcdefgh.mp4"
+    same_pid_other_run.write_bytes(b"a killed run's, in the previous container")
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    while _start_time(child.pid) is not None and Path(f"/proc/{child.pid}/stat").read_text().split(") ")[1][0] != "Z":
+        time.sleep(0.05)  # until it has exited, unreaped
+    zombie = tmp_path / f".o.tmp-{child.pid}-abcdefgh.mp4"
+    zombie.write_bytes(b"written by the zombie")
+    try:
+        assert sorted(remove_stale_temps(tmp_path / "o.mp4")) == sorted([same_pid_other_run, zombie])
+        assert mine.exists()
+    finally:
+        child.wait()
