@@ -33,6 +33,9 @@ try:  # Ctrl-C while the libraries load: one line and exit 130, not a traceback
     from pipelines.video_io import InputError
     from pipelines.video_writer import OutputAppeared
 except BaseException as e:
+    if interrupts.TERMINATED:  # an import that failed because of it
+        print("error: terminated", file=sys.stderr, flush=True)
+        sys.exit(143)
     if not (isinstance(e, KeyboardInterrupt) or interrupts.interrupted()):
         raise
     print("error: interrupted", file=sys.stderr, flush=True)
@@ -168,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
+    if interrupts.TERMINATED:  # while the libraries loaded
+        fail("terminated")
+        return 143
     try:
         args = parse_args(argv)
     except SystemExit as e:  # --help

@@ -12,6 +12,7 @@ import signal
 import threading
 
 INTERRUPTED = False  # Ctrl-C seen: any error after it is reported as the interrupt
+TERMINATED = False  # SIGTERM seen while the libraries loaded (the CLI's own handler takes over after)
 _ARMED = False  # see arm()
 _WAKE = None  # read end of the signal wakeup pipe: Python's C-level handler writes each signal's number there
 
@@ -24,6 +25,13 @@ def _on_sigint(signum, frame):
     INTERRUPTED = True
     if _ARMED:  # while the libraries load, only record it: an exception raised inside torch's C++ import
         raise KeyboardInterrupt  # callbacks aborts the process (CI saw pybind11 terminate on one)
+
+
+def _on_sigterm_early(signum, frame):
+    """SIGTERM while the libraries load: only recorded (the CLI then exits 143 with its one line; the default
+    action killed the process without a word)."""
+    global TERMINATED
+    TERMINATED = True
 
 
 def arm() -> None:
@@ -54,6 +62,8 @@ def watch() -> None:
         return
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _on_sigint)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm_early)
     if _WAKE is None:
         r, w = os.pipe()
         os.set_blocking(r, False)

@@ -869,3 +869,17 @@ def test_the_old_frames_folder_goes_aside_under_a_temporary_name(tmp_path, monke
     video_io.write_frames(tmp_path / "png", np.ones((1, 4, 4, 3), np.uint8))
     left = [p.name for p in tmp_path.iterdir() if p.name != "png"]
     assert len(left) == 1 and left[0].startswith(f".png.tmp-{_owner_tag()}-"), left
+
+
+def test_sigterm_while_the_libraries_load_is_one_line_and_143(data, tmp_path):
+    """SIGTERM before torch and diffusers finished importing killed the process without a word (the
+    default action); it is recorded and the run ends with exit 143 and its line once the imports are done.
+    The signal is sent right after the CLI's signal set-up, where a real one lands most often."""
+    code = ("import os, runpy, signal, sys; sys.path.insert(0, sys.argv[1]); sys.argv = sys.argv[2:]; "
+            "from pipelines import interrupts; interrupts.watch(); os.kill(os.getpid(), signal.SIGTERM); "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    res = subprocess.run([sys.executable, "-c", code, str(ROOT), str(ROOT / "run_video.py"), "--input",
+                          str(data / "clip.mp4"), "--output", str(tmp_path / "o.mp4"), f"model.path={data / 'model'}"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert res.returncode == 143 and res.stderr == "error: terminated\n", (res.returncode, res.stderr)
+    assert os.listdir(tmp_path) == []
