@@ -229,6 +229,19 @@ class VideoPipeline:
         h, w = self.output_size(frames) if output else frames.shape[-2:]
         return int(h) * int(w)
 
+    # measured: AutoencoderKL.decode's peak above its input, per output pixel and channel of its full-resolution
+    # layers, float32 (the shipped VAE, 32 channels: 920-928 MB per output megapixel at 0.9 and 3.7 Mpx, this CPU)
+    DECODE_TENSORS_PER_PIXEL = 7.5
+
+    def decode_memory(self, out_pixels: int, batch: int = 1) -> int | None:
+        """Estimated peak bytes of one VAE decoder call on ``batch`` frames of ``out_pixels`` each: its
+        full-resolution layers hold about ``DECODE_TENSORS_PER_PIXEL`` tensors of ``block_out_channels[0]``
+        channels at once. None without a VAE, or with tiling on (tiles bound it)."""
+        if self.vae is None or getattr(self.vae, "use_tiling", False):
+            return None
+        item = torch.finfo(self.vae.dtype).bits // 8
+        return int(self.DECODE_TENSORS_PER_PIXEL * self.vae.config.block_out_channels[0] * item * out_pixels * batch)
+
     def conditioning_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """The frames at output resolution (bicubic upscale for SR models): flow is computed on these."""
         return frames if self.scale == 1 else bicubic_resize(frames, self.output_size(frames)).clamp(-1, 1)

@@ -883,3 +883,22 @@ def test_sigterm_while_the_libraries_load_is_one_line_and_143(data, tmp_path):
                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert res.returncode == 143 and res.stderr == "error: terminated\n", (res.returncode, res.stderr)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_frame_size_whose_decoding_cannot_fit_is_refused_up_front(data, tmp_path, capsys, monkeypatch):
+    """A latent model's VAE decodes whole output frames (about 0.9 GB per output megapixel with the shipped
+    one): a size beyond the machine's memory ended in an out-of-memory kill after all the sampling. Refused
+    before sampling now (exit 2, naming the remedies); above what is free, a warning. The machine's memory is
+    faked here; the estimate itself is checked against the kernel's count in test_latent_model."""
+    from pipelines import job
+
+    model = tiny.save_stablevsr_layout(tmp_path / "stablevsr")
+    base = ["--input", data / "clip.mp4", f"model.path={model}", *FAST, "alignment.mode=none"]
+    monkeypatch.setattr(job, "memory_limits", lambda device: (1000, 1000))
+    rc, out, err = cli(capsys, *base, "--output", tmp_path / "a.mp4")
+    assert rc == 2 and "needs about" in err and "input.resize" in err and "sampling 4 frames" not in out, err
+    monkeypatch.setattr(job, "memory_limits", lambda device: (2 ** 40, 1000))
+    rc, _, err = cli(capsys, *base, "--output", tmp_path / "b.mp4")
+    assert rc == 0 and "warning: decoding 16 64x64 output frames at once" in err, err
+    rc, _, err = cli(capsys, *base, "--output", tmp_path / "c.mp4", "model.vae_tiling=true")  # tiles bound it
+    assert rc == 0 and "warning" not in err, err

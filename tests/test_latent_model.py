@@ -11,6 +11,7 @@ ground truth; the example clip (woman-running) is held out of all training.
 Regenerate the stored statistics after retraining:  python tests/test_latent_model.py --update
 """
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -192,3 +193,18 @@ def test_the_default_job_runs_the_latent_model_and_beats_bicubic(tmp_path, capsy
     assert Path(report["model_path"]).resolve() == MODEL.resolve() and report["model_kind"] == "upscale"
     assert report["config"]["alignment"]["mode"] == "fusion" and report["config"]["sampling"]["back_projection"]
     assert report["frames"] == 4 and report["psnr"] > report["psnr_bicubic"] + 1.0
+
+
+def test_the_decode_memory_estimate_matches_the_kernels_count():
+    """The up-front check refuses frame sizes whose decoding cannot fit (a 1080p input x4 needs ~30 GiB: it
+    would have been killed for memory after hours of sampling). Its estimate for the shipped VAE against the
+    peak resident memory the kernel counts for one decode (another process, 0.9 output megapixels)."""
+    code = ("import resource, sys, torch; from pipelines.video_pipeline import VideoPipeline; "
+            "p = VideoPipeline.from_pretrained(sys.argv[1]); z = torch.randn(1, 4, 180, 320); "
+            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; torch.set_grad_enabled(False); "
+            "p.vae.decode(z); print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)")
+    res = subprocess.run([sys.executable, "-c", code, str(MODEL)], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300)
+    measured = int(res.stdout.split()[-1])
+    estimate = VideoPipeline.from_pretrained(MODEL).decode_memory(720 * 1280)
+    assert 0.75 < estimate / measured < 1.33, (estimate, measured)
