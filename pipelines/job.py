@@ -24,7 +24,7 @@ import resource
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -372,28 +372,36 @@ def memory_limits(device: torch.device) -> tuple[int | None, int | None]:
     return total, available
 
 
-def _decode_fits(pipe, out_size: tuple[int, int], decode_batch: int, device: torch.device) -> list[str]:
+def _decode_fits(pipe, out_size: tuple[int, int], decode_batch: int, device: torch.device) -> tuple[int, list[str]]:
     """The VAE decodes whole output frames: refuse (ConfigError) a frame size whose decoding needs more memory
-    than the machine has, before hours of sampling end in an out-of-memory kill; warn above what is free."""
+    than the machine has, before hours of sampling end in an out-of-memory kill; warn above what is free.
+    Returns the decode batch to use (``decode_batch``; an automatic one shrunk to what is free) and warnings."""
     from .video_pipeline import auto_batch
 
     pixels = out_size[0] * out_size[1]
     batch = decode_batch or auto_batch(device, pixels)
-    need = pipe.decode_memory(pixels, batch)
+    one = pipe.decode_memory(pixels, 1)
     total, available = memory_limits(device)
-    if need is None or total is None:
-        return []
-    gib = 2 ** 30
+    if one is None or total is None:
+        return decode_batch, []
+    if decode_batch == 0 and batch > 1 and available is not None and one * batch > available:
+        batch = decode_batch = max(1, int(0.8 * available) // one)  # automatic: as many as fit (a GPU's 8 of 4K)
+    need = one * batch
+
+    def size(b: float) -> str:
+        return f"{b / 2 ** 30:.1f} GiB" if b >= 2 ** 27 else f"{b / 2 ** 20:.0f} MiB"
+
     what = (f"decoding {batch} {_wxh(out_size)} output frame{'s' if batch > 1 else ''} at once needs about "
-            f"{need / gib:.1f} GiB (the VAE's full-resolution layers)")
+            f"{size(need)} (the VAE's full-resolution layers)")
     fixes = ("input.resize below 1, a smaller input, " + ("sampling.decode_batch_size=1, " if batch > 1 else "")
              + "a machine with more memory, or model.vae_tiling=true (tiles decode separately: measured -5.3 dB "
              "with the shipped VAE)")
     if need > total:
-        raise ConfigError(f"{what}; {device.type} memory here is {total / gib:.1f} GiB: use {fixes}")
+        raise ConfigError(f"{what}; {device.type} memory here is {size(total)}: use {fixes}")
     if available is not None and need > available:
-        return [f"{what}; {available / gib:.1f} GiB is free now: the run may run out of memory when it decodes"]
-    return []
+        return decode_batch, [f"{what}; {size(available)} is free now: the run may run out of memory "
+                              "when it decodes"]
+    return decode_batch, []
 
 
 def peak_memory(device: torch.device) -> dict:
@@ -540,16 +548,16 @@ def run_clip(cfg: DictConfig, input=None, output=None, *, config_path=DEFAULT_CO
     if any(t.exists() and t.resolve() in ours for t in targets) and not overwrite:
         log(f"finishing the outputs the run with --workdir {workdir} was writing when it stopped")
 
-    def replace(path: Path) -> bool:
+    def may_replace(path: Path) -> bool:
         return overwrite or path.resolve() in ours
 
     with workdir_lock(workdir):
-        return _run(cfg, paths, workdir=workdir, replace=replace, log=log, progress=progress, asked=asked, t0=t0)
+        return _run(cfg, paths, workdir=workdir, may_replace=may_replace, log=log, progress=progress, asked=asked, t0=t0)
 
 
-def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, replace: Callable[[Path], bool],
+def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Callable[[Path], bool],
          log: Callable[[str], None], progress: bool, asked: set[str] | None, t0: float) -> dict:
-    """:func:`run_clip` from its checked paths on (``replace(path)``: whether an existing output may go)."""
+    """:func:`run_clip` from its checked paths on (``may_replace(path)``: whether an existing output may go)."""
     from tqdm import tqdm
 
     from .clip_source import ClipSource
@@ -608,9 +616,13 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, replace: Callab
             check_flow_size(out_size, flow_cfg)
         except ValueError as e:
             raise ConfigError(str(e)) from e
-    for warning in _decode_fits(pipe, out_size, cfg.sampling.decode_batch_size, device):
+    decode_batch, fit_warnings = _decode_fits(pipe, out_size, cfg.sampling.decode_batch_size, device)
+    for warning in fit_warnings:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
         job_warnings.append(warning)
+    if decode_batch != cfg.sampling.decode_batch_size:
+        log(f"decoding {decode_batch} frame(s) per VAE call: what fits in the free memory")
+    options = replace(sampling_options(cfg), decode_batch_size=decode_batch)
     mode = _choose_mode(cfg, n)
     if mode == "windows" and n <= r.window:  # one window holds the clip: reported as what runs
         mode = "one_pass"
@@ -671,7 +683,7 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, replace: Callab
 
             finished = iter_windows(pipe, n, model_input, window=r.window, overlap=r.overlap,
                                     anchor_weight=r.anchor_weight, make_alignment=lambda: build_alignment(cfg, pipe),
-                                    options=sampling_options(cfg), flow=flow_cfg, progress=bar.update, timer=timer,
+                                    options=options, flow=flow_cfg, progress=bar.update, timer=timer,
                                     workdir=workdir, fingerprint=key, checkpoint_every=r.checkpoint_every, crop=out_size)
             for a, out in finished:
                 yield a, out, None  # the input frames of a window are not kept: re-read (cached) below
@@ -681,7 +693,7 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, replace: Callab
         ckpt = None if workdir is None else Checkpointer(workdir, key, r.checkpoint_every)
         if not in_files:
             inputs = model_input(0, n)
-            result = pipe(inputs, options=sampling_options(cfg), alignment=alignment, flow=flow_cfg,
+            result = pipe(inputs, options=options, alignment=alignment, flow=flow_cfg,
                           progress=bar.update, timer=timer, checkpoint=ckpt, output_uint8=True)
             frames = result.frames[:, :out_size[0], :out_size[1]]
             del result
@@ -694,9 +706,9 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, replace: Callab
         inputs = FileTensor(state_dir / "input.bin", (n, 3, *padded_size))
         for a in range(0, n, CHUNK):
             inputs[torch.arange(a, min(n, a + CHUNK))] = model_input(a, min(n, a + CHUNK))
-        result = pipe(inputs, options=sampling_options(cfg), alignment=alignment, flow=flow_cfg, progress=bar.update,
+        result = pipe(inputs, options=options, alignment=alignment, flow=flow_cfg, progress=bar.update,
                       timer=timer, checkpoint=ckpt, state_dir=state_dir)
-        for a, u8 in pipe.iter_output(result.state, inputs, s.decode_batch_size, chunk=CHUNK, back_projection=s.back_projection,
+        for a, u8 in pipe.iter_output(result.state, inputs, decode_batch, chunk=CHUNK, back_projection=s.back_projection,
                                       flows=result.flows, as_uint8=True, timer=timer):
             yield a, u8[:, :out_size[0], :out_size[1]], inputs[a:a + len(u8)]
 
@@ -714,10 +726,10 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, replace: Callab
         first = float(source.start_pts * source.time_base) if source.start_pts is not None else 0.0
         audio_start = first + sel.start / (source.fps * sel.stride)
     log(f"writing {paths.output} ({n} frames {_wxh(out_size)}, {fps:g} fps, H.264 crf {o.crf})")
-    writer = VideoWriter(paths.output, fps, crf=o.crf, replace=replace(paths.output), audio_from=paths.input if o.audio and source.is_video else None,
+    writer = VideoWriter(paths.output, fps, crf=o.crf, replace=may_replace(paths.output), audio_from=paths.input if o.audio and source.is_video else None,
                          audio_start_s=audio_start, time_base=source.time_base if keep_times else None,
                          sample_aspect=source.sample_aspect)
-    sbs = None if paths.side_by_side is None else VideoWriter(paths.side_by_side, fps, crf=o.crf, replace=replace(paths.side_by_side),
+    sbs = None if paths.side_by_side is None else VideoWriter(paths.side_by_side, fps, crf=o.crf, replace=may_replace(paths.side_by_side),
                                                                sample_aspect=source.sample_aspect)
     pngs = None if paths.frames_dir is None else FrameFolderWriter(paths.frames_dir)
     scores = Scores(flow_cfg)
@@ -746,7 +758,7 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, replace: Callab
             if pngs is not None:
                 log(f"wrote {n} PNG frames to {paths.frames_dir}")
                 pngs.close()
-            atomic_write_text(paths.merged_config, to_yaml(cfg), replace=replace(paths.merged_config))
+            atomic_write_text(paths.merged_config, to_yaml(cfg), replace=may_replace(paths.merged_config))
     except BaseException:
         bar.close()
         for w in (writer, sbs, pngs):
@@ -783,7 +795,7 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, replace: Callab
         dtype=cfg.model.dtype, steps_run=steps_run, mode=mode, state_in_files=in_files, video=video,
         warnings=job_warnings,
         timings=timings, peak_memory=peak_memory(device), **scores.report(pipe.scale), config=to_dict(cfg))
-    atomic_write_text(paths.report, json.dumps(report, indent=2) + "\n", replace=replace(paths.report))
+    atomic_write_text(paths.report, json.dumps(report, indent=2) + "\n", replace=may_replace(paths.report))
     _mark_outputs(workdir, targets, done=True)
     summary = f", psnr {report['psnr']:.2f} dB" if report.get("psnr") is not None else ""
     log(f"done in {timings['total']:.1f}s: {paths.output}{summary}")

@@ -899,6 +899,27 @@ def test_a_frame_size_whose_decoding_cannot_fit_is_refused_up_front(data, tmp_pa
     assert rc == 2 and "needs about" in err and "input.resize" in err and "sampling 4 frames" not in out, err
     monkeypatch.setattr(job, "memory_limits", lambda device: (2 ** 40, 1000))
     rc, _, err = cli(capsys, *base, "--output", tmp_path / "b.mp4")
-    assert rc == 0 and "warning: decoding 16 64x64 output frames at once" in err, err
+    assert rc == 0 and "warning: decoding 1 64x64 output frame at once" in err, err  # the auto batch shrank
     rc, _, err = cli(capsys, *base, "--output", tmp_path / "c.mp4", "model.vae_tiling=true")  # tiles bound it
     assert rc == 0 and "warning" not in err, err
+
+
+def test_an_automatic_decode_batch_shrinks_to_the_free_memory(monkeypatch):
+    """On a GPU the automatic decode batch is 8 frames, which at 4K (~30 GiB a frame with the shipped VAE)
+    would not fit an 80 GB card: the automatic batch now takes what fits in 80 % of the free memory; a batch
+    the user set is kept, with a warning; one frame beyond the card's memory is refused."""
+    from types import SimpleNamespace
+
+    from pipelines import job
+    from pipelines.config import ConfigError
+
+    per_frame = 1000
+    pipe = SimpleNamespace(decode_memory=lambda pixels, batch: per_frame * batch)
+    gpu = torch.device("cuda")
+    monkeypatch.setattr(job, "memory_limits", lambda device: (10 * per_frame, 3.5 * per_frame))
+    assert job._decode_fits(pipe, (2160, 3840), 0, gpu) == (2, [])
+    batch, warnings = job._decode_fits(pipe, (2160, 3840), 4, gpu)
+    assert batch == 4 and "decoding 4 3840x2160 output frames" in warnings[0]
+    monkeypatch.setattr(job, "memory_limits", lambda device: (0.5 * per_frame, 0.5 * per_frame))
+    with pytest.raises(ConfigError, match="needs about"):
+        job._decode_fits(pipe, (2160, 3840), 0, gpu)
