@@ -41,6 +41,10 @@ except BaseException as e:
     print("error: interrupted", file=sys.stderr, flush=True)
     sys.exit(130)
 interrupts.arm()
+if interrupts.TERMINATED:  # SIGTERM while the libraries loaded
+    print("error: terminated", file=sys.stderr, flush=True)
+    sys.exit(143)
+interrupts.release_sigterm()  # a program that only imports this module keeps SIGTERM's usual meaning
 
 
 class Terminated(BaseException):

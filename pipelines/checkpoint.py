@@ -23,14 +23,17 @@ class WorkdirMismatch(ValueError):
 
 @contextmanager
 def workdir_lock(workdir: Path | None):
-    """Hold ``<workdir>/.lock`` (an flock, released when the process ends however it ends) while a run uses
-    the folder: a second run on the same folder would overwrite the first one's checkpoints mid-save.
-    A folder that cannot be made is not locked here; the checks that follow say what is wrong with it."""
-    fd = None
+    """Hold an flock on the work folder itself while a run uses it (released when the process ends, however
+    it ends): a second run on the same folder would overwrite the first one's checkpoints mid-save. A folder
+    this call had to make is removed again if the run leaves it empty (an error before sampling writes
+    nothing). A folder that cannot be made is not locked here (the checks that follow say what is wrong with
+    it), nor one on a file system without flock (some network mounts), which runs as before."""
+    fd, made = None, False
     if workdir is not None:
         try:
+            made = not workdir.exists()
             workdir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(workdir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)
         except OSError:
             fd = None
     try:
@@ -40,10 +43,17 @@ def workdir_lock(workdir: Path | None):
             except BlockingIOError:
                 raise WorkdirMismatch(f"--workdir {workdir} is in use by another run; wait for it to end or use "
                                       "another folder") from None
+            except OSError:
+                pass
         yield
     finally:
         if fd is not None:
             os.close(fd)
+        if made:
+            try:
+                workdir.rmdir()  # only if empty
+            except OSError:
+                pass
 
 
 def _scheduler_state(scheduler) -> tuple[dict, dict]:
@@ -103,7 +113,7 @@ class Checkpointer:
         metas = [m for m in [workdir / "run.json", *workdir.glob("*/run.json")] if m.exists()]
         # the user's own folder is never mixed into (hidden files, a fresh mount's lost+found, a run.json cut
         # short before its rename and the job's notes on the machine and outputs do not make a folder the user's)
-        ours = ("lost+found", "run.tmp", "machine.json", "outputs.json")
+        ours = ("lost+found", "run.tmp", "machine.json", "outputs.json")  # (pipelines.job's notes)
         theirs = [] if metas or not workdir.is_dir() else \
             [q for q in workdir.iterdir() if not q.name.startswith(".") and q.name not in ours]
         if theirs:

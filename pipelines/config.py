@@ -408,6 +408,8 @@ def build_alignment(cfg: DictConfig, pipe: VideoPipeline) -> Alignment:
 # ----------------------------------------------------------------------------- settings without effect
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SHIPPED_NAMES = ("default.yaml", "independent.yaml", "latent-tcm.yaml", "stablevsr.yaml")  # a user's own file
+# placed beside them is the user's
 
 
 def _flat_keys(tree, prefix: str = "") -> set[str]:
@@ -428,7 +430,7 @@ def asked_keys(path: str | Path | None, overrides: list[str] | tuple[str, ...] =
         seen.add(path.resolve())
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         base = data.pop(BASE_KEY, None)
-        if path.resolve().parent != SHIPPED_CONFIGS:
+        if path.resolve().parent != SHIPPED_CONFIGS or path.name not in SHIPPED_NAMES:
             keys |= _flat_keys(data)
         path = path.parent / base if isinstance(base, str) else None
     for item in overrides:

@@ -34,6 +34,13 @@ def _on_sigterm_early(signum, frame):
     TERMINATED = True
 
 
+def release_sigterm() -> None:
+    """Give SIGTERM its default action back where :func:`watch` only recorded it (the CLI's ``main`` then
+    installs its own handler)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is _on_sigterm_early:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def arm() -> None:
     """From now on Ctrl-C raises KeyboardInterrupt; before, it is only recorded (the caller checks
     :func:`interrupted` once its imports are done)."""

@@ -172,19 +172,36 @@ def check_paths(paths: Paths, overwrite: bool, workdir: Path | None = None, ours
                 raise UsageError(f"--workdir {workdir} overlaps {label} {path}; give the work folder a place of its own")
 
 
+MACHINE_FILE = "machine.json"  # in a work folder: the threads and device its run began with
+
+
+def _machine(device: torch.device) -> dict:
+    if device.type != "cpu" and device.index is None:  # "cuda" and "cuda:0" are one device
+        device = torch.device(device.type, torch.accelerator.current_device_index())
+    return {"threads": torch.get_num_threads(), "device": str(device)}
+
+
+def _has_saved_state(workdir: Path) -> bool:
+    return (workdir / "state.safetensors").exists() or any(workdir.glob("window*.safetensors")) \
+        or any(workdir.glob("window*/state.safetensors"))
+
+
+def _record_machine(workdir: Path, device: torch.device) -> None:
+    """Note the threads and device a run begins sampling with (kept while saved state exists)."""
+    if not (_has_saved_state(workdir) and (workdir / MACHINE_FILE).is_file()):
+        atomic_write_text(workdir / MACHINE_FILE, json.dumps(_machine(device)) + "\n", replace=True)
+
+
 def _same_machine(workdir: Path, device: torch.device) -> list[str]:
-    """Warnings when a run resumes with other CPU threads or another device than it began with (recorded in
-    ``<workdir>/machine.json``): sums then add up in another order, and the frames are no longer bit-identical
-    to an uninterrupted run's (measured: 10 of 16 frames differ between 1 and 2 threads)."""
-    now = {"threads": torch.get_num_threads(), "device": str(device)}
-    record = workdir / "machine.json"
+    """Warnings when a run resumes saved state with other CPU threads or another device than it began with
+    (``machine.json``): sums then add up in another order, and the frames are no longer bit-identical to an
+    uninterrupted run's (measured: 10 of 16 frames differ between 1 and 2 threads)."""
+    now = _machine(device)
     try:
-        began = json.loads(record.read_text()) if record.is_file() else None
+        began = json.loads((workdir / MACHINE_FILE).read_text()) if _has_saved_state(workdir) else None
     except (ValueError, OSError):
         began = None
     if not isinstance(began, dict):
-        workdir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(record, json.dumps(now) + "\n", replace=True)
         return []
     lines = [f"resuming with {k} {now[k]} where the run began with {began[k]}: the frames will not be bit-identical "
              "to an uninterrupted run's" for k in now if k in began and began[k] != now[k]]
@@ -196,22 +213,45 @@ def _same_machine(workdir: Path, device: torch.device) -> list[str]:
 OUTPUTS_FILE = "outputs.json"  # in a work folder: the outputs its run commits, and whether it finished
 
 
+def _identity(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_ino, st.st_mtime_ns, st.st_size]
+
+
 def interrupted_outputs(workdir: Path | None) -> frozenset:
-    """The outputs a run with this work folder was committing when it was stopped (none once it finished):
-    the same command may then replace them without --overwrite, to finish what it began."""
+    """The outputs a run with this work folder committed before it was stopped (none once it finished), each
+    still the very file it committed (inode, time, size): the same command may replace them without
+    --overwrite, to finish what it began. A file another program put there is not among them."""
     if workdir is None or not (workdir / OUTPUTS_FILE).is_file():
         return frozenset()
     try:
         made = json.loads((workdir / OUTPUTS_FILE).read_text())
-        return frozenset() if made.get("done") else frozenset(Path(p) for p in made["outputs"])
+        if made.get("done"):
+            return frozenset()
+        return frozenset(Path(p) for p, ident in made["committed"].items()
+                         if Path(p).exists() and _identity(Path(p)) == ident)
     except (ValueError, KeyError, TypeError, AttributeError, OSError):
         return frozenset()
 
 
-def _mark_outputs(workdir: Path | None, outputs: list[Path], done: bool) -> None:
-    if workdir is not None:
-        atomic_write_text(workdir / OUTPUTS_FILE, json.dumps({"outputs": [str(p.resolve()) for p in outputs],
-                                                              "done": done}) + "\n", replace=True)
+class _Commits:
+    """What this run has committed, recorded in the work folder after each commit (see interrupted_outputs)."""
+
+    def __init__(self, workdir: Path | None):
+        self.workdir, self.committed = workdir, {}
+
+    def add(self, path: Path | None) -> None:
+        if self.workdir is not None and path is not None and path.exists():
+            self.committed[str(path.resolve())] = _identity(path)
+            self._write(done=False)
+
+    def finish(self) -> None:
+        if self.workdir is not None:
+            self._write(done=True)
+
+    def _write(self, done: bool) -> None:
+        atomic_write_text(self.workdir / OUTPUTS_FILE, json.dumps({"committed": self.committed, "done": done}) + "\n",
+                          replace=True)
 
 
 def _check_frames_dir(folder: Path, overwrite: bool, others: list[Path]) -> None:
@@ -348,12 +388,40 @@ def load_model(cfg: DictConfig, path: str, device: torch.device, timer: StageTim
     return pipe
 
 
+def _cgroup_memory(proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")
+                   ) -> tuple[int | None, int | None]:
+    """(limit, usage) bytes of this process's memory cgroup (v2, else v1); (None, None) without a limit."""
+    try:
+        lines = proc.read_text().splitlines()
+    except OSError:
+        return None, None
+    for line in lines:
+        _, controllers, where = line.split(":", 2)
+        if controllers == "":  # v2: one unified hierarchy
+            folder, limit, usage = root / where.lstrip("/"), "memory.max", "memory.current"
+        elif "memory" in controllers.split(","):
+            folder = root / "memory" / where.lstrip("/")
+            limit, usage = "memory.limit_in_bytes", "memory.usage_in_bytes"
+        else:
+            continue
+        try:
+            value = (folder / limit).read_text().strip()
+            used = int((folder / usage).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if value.isdigit() and int(value) < 1 << 60:  # v2 says "max", v1 a huge number, for no limit
+            return int(value), used
+    return None, None
+
+
 def memory_limits(device: torch.device) -> tuple[int | None, int | None]:
-    """(total, available) bytes of the memory ``device`` computes in: the host's (the cgroup limit when lower)
-    or the accelerator's; None where unknown."""
+    """(total, available) bytes of the memory ``device`` computes in: the host's (its cgroup's limit when
+    lower, less what the cgroup uses) or a CUDA device's; (None, None) where unknown (other accelerators)."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         return total, free
+    if device.type != "cpu":
+        return None, None
     info = {}
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -362,24 +430,22 @@ def memory_limits(device: torch.device) -> tuple[int | None, int | None]:
     except (OSError, ValueError):
         return None, None
     total, available = info.get("MemTotal"), info.get("MemAvailable")
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit.isdigit():
-            total = min(total or int(limit), int(limit))
-            available = min(available or total, total)
-    except OSError:
-        pass
+    limit, used = _cgroup_memory()
+    if limit is not None and total is not None and limit < total:
+        total, available = limit, min(available or limit, limit - used)
     return total, available
 
 
-def _decode_fits(pipe, out_size: tuple[int, int], decode_batch: int, device: torch.device) -> tuple[int, list[str]]:
+def _decode_fits(pipe, out_size: tuple[int, int], decode_batch: int, device: torch.device,
+                 most: int = 1 << 30) -> tuple[int, list[str]]:
     """The VAE decodes whole output frames: refuse (ConfigError) a frame size whose decoding needs more memory
     than the machine has, before hours of sampling end in an out-of-memory kill; warn above what is free.
-    Returns the decode batch to use (``decode_batch``; an automatic one shrunk to what is free) and warnings."""
+    ``most``: the frames one decoder call can get (the clip's or a window's; 1 with VAE slicing). Returns the
+    decode batch to use (``decode_batch``; an automatic one shrunk to what is free) and warnings."""
     from .video_pipeline import auto_batch
 
     pixels = out_size[0] * out_size[1]
-    batch = decode_batch or auto_batch(device, pixels)
+    batch = min(decode_batch or auto_batch(device, pixels), max(1, most))
     one = pipe.decode_memory(pixels, 1)
     total, available = memory_limits(device)
     if one is None or total is None:
@@ -393,7 +459,8 @@ def _decode_fits(pipe, out_size: tuple[int, int], decode_batch: int, device: tor
 
     what = (f"decoding {batch} {_wxh(out_size)} output frame{'s' if batch > 1 else ''} at once needs about "
             f"{size(need)} (the VAE's full-resolution layers)")
-    fixes = ("input.resize below 1, a smaller input, " + ("sampling.decode_batch_size=1, " if batch > 1 else "")
+    fixes = ("input.resize below 1, a smaller input, " + ("sampling.decode_batch_size=1 or model.vae_slicing=true, "
+                                                           if batch > 1 else "")
              + "a machine with more memory, or model.vae_tiling=true (tiles decode separately: measured -5.3 dB "
              "with the shipped VAE)")
     if need > total:
@@ -562,7 +629,6 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
 
     from .clip_source import ClipSource
 
-    targets = [target for _, target in paths.files()] + ([paths.frames_dir] if paths.frames_dir else [])
     device = resolve_device(cfg)
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
@@ -616,13 +682,6 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
             check_flow_size(out_size, flow_cfg)
         except ValueError as e:
             raise ConfigError(str(e)) from e
-    decode_batch, fit_warnings = _decode_fits(pipe, out_size, cfg.sampling.decode_batch_size, device)
-    for warning in fit_warnings:
-        print(f"warning: {warning}", file=sys.stderr, flush=True)
-        job_warnings.append(warning)
-    if decode_batch != cfg.sampling.decode_batch_size:
-        log(f"decoding {decode_batch} frame(s) per VAE call: what fits in the free memory")
-    options = replace(sampling_options(cfg), decode_batch_size=decode_batch)
     mode = _choose_mode(cfg, n)
     if mode == "windows" and n <= r.window:  # one window holds the clip: reported as what runs
         mode = "one_pass"
@@ -632,6 +691,16 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
     padded_size = tuple(s + (-s % multiple) for s in read.size)
     if padded_size != read.size:
         log(f"padding {_wxh(read.size)} to {_wxh(padded_size)} (the model needs multiples of {multiple})")
+    # frames per decoder call: the batch, but never more than a pass (or window) holds
+    most = 1 if getattr(pipe.vae, "use_slicing", False) else (r.window if mode == "windows" else n)
+    decode_batch, fit_warnings = _decode_fits(pipe, (padded_size[0] * pipe.scale, padded_size[1] * pipe.scale),
+                                              cfg.sampling.decode_batch_size, device, most)
+    for warning in fit_warnings:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+        job_warnings.append(warning)
+    if decode_batch != cfg.sampling.decode_batch_size:
+        log(f"decoding {decode_batch} frame(s) per VAE call: what fits in the free memory")
+    options = replace(sampling_options(cfg), decode_batch_size=decode_batch)
 
     def model_input(a: int, b: int) -> torch.Tensor:
         return pad_to_multiple(read(a, b), multiple)[0]
@@ -653,6 +722,7 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
             log(f"the TCM conditions {used} of the {steps_run} steps (alignment.tcm_start/tcm_end)")
     if workdir is not None:
         log(f"checkpointing to {workdir} every {r.checkpoint_every} step(s)")
+        _record_machine(workdir, device)
     windows = mode == "windows" and n > r.window
     if windows:
         from .windows import plan_windows
@@ -750,15 +820,19 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
                 scores.add(to_tensor(u8), pipe.conditioning_frames(inp).float(), gt)
         bar.close()
         with timer("io"):
-            _mark_outputs(workdir, targets, done=False)  # a run stopped from here on is finished by the same command
+            commits = _Commits(workdir)  # a run stopped from here on is finished by the same command
             written = writer.close()
+            commits.add(paths.output)
             if sbs is not None:
                 log(f"wrote {paths.side_by_side} (input | output)")
                 sbs.close()
+                commits.add(paths.side_by_side)
             if pngs is not None:
                 log(f"wrote {n} PNG frames to {paths.frames_dir}")
                 pngs.close()
+                commits.add(paths.frames_dir)
             atomic_write_text(paths.merged_config, to_yaml(cfg), replace=may_replace(paths.merged_config))
+            commits.add(paths.merged_config)
     except BaseException:
         bar.close()
         for w in (writer, sbs, pngs):
@@ -796,7 +870,7 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
         warnings=job_warnings,
         timings=timings, peak_memory=peak_memory(device), **scores.report(pipe.scale), config=to_dict(cfg))
     atomic_write_text(paths.report, json.dumps(report, indent=2) + "\n", replace=may_replace(paths.report))
-    _mark_outputs(workdir, targets, done=True)
+    commits.finish()
     summary = f", psnr {report['psnr']:.2f} dB" if report.get("psnr") is not None else ""
     log(f"done in {timings['total']:.1f}s: {paths.output}{summary}")
     return report

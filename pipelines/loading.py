@@ -55,19 +55,21 @@ def _variants_only(folder: Path) -> list[str]:
     parts = [n.split(".") for n in names]
     if not names or any(len(q) == 2 for q in parts):
         return []
-    return sorted({q[-2] for q in parts if len(q) == 3})
+    return sorted({q[-2].split("-")[0] for q in parts if len(q) == 3})  # shards: <name>.fp16-00001-of-00002.<ext>
 
 
 def _from_pretrained(load, path: str, sub: str, variant: str | None, **kw):
     """``load(path, subfolder=sub)`` with the weights ``variant`` when the component has it, else its plain
     weights (as diffusers' pipelines do: a scheduler or tokenizer has no variants, nor need every model)."""
-    if variant:
+    if not variant:
+        return load(path, subfolder=sub, **kw)
+    try:
+        return load(path, subfolder=sub, variant=variant, **kw)
+    except OSError as first:  # "no file named ..." (a folder), "does not appear to have a file named ..." (the hub)
         try:
-            return load(path, subfolder=sub, variant=variant, **kw)
-        except OSError as e:
-            if "no file named" not in str(e):
-                raise
-    return load(path, subfolder=sub, **kw)
+            return load(path, subfolder=sub, **kw)
+        except OSError:
+            raise first from None
 
 
 def read_vsr_config(path: str | Path) -> dict:

@@ -259,7 +259,7 @@ def _check_frames(frames) -> np.ndarray:
 
 
 def _temp_sibling(path: Path, directory: bool = False) -> Path:
-    """A fresh '.name.tmp-<pid>-XXXX<ext>' next to ``path`` (see pipelines.video_writer)."""
+    """A fresh '.name.tmp-<pid>-<start>-XXXX<ext>' next to ``path`` (see pipelines.video_writer)."""
     return temp_sibling(path, directory)
 
 

@@ -1,7 +1,7 @@
 """Writing videos you can trust: H.264 through PyAV (FFmpeg's libraries, no external binary), the
 input's audio copied in the same pass, verified before it replaces anything.
 
-A video is encoded to a temporary sibling ``.<stem>.tmp-<pid>-XXXX<ext>``, closed, re-opened and
+A video is encoded to a temporary sibling ``.<stem>.tmp-<pid>-<start>-XXXX<ext>``, closed, re-opened and
 checked (the container parses and holds every frame written), fsynced, given the permissions the
 umask allows, and only then committed: ``os.replace`` when replacing is allowed, otherwise a
 no-replace link (fails if the target appeared meanwhile). On any failure the temporary file is

@@ -836,10 +836,13 @@ def test_a_work_folder_in_use_or_overlapping_an_output_is_refused(data, tmp_path
     import fcntl
 
     (tmp_path / "work").mkdir()
-    with open(tmp_path / "work" / ".lock", "w") as held:
+    held = os.open(tmp_path / "work", os.O_RDONLY | os.O_DIRECTORY)  # as another run holds it
+    try:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         rc, _, err = _run_with_workdir(capsys, data, tmp_path)
-    assert rc == 2 and "in use by another run" in err
+    finally:
+        os.close(held)
+    assert rc == 2 and "in use by another run" in err and os.listdir(tmp_path / "work") == []
     for workdir, extra in ((tmp_path / "o.mp4", []), (tmp_path / "png", [f"output.frames_dir={tmp_path / 'png'}"]),
                            (tmp_path / "png" / "w", [f"output.frames_dir={tmp_path / 'png'}"]),
                            (tmp_path, [])):
@@ -848,13 +851,38 @@ def test_a_work_folder_in_use_or_overlapping_an_output_is_refused(data, tmp_path
         assert rc == 2 and "overlaps" in err, err
 
 
+def test_a_file_that_appeared_is_kept_and_a_refused_run_writes_no_work_folder(data, tmp_path, capsys, monkeypatch):
+    """The work folder names only what its run committed, as committed: a file another program put at --output
+    while the run wrote it is kept by the rerun too (the first version listed every intended output and
+    replaced it). A run refused before sampling leaves no work folder behind (exit 2 writes nothing)."""
+    from pipelines import video_writer
+
+    real = video_writer.commit
+
+    def someone_else_first(tmp, path, replace):
+        if path.name == "o.mp4":
+            path.write_bytes(b"another program's file")
+        return real(tmp, path, replace)
+
+    monkeypatch.setattr(video_writer, "commit", someone_else_first)
+    rc, _, err = _run_with_workdir(capsys, data, tmp_path)
+    assert rc == 2 and "appeared while this run was writing it" in err
+    monkeypatch.setattr(video_writer, "commit", real)
+    rc, _, err = _run_with_workdir(capsys, data, tmp_path)
+    assert rc == 2 and "exists (use --overwrite" in err and (tmp_path / "o.mp4").read_bytes() == b"another program's file"
+    rc, _, err = cli(capsys, "--input", data / "clip.mp4", "--output", tmp_path / "p.mp4", "--workdir",
+                     tmp_path / "fresh", f"model.path={data / 'model'}", *FAST, "sampling.prompt=a cat")
+    assert rc == 2 and not (tmp_path / "fresh").exists()
+
+
 def test_resuming_with_other_threads_is_named(data, tmp_path, capsys):
     """A run resumed with another thread count (the default depends on the machine) is no longer bit-identical
     to an uninterrupted one (10 of 16 frames differed); that was silent."""
-    rc, _, err = _run_with_workdir(capsys, data, tmp_path, "runtime.threads=1")
+    rc, _, err = _run_with_workdir(capsys, data, tmp_path, "runtime.threads=1", "sampling.prompt=x")  # refused
+    rc, _, err = _run_with_workdir(capsys, data, tmp_path, "runtime.threads=2")  # nothing saved to resume yet
     assert rc == 0 and "warning" not in err
-    rc, _, err = _run_with_workdir(capsys, data, tmp_path, "runtime.threads=2", "--overwrite")
-    assert rc == 0 and "warning: resuming with threads 2 where the run began with 1" in err
+    rc, _, err = _run_with_workdir(capsys, data, tmp_path, "runtime.threads=1", "--overwrite")
+    assert rc == 0 and "warning: resuming with threads 1 where the run began with 2" in err
     torch.set_num_threads(1)
 
 
@@ -883,6 +911,11 @@ def test_sigterm_while_the_libraries_load_is_one_line_and_143(data, tmp_path):
                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert res.returncode == 143 and res.stderr == "error: terminated\n", (res.returncode, res.stderr)
     assert os.listdir(tmp_path) == []
+    # a program that only imports the module keeps SIGTERM's default action (the recording handler stayed)
+    code = ("import signal, sys; sys.path.insert(0, sys.argv[1]); import run_video; "
+            "print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)")
+    assert subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True,
+                          cwd=tmp_path).stdout.split()[-1] == "True"
 
 
 def test_a_frame_size_whose_decoding_cannot_fit_is_refused_up_front(data, tmp_path, capsys, monkeypatch):
@@ -923,3 +956,50 @@ def test_an_automatic_decode_batch_shrinks_to_the_free_memory(monkeypatch):
     monkeypatch.setattr(job, "memory_limits", lambda device: (0.5 * per_frame, 0.5 * per_frame))
     with pytest.raises(ConfigError, match="needs about"):
         job._decode_fits(pipe, (2160, 3840), 0, gpu)
+
+
+def test_the_memory_check_reads_the_processs_cgroup_limit(tmp_path):
+    """A container's limit is the memory a run has, not the host's: the cgroup of /proc/self/cgroup, v2 or v1
+    (the first version read only the root v2 file, which a container's limit never is)."""
+    from pipelines.job import _cgroup_memory
+
+    (tmp_path / "proc").write_text("0::/box/run\n")
+    v2 = tmp_path / "root" / "box" / "run"
+    v2.mkdir(parents=True)
+    (v2 / "memory.max").write_text("4294967296\n")
+    (v2 / "memory.current").write_text("1073741824\n")
+    assert _cgroup_memory(tmp_path / "proc", tmp_path / "root") == (4 << 30, 1 << 30)
+    (v2 / "memory.max").write_text("max\n")
+    assert _cgroup_memory(tmp_path / "proc", tmp_path / "root") == (None, None)
+    (tmp_path / "proc").write_text("4:memory:/docker/abc\n0::/\n")
+    v1 = tmp_path / "root" / "memory" / "docker" / "abc"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text("2147483648\n")
+    (v1 / "memory.usage_in_bytes").write_text("5\n")
+    assert _cgroup_memory(tmp_path / "proc", tmp_path / "root") == (2 << 30, 5)
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+    assert _cgroup_memory(tmp_path / "proc", tmp_path / "root") == (None, None)
+
+
+def test_the_variant_falls_back_whatever_the_loader_says_and_shards_name_it(tmp_path):
+    """The fallback to plain weights matched only a local folder's wording ("no file named"); the hub says
+    "does not appear to have a file named", so a hub model with a component lacking the variant failed. A
+    folder of sharded variant files hinted at variant "fp16-00001-of-00002"."""
+    from pipelines.loading import _from_pretrained, _variants_only
+
+    def hub_like(path, subfolder, variant=None, **kw):
+        if variant:
+            raise OSError(f"{path} does not appear to have a file named diffusion_pytorch_model.{variant}.safetensors")
+        return "plain"
+
+    assert _from_pretrained(hub_like, "someone/model", "controlnet", "fp16") == "plain"
+
+    def broken(path, subfolder, variant=None, **kw):
+        raise OSError(f"variant={variant} broken")
+
+    with pytest.raises(OSError, match="variant=fp16"):  # both fail: the variant's error is the one reported
+        _from_pretrained(broken, "someone/model", "unet", "fp16")
+    for name in ("diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
+                 "diffusion_pytorch_model.fp16-00002-of-00002.safetensors", "config.json"):
+        (tmp_path / name).write_text("")
+    assert _variants_only(tmp_path) == ["fp16"]
