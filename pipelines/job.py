@@ -169,7 +169,8 @@ def check_paths(paths: Paths, overwrite: bool, workdir: Path | None = None, ours
         for label, path in [*targets, *[(k, v) for k, v in protected.items() if k != "--config"]]:
             real = Path(path).resolve()
             if _inside(real, wd) or _inside(wd, real):
-                raise UsageError(f"--workdir {workdir} overlaps {label} {path}; give the work folder a place of its own")
+                raise UsageError(f"--workdir {workdir} overlaps {label} {path}; give the work folder a place of "
+                                 "its own")
 
 
 MACHINE_FILE = "machine.json"  # in a work folder: the threads and device its run began with
@@ -619,7 +620,8 @@ def run_clip(cfg: DictConfig, input=None, output=None, *, config_path=DEFAULT_CO
         return overwrite or path.resolve() in ours
 
     with workdir_lock(workdir):
-        return _run(cfg, paths, workdir=workdir, may_replace=may_replace, log=log, progress=progress, asked=asked, t0=t0)
+        return _run(cfg, paths, workdir=workdir, may_replace=may_replace, log=log, progress=progress, asked=asked,
+                    t0=t0)
 
 
 def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Callable[[Path], bool],
@@ -799,8 +801,8 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
     writer = VideoWriter(paths.output, fps, crf=o.crf, replace=may_replace(paths.output), audio_from=paths.input if o.audio and source.is_video else None,
                          audio_start_s=audio_start, time_base=source.time_base if keep_times else None,
                          sample_aspect=source.sample_aspect)
-    sbs = None if paths.side_by_side is None else VideoWriter(paths.side_by_side, fps, crf=o.crf, replace=may_replace(paths.side_by_side),
-                                                               sample_aspect=source.sample_aspect)
+    sbs = None if paths.side_by_side is None else VideoWriter(
+        paths.side_by_side, fps, crf=o.crf, replace=may_replace(paths.side_by_side), sample_aspect=source.sample_aspect)
     pngs = None if paths.frames_dir is None else FrameFolderWriter(paths.frames_dir)
     scores = Scores(flow_cfg)
     try:

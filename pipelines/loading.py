@@ -127,7 +127,8 @@ def load_pipeline(cls, path, *, device="cpu", dtype=torch.float32, scheduler_kin
         comps = dict(vae=None, text_encoder=None, tokenizer=None, controlnet=None, low_res_scheduler=None,
                      preview=None)
         if _has(path, vae, local):
-            comps["vae"] = _from_pretrained(diffusers.AutoencoderKL.from_pretrained, path, vae, variant, torch_dtype=dtype)
+            comps["vae"] = _from_pretrained(diffusers.AutoencoderKL.from_pretrained, path, vae, variant,
+                                            torch_dtype=dtype)
         if _has(path, text_encoder, local):
             from transformers import CLIPTextModel, CLIPTokenizer
 

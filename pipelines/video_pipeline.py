@@ -230,7 +230,8 @@ class VideoPipeline:
         return int(h) * int(w)
 
     # measured: AutoencoderKL.decode's peak above its input, per output pixel and channel of its full-resolution
-    # layers, float32 (the shipped VAE, 32 channels: 920-928 MB per output megapixel at 0.9 and 3.7 Mpx, this CPU)
+    # layers, float32 (the shipped VAE, 32 channels: 0.77-0.93 GB per output megapixel at 0.9 and 3.7 Mpx, this CPU;
+    # the allocator's state moves it)
     DECODE_TENSORS_PER_PIXEL = 7.5
 
     def decode_memory(self, out_pixels: int, batch: int = 1) -> int | None:

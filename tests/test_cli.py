@@ -869,7 +869,8 @@ def test_a_file_that_appeared_is_kept_and_a_refused_run_writes_no_work_folder(da
     assert rc == 2 and "appeared while this run was writing it" in err
     monkeypatch.setattr(video_writer, "commit", real)
     rc, _, err = _run_with_workdir(capsys, data, tmp_path)
-    assert rc == 2 and "exists (use --overwrite" in err and (tmp_path / "o.mp4").read_bytes() == b"another program's file"
+    assert rc == 2 and "exists (use --overwrite" in err
+    assert (tmp_path / "o.mp4").read_bytes() == b"another program's file"
     rc, _, err = cli(capsys, "--input", data / "clip.mp4", "--output", tmp_path / "p.mp4", "--workdir",
                      tmp_path / "fresh", f"model.path={data / 'model'}", *FAST, "sampling.prompt=a cat")
     assert rc == 2 and not (tmp_path / "fresh").exists()

@@ -199,12 +199,18 @@ def test_the_decode_memory_estimate_matches_the_kernels_count():
     """The up-front check refuses frame sizes whose decoding cannot fit (a 1080p input x4 needs ~30 GiB: it
     would have been killed for memory after hours of sampling). Its estimate for the shipped VAE against the
     peak resident memory the kernel counts for one decode (another process, 0.9 output megapixels)."""
-    code = ("import resource, sys, torch; from pipelines.video_pipeline import VideoPipeline; "
+    # the peak is reset just before the decode (clear_refs 5), so the loading's own peak does not hide it
+    code = ("import sys, torch; from pipelines.video_pipeline import VideoPipeline; "
             "p = VideoPipeline.from_pretrained(sys.argv[1]); z = torch.randn(1, 4, 180, 320); "
-            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; torch.set_grad_enabled(False); "
-            "p.vae.decode(z); print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)")
+            "torch.set_grad_enabled(False); p.vae.decode(torch.randn(1, 4, 8, 8)); import ctypes; "
+            "kb = lambda key: int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1]); "
+            "ctypes.CDLL('libc.so.6').malloc_trim(0); open('/proc/self/clear_refs', 'w').write('5'); "
+            "base = kb('VmRSS'); "
+            "p.vae.decode(z); print((kb('VmHWM') - base) * 1024)")
     res = subprocess.run([sys.executable, "-c", code, str(MODEL)], capture_output=True, text=True, cwd=ROOT,
                          timeout=300)
     measured = int(res.stdout.split()[-1])
     estimate = VideoPipeline.from_pretrained(MODEL).decode_memory(720 * 1280)
-    assert 0.75 < estimate / measured < 1.33, (estimate, measured)
+    # measured 712-859 MB in five runs (the allocator's state varies); a wrong channel count or item size would
+    # be off 2-32 times
+    assert 0.75 < estimate / measured < 1.4, (estimate, measured)
