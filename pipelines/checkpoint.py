@@ -28,10 +28,10 @@ def workdir_lock(workdir: Path | None):
     this call had to make is removed again if the run leaves it empty (an error before sampling writes
     nothing). A folder that cannot be made is not locked here (the checks that follow say what is wrong with
     it), nor one on a file system without flock (some network mounts), which runs as before."""
-    fd, made = None, False
+    fd, made = None, []
     if workdir is not None:
         try:
-            made = not workdir.exists()
+            made = [p for p in (workdir, *workdir.absolute().parents) if not p.exists()]  # made here, deepest first
             workdir.mkdir(parents=True, exist_ok=True)
             fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)
         except OSError:
@@ -49,11 +49,11 @@ def workdir_lock(workdir: Path | None):
     finally:
         if fd is not None:
             os.close(fd)
-        if made:
+        for folder in made:  # the folders made here that the run left empty, deepest first
             try:
-                workdir.rmdir()  # only if empty
+                folder.rmdir()
             except OSError:
-                pass
+                break
 
 
 def _scheduler_state(scheduler) -> tuple[dict, dict]:

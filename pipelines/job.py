@@ -887,11 +887,24 @@ def clip_list(inp: Path) -> list[Path] | None:
 
     clip_exts = (*VIDEO_EXTS, ".gif")
     if inp.suffix.lower() == ".txt" and inp.is_file():
-        lines = [ln.strip() for ln in inp.read_text().splitlines()]
+        try:
+            text = inp.read_text(encoding="utf-8-sig")  # a byte-order mark (Notepad's) is not part of a path
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--input {inp} is not UTF-8 text (byte {e.start}); save the list as UTF-8") from None
+        except OSError as e:
+            raise UsageError(f"--input {inp}: cannot read ({e.strerror or e})") from None
+        lines = [ln.strip() for ln in text.splitlines()]
         lines = [ln for ln in lines if ln and not ln.startswith("#")]
         if not lines:
             raise UsageError(f"--input {inp} lists no clips (one path per line; '#' starts a comment)")
-        return [p if p.is_absolute() else inp.parent / p for p in map(Path, lines)]
+        clips, seen = [], set()
+        for p in (Path(ln).expanduser() for ln in lines):
+            clip = p if p.is_absolute() else inp.parent / p
+            if clip.resolve() in seen:  # the same clip twice would be sampled twice
+                continue
+            seen.add(clip.resolve())
+            clips.append(clip)
+        return clips
     if inp.is_dir():
         files = [p for p in inp.iterdir() if p.is_file() and not p.name.startswith(".")]
         videos = sorted(p for p in files if p.suffix.lower() in clip_exts)
@@ -905,9 +918,21 @@ def clip_list(inp: Path) -> list[Path] | None:
     return None
 
 
+def clip_done(workdir: Path) -> bool:
+    """Whether the run with this work folder finished, its outputs still the files it committed (many-clips
+    mode skips such a clip when the same command runs again)."""
+    try:
+        made = json.loads((workdir / OUTPUTS_FILE).read_text())
+        return bool(made.get("done")) and all(Path(p).exists() and _identity(Path(p)) == ident
+                                              for p, ident in made["committed"].items())
+    except (ValueError, KeyError, TypeError, AttributeError, OSError):
+        return False
+
+
 def output_names(clips: list[Path]) -> list[str]:
-    """A distinct output stem per clip: its stem, or ``stem_ext`` (then ``_2``...) where stems collide."""
-    stems = [c.stem for c in clips]
+    """A distinct output stem per clip: its stem, or ``stem_ext`` (then ``_2``...) where stems collide ('$'
+    becomes '_': the config would read "${...}" as an interpolation)."""
+    stems = [c.stem.replace("$", "_") for c in clips]
     names, used = [], set()
     for clip, stem in zip(clips, stems):
         name = stem if stems.count(stem) == 1 else f"{stem}_{clip.suffix.lstrip('.').lower() or 'clip'}"

@@ -872,8 +872,8 @@ def test_a_file_that_appeared_is_kept_and_a_refused_run_writes_no_work_folder(da
     assert rc == 2 and "exists (use --overwrite" in err
     assert (tmp_path / "o.mp4").read_bytes() == b"another program's file"
     rc, _, err = cli(capsys, "--input", data / "clip.mp4", "--output", tmp_path / "p.mp4", "--workdir",
-                     tmp_path / "fresh", f"model.path={data / 'model'}", *FAST, "sampling.prompt=a cat")
-    assert rc == 2 and not (tmp_path / "fresh").exists()
+                     tmp_path / "fresh" / "deep" / "wd", f"model.path={data / 'model'}", *FAST, "sampling.prompt=a cat")
+    assert rc == 2 and not (tmp_path / "fresh").exists()  # nor the folders above it that the run made
 
 
 def test_resuming_with_other_threads_is_named(data, tmp_path, capsys):
