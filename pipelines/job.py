@@ -246,8 +246,11 @@ class _Commits:
             self.committed[str(path.resolve())] = _identity(path)
             self._write(done=False)
 
-    def finish(self) -> None:
+    def finish(self, report: Path) -> None:
+        """The report is committed last: recorded with the run's end in one write."""
         if self.workdir is not None:
+            if report.exists():
+                self.committed[str(report.resolve())] = _identity(report)
             self._write(done=True)
 
     def _write(self, done: bool) -> None:
@@ -460,10 +463,10 @@ def _decode_fits(pipe, out_size: tuple[int, int], decode_batch: int, device: tor
 
     what = (f"decoding {batch} {_wxh(out_size)} output frame{'s' if batch > 1 else ''} at once needs about "
             f"{size(need)} (the VAE's full-resolution layers)")
-    fixes = ("input.resize below 1, a smaller input, " + ("sampling.decode_batch_size=1 or model.vae_slicing=true, "
+    fixes = ("a smaller input.resize, a smaller input, " + ("sampling.decode_batch_size=1 or model.vae_slicing=true, "
                                                            if batch > 1 else "")
-             + "a machine with more memory, or model.vae_tiling=true (tiles decode separately: measured -5.3 dB "
-             "with the shipped VAE)")
+             + "a machine with more memory, or model.vae_tiling=true (tiles decode separately: 5-8 dB lost with the "
+             "shipped VAE)")
     if need > total:
         raise ConfigError(f"{what}; {device.type} memory here is {size(total)}: use {fixes}")
     if available is not None and need > available:
@@ -599,8 +602,8 @@ def run_clip(cfg: DictConfig, input=None, output=None, *, config_path=DEFAULT_CO
     returned) and ``<stem>.yaml`` (the merged config). Raises ConfigError / UsageError / InputError /
     WorkdirMismatch for bad input (checked before heavy work where it can be known up front).
     ``asked``: the keys the user chose (:func:`pipelines.config.asked_keys`); those this model and mode
-    leave without effect are named in warnings. A ``workdir`` is held (a lock file) for the run: a second
-    run on it is refused."""
+    leave without effect are named in warnings. A ``workdir`` is held (an flock on the folder, where the file
+    system has flock) for the run: a second run on it is refused."""
     from .checkpoint import workdir_lock
 
     t0 = time.perf_counter()
@@ -872,7 +875,7 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
         warnings=job_warnings,
         timings=timings, peak_memory=peak_memory(device), **scores.report(pipe.scale), config=to_dict(cfg))
     atomic_write_text(paths.report, json.dumps(report, indent=2) + "\n", replace=may_replace(paths.report))
-    commits.finish()
+    commits.finish(paths.report)
     summary = f", psnr {report['psnr']:.2f} dB" if report.get("psnr") is not None else ""
     log(f"done in {timings['total']:.1f}s: {paths.output}{summary}")
     return report

@@ -115,6 +115,10 @@ def load_pipeline(cls, path, *, device="cpu", dtype=torch.float32, scheduler_kin
         raise ModelLoadError(f"model path does not exist or is not a folder: {path}")
     if local and not (Path(path) / unet).is_dir():
         raise ModelLoadError(f"model folder {path} has no {unet}/ subfolder (diffusers layout expected)")
+    if local and variant and not any(f".{variant}." in f.name or f".{variant}-" in f.name
+                                     for f in Path(path).glob("*/*") if f.suffix in (".safetensors", ".bin")):
+        raise ModelLoadError(f"model.variant={variant}: no component of {path} has {variant} weights "
+                             f"(files named *.{variant}.safetensors); leave model.variant out for the plain ones")
     try:
         unet_model = _from_pretrained(diffusers.AutoModel.from_pretrained, path, unet, variant, torch_dtype=dtype)
         sched_cfg = diffusers.DDPMScheduler.load_config(path, subfolder=scheduler)

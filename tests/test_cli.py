@@ -763,6 +763,9 @@ def test_model_variant_picks_the_variant_weights_where_a_component_has_them(data
     assert rc == 0, err
     rc, _, err = cli(capsys, "--output", tmp_path / "y.mp4", "model.variant=fp16/../x")
     assert rc == 2 and "model.variant must be" in err
+    rc, _, err = cli(capsys, "--input", data / "clip.mp4", "--output", tmp_path / "z.mp4", f"model.path={both}", *FAST,
+                     "model.variant=fp61")  # a variant no component has: asked for and not given
+    assert rc == 2 and "no component" in err
 
 
 def test_settings_that_contradict_the_model_or_do_nothing(data, tmp_path, capsys):
