@@ -152,8 +152,8 @@ def run_many(args: argparse.Namespace, clips: list[Path]) -> int:
         raise UsageError(f"--output must be a folder when --input is a list of clips, got {outdir}")
     if args.reference:
         raise UsageError("--reference takes one clip; it cannot be used with a list of clips")
-    inputs = {c.resolve().parent for c in clips} | ({Path(args.input).expanduser().resolve()}
-                                                    if Path(args.input).expanduser().is_dir() else set())
+    given = Path(args.input).expanduser() if args.input else None
+    inputs = {c.resolve().parent for c in clips} | ({given.resolve()} if given and given.is_dir() else set())
     if outdir.resolve() in inputs:  # its outputs would be taken for clips by the next run
         raise UsageError(f"--output {outdir} is a folder of input clips; write the outputs elsewhere")
     if args.workdir and Path(args.workdir).expanduser().exists() and not Path(args.workdir).expanduser().is_dir():
@@ -184,7 +184,7 @@ def run_many(args: argparse.Namespace, clips: list[Path]) -> int:
             a.overrides = [*a.overrides, f"model.device=cuda:{local}"]  # after the per-clip paths above
         log(f"[process {rank}/{world}] {clips[k]} -> {a.output}")
         codes.append(guarded(run, a))
-        if codes[-1]:
+        if codes[-1] not in (0, 130, 143):  # a stop is said by its own line
             failed.append(f"{clips[k].name} (exit {codes[-1]})")
         if codes[-1] in (130, 143):  # Ctrl-C or SIGTERM stops the whole list, not just this clip
             break
