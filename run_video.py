@@ -25,12 +25,10 @@ from pipelines import interrupts  # torch-free: watches Ctrl-C before the heavy 
 interrupts.watch()
 
 try:  # Ctrl-C while the libraries load: one line and exit 130, not a traceback
-    import torch
-
     from pipelines.checkpoint import WorkdirMismatch
     from pipelines.config import ConfigError, asked_keys, load_config, to_yaml
-    from pipelines.job import (DEFAULT_CONFIG, OUTPUT_EXTS, UsageError, clip_list, from_root, output_names,
-                              process_group, run_clip)
+    from pipelines.job import DEFAULT_CONFIG, UsageError, from_root, run_clip
+    from pipelines.many import clip_list, end_process_group, list_exit_code, plan_clips, process_group
     from pipelines.video_io import InputError
     from pipelines.video_writer import OutputAppeared
 except BaseException as e:
@@ -132,70 +130,31 @@ def guarded(job, args) -> int:
 # ----------------------------------------------------------------------------- many clips
 
 
-def _quoted(value) -> str:
-    """A config override's value as a YAML single-quoted string: a clip's name may hold '#' or ': '."""
-    return "'" + str(value).replace("'", "''") + "'"
-
-
-# the exit code of a list: the most telling of its clips' (a stop, then an internal error, then bad input)
-SEVERITY = {143: 4, 130: 3, 1: 2, 2: 1, 0: 0}
-
-
 def run_many(args: argparse.Namespace, clips: list[Path]) -> int:
-    """Each process samples its share of the clips into the --output folder; returns the most telling exit
-    code (SEVERITY) and names the clips that failed in a last line."""
-    from pipelines.job import _creatable_parent, clip_done, resolve_model_path
-
+    """Each process samples its share of the clips (pipelines.many) into the --output folder; returns the most
+    telling exit code and names the clips that failed in a last line."""
     rank, world, local = process_group()
-    outdir = Path(args.output).expanduser() if args.output else Path("outputs")
-    if (outdir.exists() and not outdir.is_dir()) or (not outdir.exists() and outdir.suffix.lower() in OUTPUT_EXTS):
-        raise UsageError(f"--output must be a folder when --input is a list of clips, got {outdir}")
-    if args.reference:
-        raise UsageError("--reference takes one clip; it cannot be used with a list of clips")
-    given = Path(args.input).expanduser() if args.input else None
-    inputs = {c.resolve().parent for c in clips} | ({given.resolve()} if given and given.is_dir() else set())
-    if outdir.resolve() in inputs:  # its outputs would be taken for clips by the next run
-        raise UsageError(f"--output {outdir} is a folder of input clips; write the outputs elsewhere")
-    if args.workdir and Path(args.workdir).expanduser().exists() and not Path(args.workdir).expanduser().is_dir():
-        raise UsageError(f"--workdir {args.workdir} exists and is not a folder")
-    names = output_names(clips)
-    cfg = load_config(from_root(Path(args.config)), args.overrides)  # a config error: one line, once
-    resolve_model_path(cfg)  # once, not once per clip
-    _creatable_parent("--output", outdir / "x.mp4")
-    sbs = Path(cfg.output.side_by_side).expanduser() if cfg.output.side_by_side else None
-    frames_dir = Path(cfg.output.frames_dir).expanduser() if cfg.output.frames_dir else None
-    mine = list(range(len(clips)))[rank::world]
-    log(f"[process {rank}/{world}] {len(mine)} of {len(clips)} clips")
-    codes, failed = [0], []
-    for k in mine:
-        a = argparse.Namespace(**vars(args))
-        a.input, a.output = str(clips[k]), str(outdir / f"{names[k]}.mp4")
-        a.workdir = str(Path(args.workdir).expanduser() / names[k]) if args.workdir else None
-        if a.workdir and not args.overwrite and clip_done(Path(a.workdir)):
-            log(f"[process {rank}/{world}] {clips[k]}: done by an earlier run with this --workdir ({a.output})")
+    jobs = plan_clips(clips, given=Path(args.input).expanduser() if args.input else None, output=args.output,
+                      config=from_root(Path(args.config)), overrides=args.overrides, reference=args.reference,
+                      workdir=args.workdir, overwrite=args.overwrite, rank=rank, world=world, local=local)
+    log(f"[process {rank}/{world}] {len(jobs)} of {len(clips)} clips")
+    codes, failed = [], []
+    for job in jobs:
+        if job.done:
+            log(f"[process {rank}/{world}] {job.clip}: done by an earlier run with this --workdir ({job.output})")
             continue
-        # each clip's comparison video and frames of its own (one path for all: the second clip failed)
-        if sbs is not None:
-            a.overrides = [*a.overrides,
-                           f"output.side_by_side={_quoted(sbs.with_name(f'{sbs.stem}_{names[k]}{sbs.suffix}'))}"]
-        if frames_dir is not None:
-            a.overrides = [*a.overrides, f"output.frames_dir={_quoted(frames_dir / names[k])}"]
-        if world > 1 and torch.cuda.is_available():  # one GPU per process
-            a.overrides = [*a.overrides, f"model.device=cuda:{local}"]  # after the per-clip paths above
-        log(f"[process {rank}/{world}] {clips[k]} -> {a.output}")
-        codes.append(guarded(run, a))
+        log(f"[process {rank}/{world}] {job.clip} -> {job.output}")
+        one = argparse.Namespace(**{**vars(args), "input": str(job.clip), "output": str(job.output),
+                                    "workdir": job.workdir and str(job.workdir), "overrides": job.overrides})
+        codes.append(guarded(run, one))
         if codes[-1] not in (0, 130, 143):  # a stop is said by its own line
-            failed.append(f"{clips[k].name} (exit {codes[-1]})")
+            failed.append(f"{job.clip.name} (exit {codes[-1]})")
         if codes[-1] in (130, 143):  # Ctrl-C or SIGTERM stops the whole list, not just this clip
             break
     if failed:
-        fail(f"{len(failed)} of {len(mine)} clips failed: {', '.join(failed)}")
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
-    return max(codes, key=lambda c: SEVERITY.get(c, 2))
+        fail(f"{len(failed)} of {len(jobs)} clips failed: {', '.join(failed)}")
+    end_process_group(world)
+    return list_exit_code(codes)
 
 
 def main(argv: list[str] | None = None) -> int:

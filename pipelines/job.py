@@ -177,7 +177,7 @@ MACHINE_FILE = "machine.json"  # in a work folder: the threads and device its ru
 
 
 def _machine(device: torch.device) -> dict:
-    if device.type != "cpu" and device.index is None:  # "cuda" and "cuda:0" are one device
+    if device.type != "cpu" and device.index is None:  # an accelerator without an index is its current one
         device = torch.device(device.type, torch.accelerator.current_device_index())
     return {"threads": torch.get_num_threads(), "device": str(device)}
 
@@ -420,12 +420,13 @@ def _cgroup_memory(proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/s
 
 def memory_limits(device: torch.device) -> tuple[int | None, int | None]:
     """(total, available) bytes of the memory ``device`` computes in: the host's (its cgroup's limit when
-    lower, less what the cgroup uses) or a CUDA device's; (None, None) where unknown (other accelerators)."""
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        return total, free
+    lower, less what the cgroup uses) or the accelerator's; (None, None) where unknown."""
     if device.type != "cpu":
-        return None, None
+        try:
+            free, total = torch.accelerator.get_memory_info(device)
+        except (RuntimeError, ValueError, TypeError):  # an accelerator without memory queries
+            return None, None
+        return total, free
     info = {}
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -881,87 +882,4 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
     return report
 
 
-# ----------------------------------------------------------------------------- many clips
-
-
-def clip_list(inp: Path) -> list[Path] | None:
-    """A ``.txt`` list of clips (relative to the list) or a folder of videos; None for a single clip."""
-    from .video_io import IMAGE_EXTS, VIDEO_EXTS
-
-    clip_exts = (*VIDEO_EXTS, ".gif")
-    if inp.suffix.lower() == ".txt" and inp.is_file():
-        try:
-            text = inp.read_text(encoding="utf-8-sig")  # a byte-order mark (Notepad's) is not part of a path
-        except UnicodeDecodeError as e:
-            raise UsageError(f"--input {inp} is not UTF-8 text (byte {e.start}); save the list as UTF-8") from None
-        except OSError as e:
-            raise UsageError(f"--input {inp}: cannot read ({e.strerror or e})") from None
-        lines = [ln.strip() for ln in text.splitlines()]
-        lines = [ln for ln in lines if ln and not ln.startswith("#")]
-        if not lines:
-            raise UsageError(f"--input {inp} lists no clips (one path per line; '#' starts a comment)")
-        clips, seen = [], set()
-        for p in (Path(ln).expanduser() for ln in lines):
-            clip = p if p.is_absolute() else inp.parent / p
-            if clip.resolve() in seen:  # the same clip twice would be sampled twice
-                continue
-            seen.add(clip.resolve())
-            clips.append(clip)
-        return clips
-    if inp.is_dir():
-        files = [p for p in inp.iterdir() if p.is_file() and not p.name.startswith(".")]
-        videos = sorted(p for p in files if p.suffix.lower() in clip_exts)
-        images = [p for p in files if p.suffix.lower() in IMAGE_EXTS]
-        if videos and images:  # frames of one clip, or many clips? either reading could lose the user's intent
-            raise UsageError(f"--input {inp} holds {len(videos)} video(s) ({videos[0].name}...) and {len(images)} "
-                             "image(s): a folder is either the frames of one clip or a set of clips; move one kind "
-                             "out, or list the clips in a .txt")
-        if videos:
-            return videos
-    return None
-
-
-def clip_done(workdir: Path) -> bool:
-    """Whether the run with this work folder finished, its outputs still the files it committed (many-clips
-    mode skips such a clip when the same command runs again)."""
-    try:
-        made = json.loads((workdir / OUTPUTS_FILE).read_text())
-        return bool(made.get("done")) and all(Path(p).exists() and _identity(Path(p)) == ident
-                                              for p, ident in made["committed"].items())
-    except (ValueError, KeyError, TypeError, AttributeError, OSError):
-        return False
-
-
-def output_names(clips: list[Path]) -> list[str]:
-    """A distinct output stem per clip: its stem, or ``stem_ext`` (then ``_2``...) where stems collide ('$'
-    becomes '_': the config would read "${...}" as an interpolation)."""
-    stems = [c.stem.replace("$", "_") for c in clips]
-    names, used = [], set()
-    for clip, stem in zip(clips, stems):
-        name = stem if stems.count(stem) == 1 else f"{stem}_{clip.suffix.lstrip('.').lower() or 'clip'}"
-        base, n = name, 2
-        while name in used:
-            name, n = f"{base}_{n}", n + 1
-        used.add(name)
-        names.append(name)
-    return names
-
-
-__all__ = ["run_clip", "UsageError", "Paths", "plan_paths", "check_paths", "fingerprint", "Scores", "InputError",
-           "clip_list", "output_names"]
-
-
-def process_group():
-    """(rank, world, local rank) under ``torchrun`` / ``accelerate launch``, else (0, 1, 0). The processes
-    meet once, at the end, maybe hours apart: timeout RUN_VIDEO_BARRIER_HOURS (168), not gloo's 30 min."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, 0
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        hours = float(os.environ.get("RUN_VIDEO_BARRIER_HOURS", "168"))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=hours))
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+__all__ = ["run_clip", "UsageError", "Paths", "plan_paths", "check_paths", "fingerprint", "Scores", "InputError"]

@@ -551,7 +551,7 @@ def test_fingerprint_follows_the_decoded_frames():
 
 
 def test_clips_with_the_same_stem_get_distinct_outputs():
-    from pipelines.job import output_names
+    from pipelines.many import output_names
 
     names = output_names([Path("x/a.mp4"), Path("x/a.mov"), Path("x/b.mp4"), Path("y/a.mp4")])
     assert names[2] == "b" and len(set(names)) == 4 and names[0].startswith("a_") and names[1] == "a_mov"
