@@ -271,30 +271,23 @@ def _check(ok: bool, key: str, expected: str, value) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Range checks the schema's types cannot express; raises ConfigError naming the key."""
-    m, s, sc = cfg.model, cfg.sampling, cfg.schedule
+    m, s = cfg.model, cfg.sampling
     _check(bool(m.path.strip()), "model.path", "a hub id or a folder", m.path)
     _check(DEVICE_PATTERN.fullmatch(m.device) is not None, "model.device", "auto, cpu, cuda or cuda:N", m.device)
     _check(m.dtype in get_args(Dtype), "model.dtype", " or ".join(get_args(Dtype)), m.dtype)
     if m.variant is not None:
         _check(re.fullmatch(r"[A-Za-z0-9_-]+", m.variant) is not None, "model.variant",
                "null or a weights variant name such as fp16", m.variant)
-    _check(math.isfinite(cfg.scheduler.eta) and cfg.scheduler.eta >= 0, "scheduler.eta", "finite and >= 0",
-           cfg.scheduler.eta)
-
-    _check(s.num_inference_steps >= 1, "sampling.num_inference_steps", ">= 1", s.num_inference_steps)
-    _check(0 <= s.seed < 2 ** 63 - 1000000, "sampling.seed", "in [0, 2**63 - 1e6)", s.seed)
-    _check(0 < s.strength <= 1, "sampling.strength", "in (0, 1]", s.strength)
+    try:  # the sampling ranges: SamplingOptions' own checks, one rule for library callers and configs
+        sampling_options(cfg)
+    except ValueError as e:
+        field = str(e).split()[0].removeprefix("SamplingOptions.")
+        section = {"eta": "scheduler", "direction": "schedule", "start": "schedule", "passes": "schedule",
+                   "chain_length": "schedule", "offload_state": "runtime"}.get(field, "sampling")
+        raise ConfigError(str(e).replace(f"SamplingOptions.{field}", f"{section}.{field}", 1)) from None
     if int(s.num_inference_steps * s.strength) < 1:
         raise ConfigError(f"sampling.strength={s.strength} x sampling.num_inference_steps={s.num_inference_steps}"
                           " leaves no denoising step to run (int(steps * strength) must be >= 1)")
-    _check(math.isfinite(s.guidance_scale) and s.guidance_scale >= 0, "sampling.guidance_scale", "finite and >= 0",
-           s.guidance_scale)
-    _check(s.noise_level >= 0, "sampling.noise_level", ">= 0", s.noise_level)
-    _check(s.batch_size >= 0, "sampling.batch_size", ">= 0 (0 = auto)", s.batch_size)
-    _check(s.decode_batch_size >= 0, "sampling.decode_batch_size", ">= 0 (0 = auto)", s.decode_batch_size)
-
-    _check(sc.passes >= 0, "schedule.passes", ">= 0 (0 = flip every step)", sc.passes)
-    _check(sc.chain_length >= 0, "schedule.chain_length", ">= 0 (0 = exact sweep)", sc.chain_length)
 
     a = cfg.alignment
     _check(0 <= a.weight <= 1, "alignment.weight", "in [0, 1]", a.weight)

@@ -65,13 +65,12 @@ def from_root(path: Path) -> Path:
 
 
 def is_hub_id(model: str) -> bool:
-    """pipelines.loading's rule: what is not on disk and looks like "owner/name" is a hub id, unless its
-    first part is a local folder ("weights/nope" is a missing local model, not a hub repository)."""
+    """pipelines.loading's rule (what is not local is a hub id), with the repository root as a second place
+    for local paths and their first folder ("weights/nope" is a missing local model, not a hub repository)."""
+    from .loading import _is_local
+
     model = str(model)
-    owner = model.split("/")[0]
-    local_owner = Path(owner).is_dir() or (ROOT / owner).is_dir()
-    return (not from_root(Path(model)).exists() and not model.startswith((".", "/", "~"))
-            and model.count("/") == 1 and not local_owner)
+    return not (_is_local(model) or from_root(Path(model)).exists() or (ROOT / model.split("/")[0]).is_dir())
 
 
 # ----------------------------------------------------------------------------- paths
@@ -219,20 +218,25 @@ def _identity(path: Path) -> list[int]:
     return [st.st_ino, st.st_mtime_ns, st.st_size]
 
 
-def interrupted_outputs(workdir: Path | None) -> frozenset:
-    """The outputs a run with this work folder committed before it was stopped (none once it finished), each
-    still the very file it committed (inode, time, size): the same command may replace them without
-    --overwrite, to finish what it began. A file another program put there is not among them."""
-    if workdir is None or not (workdir / OUTPUTS_FILE).is_file():
-        return frozenset()
+def recorded_outputs(workdir: Path | None) -> tuple[bool, dict[Path, bool]]:
+    """What ``outputs.json`` in a work folder says: whether its run finished, and for each output it
+    committed whether that is still the very file it committed (inode, time, size)."""
     try:
         made = json.loads((workdir / OUTPUTS_FILE).read_text())
-        if made.get("done"):
-            return frozenset()
-        return frozenset(Path(p) for p, ident in made["committed"].items()
-                         if Path(p).exists() and _identity(Path(p)) == ident)
-    except (ValueError, KeyError, TypeError, AttributeError, OSError):
+        return bool(made.get("done")), {Path(p): Path(p).exists() and _identity(Path(p)) == ident
+                                        for p, ident in made["committed"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError, OSError):  # none, or not ours
+        return False, {}
+
+
+def interrupted_outputs(workdir: Path | None) -> frozenset:
+    """The outputs a run with this work folder committed before it was stopped (none once it finished), each
+    still the file it committed: the same command may replace them without --overwrite, to finish what it
+    began. A file another program put there is not among them."""
+    if workdir is None:
         return frozenset()
+    done, outputs = recorded_outputs(workdir)
+    return frozenset() if done else frozenset(p for p, same in outputs.items() if same)
 
 
 class _Commits:

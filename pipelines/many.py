@@ -4,7 +4,6 @@ outputs; the caller runs each :class:`ClipJob` (the command line: ``run_video.py
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +11,7 @@ from pathlib import Path
 import torch
 
 from .config import load_config
-from .job import (OUTPUT_EXTS, OUTPUTS_FILE, UsageError, _creatable_parent, _identity,
-                  resolve_model_path)
+from .job import OUTPUT_EXTS, UsageError, _creatable_parent, recorded_outputs, resolve_model_path
 
 # the exit code of a list: the most telling of its clips' (a stop, then an internal error, then bad input)
 SEVERITY = {143: 4, 130: 3, 1: 2, 2: 1, 0: 0}
@@ -116,12 +114,8 @@ def clip_list(inp: Path) -> list[Path] | None:
 def clip_done(workdir: Path) -> bool:
     """Whether the run with this work folder finished, its outputs still the files it committed (many-clips
     mode skips such a clip when the same command runs again)."""
-    try:
-        made = json.loads((workdir / OUTPUTS_FILE).read_text())
-        return bool(made.get("done")) and all(Path(p).exists() and _identity(Path(p)) == ident
-                                              for p, ident in made["committed"].items())
-    except (ValueError, KeyError, TypeError, AttributeError, OSError):
-        return False
+    done, outputs = recorded_outputs(workdir)
+    return done and all(outputs.values())
 
 
 def output_names(clips: list[Path]) -> list[str]:

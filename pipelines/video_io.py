@@ -109,7 +109,7 @@ def _decode_image(path: Path) -> np.ndarray:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as e:
         raise InputError(f"{path}: cannot read file ({e.strerror})") from None
-    alpha, icc = _header(path) if data.size else (False, None)
+    alpha, icc = _header(data) if data.size else (False, None)
     img = None
     if alpha and path.suffix.lower() in (".tif", ".tiff"):
         img = _tiff_with_alpha(data)  # decoded once: the header said which reader
@@ -121,12 +121,13 @@ def _decode_image(path: Path) -> np.ndarray:
     return _to_srgb(img, icc) if icc else img
 
 
-def _header(path: Path) -> tuple[bool, bytes | None]:
-    """Whether the image's header declares an alpha band, and its embedded ICC profile (nothing decoded)."""
+def _header(data: np.ndarray) -> tuple[bool, bytes | None]:
+    """Whether the image's header declares an alpha band, and its embedded ICC profile: from the bytes
+    already read (nothing decoded, the file not read again)."""
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data.tobytes())) as im:
             return "A" in im.getbands(), im.info.get("icc_profile") or None
     except (OSError, ValueError, SyntaxError):
         return False, None

@@ -90,8 +90,8 @@ class SamplingOptions:
                 ("direction", self.direction in ("bidirectional", "forward", "backward"),
                  "bidirectional, forward or backward"),
                 ("start", self.start in ("forward", "backward"), "forward or backward"),
-                ("passes", self.passes >= 0, ">= 0"),
-                ("chain_length", self.chain_length is None or self.chain_length >= 1, "None, 0 or >= 1"),
+                ("passes", self.passes >= 0, ">= 0 (0 = flip every step)"),
+                ("chain_length", self.chain_length is None or self.chain_length >= 1, ">= 0 (0 = exact sweep)"),
                 ("batch_size", self.batch_size >= 0, ">= 0 (0 = auto)"),
                 ("decode_batch_size", self.decode_batch_size >= 0, ">= 0 (0 = auto)"),
                 ("frame_offset", self.frame_offset >= 0, ">= 0")):
