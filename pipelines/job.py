@@ -240,21 +240,26 @@ def interrupted_outputs(workdir: Path | None) -> frozenset:
 
 
 class _Commits:
-    """What this run has committed, recorded in the work folder after each commit (see interrupted_outputs)."""
+    """What this run commits, recorded in the work folder just before each move into place (see
+    interrupted_outputs): a move keeps the file's inode, time and size, so a run stopped between the move and
+    the record, or between the record and the move, is finished by the same command."""
 
     def __init__(self, workdir: Path | None):
         self.workdir, self.committed = workdir, {}
 
-    def add(self, path: Path | None) -> None:
-        if self.workdir is not None and path is not None and path.exists():
-            self.committed[str(path.resolve())] = _identity(path)
-            self._write(done=False)
+    def ready(self, path: Path | None) -> Callable[[Path], None] | None:
+        """The callback to give a writer of ``path``: it records the finished temporary's identity."""
+        if self.workdir is None or path is None:
+            return None
 
-    def finish(self, report: Path) -> None:
-        """The report is committed last: recorded with the run's end in one write."""
+        def record(tmp: Path) -> None:
+            self.committed[str(path.parent.resolve() / path.name)] = _identity(tmp)
+            self._write(done=False)
+        return record
+
+    def finish(self) -> None:
+        """Every output, the report last, is in place: the run's end."""
         if self.workdir is not None:
-            if report.exists():
-                self.committed[str(report.resolve())] = _identity(report)
             self._write(done=True)
 
     def _write(self, done: bool) -> None:
@@ -831,18 +836,15 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
         bar.close()
         with timer("io"):
             commits = _Commits(workdir)  # a run stopped from here on is finished by the same command
-            written = writer.close()
-            commits.add(paths.output)
+            written = writer.close(commits.ready(paths.output))
             if sbs is not None:
                 log(f"wrote {paths.side_by_side} (input | output)")
-                sbs.close()
-                commits.add(paths.side_by_side)
+                sbs.close(commits.ready(paths.side_by_side))
             if pngs is not None:
                 log(f"wrote {n} PNG frames to {paths.frames_dir}")
-                pngs.close()
-                commits.add(paths.frames_dir)
-            atomic_write_text(paths.merged_config, to_yaml(cfg), replace=may_replace(paths.merged_config))
-            commits.add(paths.merged_config)
+                pngs.close(commits.ready(paths.frames_dir))
+            atomic_write_text(paths.merged_config, to_yaml(cfg), replace=may_replace(paths.merged_config),
+                              ready=commits.ready(paths.merged_config))
     except BaseException:
         bar.close()
         for w in (writer, sbs, pngs):
@@ -879,8 +881,9 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
         dtype=cfg.model.dtype, steps_run=steps_run, mode=mode, state_in_files=in_files, video=video,
         warnings=job_warnings,
         timings=timings, peak_memory=peak_memory(device), **scores.report(pipe.scale), config=to_dict(cfg))
-    atomic_write_text(paths.report, json.dumps(report, indent=2) + "\n", replace=may_replace(paths.report))
-    commits.finish(paths.report)
+    atomic_write_text(paths.report, json.dumps(report, indent=2) + "\n", replace=may_replace(paths.report),
+                      ready=commits.ready(paths.report))
+    commits.finish()
     summary = f", psnr {report['psnr']:.2f} dB" if report.get("psnr") is not None else ""
     log(f"done in {timings['total']:.1f}s: {paths.output}{summary}")
     return report

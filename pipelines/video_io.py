@@ -16,6 +16,7 @@ import io
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -307,10 +308,13 @@ class FrameFolderWriter:
             (self.tmp / f"frame_{self.count:05d}.png").write_bytes(png.tobytes())
             self.count += 1
 
-    def close(self) -> None:
+    def close(self, ready: Callable[[Path], None] | None = None) -> None:
+        """Put the frames in place of ``folder`` (``ready(tmp)`` is called just before the move)."""
         folder, old = self.folder, None
         try:
             os.chmod(self.tmp, file_mode() | ((file_mode() & 0o444) >> 2))  # a folder as mkdir would make it
+            if ready is not None:
+                ready(self.tmp)
             if folder.exists():  # aside under a temporary name: a run killed right here leaves it to the sweep
                 old = _temp_sibling(folder, directory=True)
                 os.replace(folder, old)  # onto an empty directory: allowed on POSIX
@@ -347,15 +351,15 @@ def write_frames(folder, frames: np.ndarray) -> None:
     writer.close()
 
 
-def atomic_write_text(path, text: str, replace: bool = True) -> None:
+def atomic_write_text(path, text: str, replace: bool = True, ready: Callable[[Path], None] | None = None) -> None:
     """Write ``text`` (UTF-8) to a temp sibling, fsync, then move it onto ``path`` (no-replace unless
-    ``replace``), with the permissions the umask allows."""
+    ``replace``), with the permissions the umask allows (``ready``: see :func:`~.video_writer.commit`)."""
     path = Path(path)
     tmp = _temp_sibling(path)
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-        commit(tmp, path, replace)
+        commit(tmp, path, replace, ready)
     except WriteError as e:
         _remove(tmp)
         raise InputError(str(e)) from e

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -123,11 +124,14 @@ def _alive(pid: int, start: str | None = None) -> bool:
     return True
 
 
-def commit(tmp: Path, path: Path, replace: bool) -> None:
-    """Move a finished ``tmp`` onto ``path``: fsync, ordinary permissions, then replace or no-replace."""
+def commit(tmp: Path, path: Path, replace: bool, ready: Callable[[Path], None] | None = None) -> None:
+    """Move a finished ``tmp`` onto ``path``: fsync, ordinary permissions, then replace or no-replace.
+    ``ready(tmp)`` is called just before the move (which keeps the file's inode, time and size)."""
     os.chmod(tmp, file_mode())
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
+    if ready is not None:
+        ready(tmp)
     if replace:
         os.replace(tmp, path)
     else:
@@ -323,8 +327,8 @@ class VideoWriter:
         """Seconds of video written: the last frame's start plus one nominal frame."""
         return (self.last_s or 0.0) + 1 / float(self.rate)
 
-    def close(self) -> Written:
-        """Flush, close, verify, fsync and commit; returns what was written."""
+    def close(self, ready: Callable[[Path], None] | None = None) -> Written:
+        """Flush, close, verify, fsync and commit (``ready``: see :func:`commit`); returns what was written."""
         import av
 
         if self.out is None:
@@ -346,7 +350,7 @@ class VideoWriter:
                 except (av.error.FFmpegError, OSError) as e:
                     raise WriteError(f"{self.path}: closing the video failed ({e})") from e
             verify(self.tmp, self.count, label=str(self.path))
-            commit(self.tmp, self.path, self.replace)
+            commit(self.tmp, self.path, self.replace, ready)
         except BaseException:
             self.abort()
             raise

@@ -801,10 +801,10 @@ def test_a_run_stopped_while_committing_is_finished_by_the_same_command(data, tm
 
     real = job.atomic_write_text
 
-    def stop_at_the_report(path, text, replace=False):
+    def stop_at_the_report(path, text, replace=False, ready=None):
         if Path(path).name == "o.json":
             raise KeyboardInterrupt
-        return real(path, text, replace=replace)
+        return real(path, text, replace=replace, ready=ready)
 
     monkeypatch.setattr(job, "atomic_write_text", stop_at_the_report)
     rc, _, err = _run_with_workdir(capsys, data, tmp_path)
@@ -815,6 +815,40 @@ def test_a_run_stopped_while_committing_is_finished_by_the_same_command(data, tm
     assert "finishing the outputs" in out and json.loads((tmp_path / "o.json").read_text())["frames"] == 4
     rc, _, err = _run_with_workdir(capsys, data, tmp_path)
     assert rc == 2 and "exists (use --overwrite" in err
+
+
+@pytest.mark.parametrize("name", ["o.mp4", "png", "o.json"])
+def test_a_run_stopped_right_after_moving_an_output_into_place_is_finished_too(data, tmp_path, capsys, monkeypatch,
+                                                                                 name):
+    """Stopped in the instant after an output was moved into place and before the work folder recorded it, the
+    same command was refused ("exists, use --overwrite"); the record is now written just before the move."""
+    from pipelines import video_io, video_writer
+
+    real = video_writer.commit
+
+    def stop_after(tmp, path, *args, **kwargs):
+        real(tmp, path, *args, **kwargs)
+        if Path(path).name == name:
+            raise KeyboardInterrupt
+
+    def stop_after_moving_the_folder(self, *args, **kwargs):
+        real_close(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    extra = [f"output.frames_dir={tmp_path / 'png'}"]
+    if name == "png":
+        real_close = video_io.FrameFolderWriter.close
+        monkeypatch.setattr(video_io.FrameFolderWriter, "close", stop_after_moving_the_folder)
+    else:
+        monkeypatch.setattr(video_writer, "commit", stop_after)
+        monkeypatch.setattr(video_io, "commit", stop_after)
+    rc, _, err = _run_with_workdir(capsys, data, tmp_path, *extra)
+    assert rc == 130 and (tmp_path / name).exists(), err
+    monkeypatch.undo()
+    rc, out, err = _run_with_workdir(capsys, data, tmp_path, *extra)
+    assert rc == 0, err
+    assert "finishing the outputs" in out and json.loads((tmp_path / "o.json").read_text())["frames"] == 4
+    assert len(list((tmp_path / "png").iterdir())) == 4
 
 
 @pytest.mark.parametrize("damage", ["files", "windows"])
@@ -862,10 +896,10 @@ def test_a_file_that_appeared_is_kept_and_a_refused_run_writes_no_work_folder(da
 
     real = video_writer.commit
 
-    def someone_else_first(tmp, path, replace):
+    def someone_else_first(tmp, path, *args, **kwargs):
         if path.name == "o.mp4":
             path.write_bytes(b"another program's file")
-        return real(tmp, path, replace)
+        return real(tmp, path, *args, **kwargs)
 
     monkeypatch.setattr(video_writer, "commit", someone_else_first)
     rc, _, err = _run_with_workdir(capsys, data, tmp_path)
