@@ -216,6 +216,41 @@ def test_stablevsr_config_runs_end_to_end_on_tiny_layout(layout, tmp_path):
     assert report["config"]["alignment"]["tcm_warp"] == "stablevsr"
 
 
+def test_stablevsr_config_samples_with_ddpm_whatever_class_the_checkpoint_names(layout, tmp_path):
+    """Reference kind: the original's test.py (read, not run), which replaces the checkpoint's scheduler by
+    ``DDPMScheduler.from_pretrained(model_id, subfolder='scheduler')``; the SD x4 upscaler StableVSR starts
+    from stores a DDIMScheduler config. configs/stablevsr.yaml ran that DDIM (kind auto): a checkpoint whose
+    scheduler folder names DDIM must give the frames of one naming DDPM with the same numbers."""
+    import shutil
+
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from pipelines.video_io import read_clip, to_uint8, write_video
+    from run_video import main
+
+    ddim = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02, clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
+    folders = {}
+    for name, scheduler in (("ddim", ddim), ("ddpm", DDPMScheduler.from_config(ddim.config))):
+        folders[name] = tmp_path / name
+        shutil.copytree(layout, folders[name], ignore=shutil.ignore_patterns("scheduler"))
+        scheduler.save_pretrained(folders[name] / "scheduler")
+    clip = tmp_path / "lr.mp4"
+    write_video(clip, to_uint8(tiny.textured_clip(3, 8)), 12)
+
+    def frames(name, *extra):
+        out = tmp_path / f"{name}{len(extra)}"
+        code = main(["--config", "configs/stablevsr.yaml", "--input", str(clip), "--output", str(out / "o.mp4"),
+                     f"model.path={folders[name]}", "sampling.num_inference_steps=3", "runtime.threads=1",
+                     f"output.frames_dir={out / 'png'}", *extra])
+        assert code == 0
+        return read_clip(out / "png").frames
+
+    want = frames("ddpm")
+    np.testing.assert_array_equal(frames("ddim"), want)
+    assert np.abs(frames("ddim", "scheduler.kind=auto").astype(int) - want).max() > 2  # DDIM really differs
+
+
 @torch.no_grad()
 def test_windows_one_frame_last_window_with_tcm_and_batched_none(pipe, monkeypatch):
     from pipelines.align import Alignment
