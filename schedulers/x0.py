@@ -33,7 +33,9 @@ video sampler warps and shares between frames.
 Euler (a sigma-parameterised scheduler) keeps its sample as ``x_sigma = x0 + sigma * eps`` with
 ``sigma = sqrt((1 - a_t) / a_t)``; the network sees ``x_t = x_sigma / sqrt(sigma**2 + 1)``, which
 is (1) again (``scale_model_input``). The functions below convert to the VP form first, so the
-same three equations serve all schedulers.
+same three equations serve all schedulers. DPM-Solver with ``use_flow_sigmas`` is the one exception:
+its sample is ``x_t = (1 - k) * x0 + k * eps`` (a straight path, not VP), and (3) and its epsilon form
+hold with ``sqrt(a_t) -> 1 - k`` and ``sqrt(1 - a_t) -> k``, which is what that solver itself uses.
 """
 from __future__ import annotations
 
@@ -57,6 +59,11 @@ def check_scheduler(scheduler) -> None:
         raise ValueError(f"prediction_type {kind!r} is not supported; use one of: {', '.join(PREDICTION_TYPES)}")
     if scheduler.config.get("thresholding", False):
         raise ValueError("scheduler option thresholding=True is not supported (it changes x0 non-linearly)")
+    variance = scheduler.config.get("variance_type") if isinstance(scheduler, DDPMScheduler) else None
+    if variance in ("fixed_large_log", "learned", "learned_range"):
+        raise ValueError(f"DDPM variance_type {variance!r} is not supported (diffusers' step gives NaN with "
+                         "fixed_large_log, and learned variances need a UNet with twice the output channels); "
+                         "use fixed_small, fixed_small_log or fixed_large")
     algorithm = scheduler.config.get("algorithm_type", "dpmsolver++")
     if type(scheduler).__name__ == "DPMSolverMultistepScheduler" and algorithm.startswith("sde-"):
         raise ValueError(f"DPM-Solver algorithm_type {algorithm!r} is not supported (its stochastic steps are "
@@ -65,7 +72,8 @@ def check_scheduler(scheduler) -> None:
 
 @dataclass
 class VPCoefficients:
-    """``x_vp = in_scale * sample``; ``x_vp = alpha * x0 + sigma * eps`` with alpha^2 + sigma^2 = 1."""
+    """``x_vp = in_scale * sample``; ``x_vp = alpha * x0 + sigma * eps`` with alpha^2 + sigma^2 = 1
+    (alpha + sigma = 1 for DPM-Solver's ``use_flow_sigmas``: the maths below needs only the linear map)."""
 
     alpha: torch.Tensor  # sqrt(a_t)
     sigma: torch.Tensor  # sqrt(1 - a_t)
@@ -86,8 +94,11 @@ def coefficients(scheduler, t, like: torch.Tensor) -> VPCoefficients:
     check_scheduler(scheduler)
     if isinstance(scheduler, _SIGMA_SCHEDULERS):
         k = scheduler.sigmas[_step_index(scheduler, t)].to(torch.float64)
-        alpha = 1.0 / torch.sqrt(k**2 + 1.0)
-        sigma = k * alpha
+        if scheduler.config.get("use_flow_sigmas", False):
+            alpha, sigma = 1.0 - k, k  # DPM-Solver's flow sigmas: x_t = (1 - k) * x0 + k * eps
+        else:
+            alpha = 1.0 / torch.sqrt(k**2 + 1.0)
+            sigma = k * alpha
         # Euler's sample lives in sigma space (x0 + k eps); DPM-Solver's sample is already VP.
         in_scale = alpha if isinstance(scheduler, EulerDiscreteScheduler) else torch.ones_like(alpha)
     else:

@@ -4,7 +4,7 @@ import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
                        PNDMScheduler)
 
-from schedulers import approx_x0, check_scheduler, model_output_for_x0, velocity
+from schedulers import approx_x0, check_scheduler, model_output_for_x0, model_output_shift, velocity
 
 SCHEDULERS = [DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler]
 KINDS = ["epsilon", "v_prediction", "sample"]
@@ -43,6 +43,27 @@ def test_x0_matches_pred_original_sample_at_every_step(cls, kind):
         x = s.step(out, t, x).prev_sample
         if isinstance(ref, DPMSolverMultistepScheduler):
             ref.step(out, t, x)  # keep ref's internal counter in lockstep (its output is unused)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_x0_and_shift_rule_with_flow_sigmas_match_the_solvers_own(kind):
+    """DPM-Solver with ``use_flow_sigmas`` (x_t = (1-k) x0 + k eps) was accepted and given the VP map: x0 off
+    by 2.6 (v) or 1e4 (epsilon), and a fused x0 moved 0.11-0.14 where 0.1 was asked. Reference: diffusers'
+    ``convert_model_output``, the x0 the solver steps with."""
+    g = torch.Generator().manual_seed(3)
+    s = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", prediction_type=kind, use_flow_sigmas=True,
+                                    flow_shift=3.0)
+    s.set_timesteps(4)
+    x = torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float64)
+    for t in s.timesteps:
+        out = torch.randn(x.shape, generator=g, dtype=torch.float64)
+        if s.step_index is None:
+            s._init_step_index(t)
+        theirs = s.convert_model_output(out, sample=x)
+        torch.testing.assert_close(approx_x0(s, out, t, x), theirs, rtol=1e-6, atol=1e-6)  # float32 sigmas
+        moved = s.convert_model_output(out + model_output_shift(s, torch.full_like(x, 0.1), t, x), sample=x)
+        torch.testing.assert_close(moved - theirs, torch.full_like(x, 0.1), rtol=0, atol=1e-6)
+        x = s.step(out, t, x).prev_sample
 
 
 @pytest.mark.parametrize("cls", SCHEDULERS)
@@ -140,3 +161,14 @@ def test_switching_the_scheduler_kind_does_not_turn_on_x0_clipping():
     first_order = {**dpm.config, "_class_name": type(dpm).__name__}  # as load_config reads it from disk
     assert make_scheduler(first_order, "auto").config.algorithm_type == "dpmsolver"
     assert make_scheduler(first_order, "dpm++").config.algorithm_type == "dpmsolver++"
+
+
+@pytest.mark.parametrize("variance", ["fixed_large_log", "learned", "learned_range"])
+def test_ddpm_variances_that_cannot_run_are_refused_up_front(variance):
+    """They were accepted and gave NaN frames (fixed_large_log) or a TypeError mid-run (learned: the UNet
+    has no variance channels), as in diffusers' own pipeline."""
+    with pytest.raises(ValueError, match=f"variance_type '{variance}'"):
+        check_scheduler(DDPMScheduler(variance_type=variance))
+    for ok in ("fixed_small", "fixed_small_log", "fixed_large"):
+        check_scheduler(DDPMScheduler(variance_type=ok))
+
