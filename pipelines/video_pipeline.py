@@ -181,10 +181,14 @@ class VideoPipeline:
         return self.text_encoder(tok.input_ids.to(self.device))[0]
 
     def input_multiple(self) -> int:
-        """Input sides must be multiples of this (the CLI pads and crops back)."""
+        """Input sides must be multiples of this (the CLI pads and crops back). A ``UNet2DConditionModel``
+        takes any size (it upsamples to each skip's size), so an upscaler with one needs no padding, as in
+        diffusers' pipelines and the original StableVSR; a ``UNet2DModel`` needs multiples of its downsampling."""
         from math import gcd
 
         unet = 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if isinstance(self.unet, diffusers.UNet2DConditionModel):
+            unet = 1
         if self.kind == "upscale":
             return unet  # the latent has the low-res frame's size
         if self.kind == "img2img":

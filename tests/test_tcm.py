@@ -251,6 +251,28 @@ def test_stablevsr_config_samples_with_ddpm_whatever_class_the_checkpoint_names(
     assert np.abs(frames("ddim", "scheduler.kind=auto").astype(int) - want).max() > 2  # DDIM really differs
 
 
+def test_an_upscaler_takes_odd_sizes_unpadded_as_the_original_does(layout, tmp_path, capsys):
+    """The job padded a 9x11 input to 16x16 for the upscaler (its UNet has 8x downsampling), which changes the
+    border and the flow there; the original StableVSR and diffusers' upscale pipeline give UNet2DConditionModel
+    any size (it upsamples to each skip's size). Reference kind: the library run on the unpadded frames (this
+    project's); measured on the example clip cropped to 60x58 and 61x63, no padding was +0.03 dB."""
+    from pipelines.video_io import read_clip, to_tensor, to_uint8, write_frames
+    from run_video import main
+
+    lr = to_uint8(tiny.textured_clip(3, 16))[:, :9, :11]
+    write_frames(tmp_path / "lr", lr)
+    code = main(["--config", "configs/stablevsr.yaml", "--input", str(tmp_path / "lr"), "--output",
+                 str(tmp_path / "o.mp4"), f"model.path={layout}", "sampling.num_inference_steps=2",
+                 "runtime.threads=1", "alignment.mode=none", f"output.frames_dir={tmp_path / 'png'}"])
+    assert code == 0 and "padding" not in capsys.readouterr().out
+    got = read_clip(tmp_path / "png").frames
+    with torch.no_grad():
+        want = to_uint8(VideoPipeline.from_pretrained(layout, scheduler_kind="ddpm")(
+            to_tensor(lr), options=SamplingOptions(num_inference_steps=2, seed=42, batch_size=1)).frames)
+    assert got.shape == (3, 36, 44, 3)
+    np.testing.assert_array_equal(got, want)
+
+
 @torch.no_grad()
 def test_windows_one_frame_last_window_with_tcm_and_batched_none(pipe, monkeypatch):
     from pipelines.align import Alignment
