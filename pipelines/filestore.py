@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: None}
+_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.int16}
+_BITS = {torch.bfloat16: torch.int16}  # numpy has no bfloat16: its bits are stored
 
 
 class FileTensor:
@@ -23,7 +24,7 @@ class FileTensor:
 
     def __init__(self, path, shape, dtype: torch.dtype = torch.float32, must_exist: bool = False):
         if _NP.get(dtype) is None:
-            raise ValueError(f"FileTensor holds float32 or float16, not {dtype}")
+            raise ValueError(f"FileTensor holds float32, float16 or bfloat16, not {dtype}")
         self.path, self.shape, self.dtype = Path(path), tuple(int(s) for s in shape), dtype
         self.row = tuple(self.shape[1:])
         self._np = _NP[dtype]
@@ -67,13 +68,13 @@ class FileTensor:
             got = os.preadv(self.fd, [flat[k]], i * self.row_bytes)
             if got != self.row_bytes:
                 raise OSError(f"{self.path}: short read of row {i}")
-        t = torch.from_numpy(out)
+        t = torch.from_numpy(out).view(self.dtype)
         return t[0] if isinstance(idx, int) else t
 
     def __setitem__(self, idx, value) -> None:
         rows = self._rows(idx)
         v = torch.as_tensor(value).detach().to("cpu", self.dtype).reshape(len(rows), *self.row)
-        data = np.ascontiguousarray(v.numpy())
+        data = np.ascontiguousarray(v.view(_BITS.get(self.dtype, self.dtype)).numpy())
         for k, i in enumerate(rows):
             if os.pwrite(self.fd, data[k].tobytes(), i * self.row_bytes) != self.row_bytes:
                 raise OSError(f"{self.path}: short write of row {i}")

@@ -244,7 +244,9 @@ def sample_frames(
                 if per_batch:
                     with timer("scheduler"):
                         kw = _step_kwargs(scheduler, [generators[f] for f in frames], eta)
-                        new = scheduler.step(out.to(xi.dtype), t, xi, **kw, return_dict=False)[0]
+                        # in float32: DDPM (and DDIM with eta) draw the step's noise in the sample's dtype, and a
+                        # half-precision draw is another random stream (fp16 would not follow fp32's seeds)
+                        new = scheduler.step(out.float(), t, xi.float(), **kw, return_dict=False)[0]
                         x[idx] = new if in_files else new.to(x)
                 else:
                     out_buf[idx] = out.to(out_buf)
@@ -256,7 +258,7 @@ def sample_frames(
         if not per_batch:
             with timer("scheduler"):
                 kw = _step_kwargs(scheduler, generators, eta)
-                x = scheduler.step(out_buf.to(x.dtype), t, x, **kw, return_dict=False)[0]
+                x = scheduler.step(out_buf, t, x.float(), **kw, return_dict=False)[0].to(x.dtype)  # (see above)
         if checkpoint is not None:
             with timer("checkpoint"):
                 checkpoint.maybe_save(s + 1, len(timesteps), x, x0_buf, generators, scheduler)

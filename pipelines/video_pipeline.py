@@ -453,6 +453,8 @@ class VideoPipeline:
             try:
                 latents = SteppedState(state_dir, shape, self.unet.dtype, resume=resume)
             except ValueError as e:  # truncated or deleted: resuming would start from zeros
+                if not resume:
+                    raise
                 from .checkpoint import WorkdirMismatch
 
                 raise WorkdirMismatch(f"work folder {checkpoint.dir}: {e}; delete the folder to start over") from e
