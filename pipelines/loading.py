@@ -131,8 +131,13 @@ def load_pipeline(cls, path, *, device="cpu", dtype=torch.float32, scheduler_kin
         comps = dict(vae=None, text_encoder=None, tokenizer=None, controlnet=None, low_res_scheduler=None,
                      preview=None)
         if _has(path, vae, local):
+            half = dtype == torch.float16  # loaded in float32 first: it may stay there
             comps["vae"] = _from_pretrained(diffusers.AutoencoderKL.from_pretrained, path, vae, variant,
-                                            torch_dtype=dtype)
+                                            torch_dtype=torch.float32 if half else dtype)
+            if half and not comps["vae"].config.get("force_upcast", False):
+                comps["vae"].to(dtype)
+            # else as diffusers' pipelines do: a VAE whose config says it overflows in float16 (the SD x4
+            # upscaler's, so StableVSR's) runs in float32; every VAE call casts to the VAE's own dtype
         if _has(path, text_encoder, local):
             from transformers import CLIPTextModel, CLIPTokenizer
 

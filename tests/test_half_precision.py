@@ -64,3 +64,31 @@ def test_half_precision_samples_in_files_equal_those_in_memory(tmp_path, dtype):
     got = pipe(clip, options=opts, alignment=Fusion(0.3), state_dir=tmp_path / "state").state[:]
     assert got.dtype == dtype and torch.equal(got.float(), want.float()) and got.abs().max() > 0.1
 
+
+@torch.no_grad()
+def test_a_vae_whose_config_asks_for_float32_keeps_it_in_float16_runs(tmp_path):
+    """The VAE was always cast to model.dtype; diffusers' pipelines keep one whose config sets force_upcast in
+    float32 in float16 runs (the SD x4 upscaler's, so StableVSR's: it overflows in float16). Here a decoder
+    made to overflow in float16 (conv_in x 1e5, which its GroupNorms undo in float32)."""
+    import tiny
+    from diffusers import AutoencoderKL
+
+    from pipelines.video_pipeline import VideoPipeline
+
+    layout = tiny.save_stablevsr_layout(tmp_path / "m")
+    vae = AutoencoderKL.from_pretrained(layout / "vae")
+    vae.decoder.conv_in.weight.mul_(1e5)
+    vae.decoder.conv_in.bias.mul_(1e5)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    want = vae.decode(z / vae.config.scaling_factor).sample.clamp(-1, 1)
+    for upcast in (True, False):
+        vae.register_to_config(force_upcast=upcast)
+        vae.save_pretrained(layout / "vae")
+        pipe = VideoPipeline.from_pretrained(layout, dtype=torch.float16)
+        assert pipe.unet.dtype == torch.float16 and pipe.vae.dtype == (torch.float32 if upcast else torch.float16)
+        got = pipe._decode_chunk(z, None)
+        if upcast:
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        else:  # the overflow is real
+            assert not torch.isfinite(got).all()
+
