@@ -44,7 +44,7 @@ TcmWarp = Literal["exact", "stablevsr"]
 RunMode = Literal["auto", "one_pass", "windows"]
 TcmDecoder = Literal["vae", "preview"]
 FusionSpace = Literal["frame", "sample", "decoded"]
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+DEVICE_PATTERN = re.compile(r"auto|cpu|(cuda|xpu|mps|mtia|hpu|npu|xla|privateuseone)(:\d+)?")  # torch's accelerators
 BASE_KEY = "base"
 
 
@@ -66,7 +66,7 @@ class ModelConfig:
     controlnet_subfolder: str = "controlnet"
     variant: Optional[str] = None  # weight files of this variant where a component has them (fp16: *.fp16.safetensors)
     dtype: Dtype = "float32"  # float16 / bfloat16 need CUDA
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | an accelerator: cuda, cuda:N, xpu:N, mps, ...
     vae_tiling: bool = False
     vae_slicing: bool = False
     # latent upscalers (the low-res frame is in [-1, 1] under both): stablevsr = clean low-res frame, no
@@ -273,7 +273,8 @@ def validate(cfg: DictConfig) -> None:
     """Range checks the schema's types cannot express; raises ConfigError naming the key."""
     m, s = cfg.model, cfg.sampling
     _check(bool(m.path.strip()), "model.path", "a hub id or a folder", m.path)
-    _check(DEVICE_PATTERN.fullmatch(m.device) is not None, "model.device", "auto, cpu, cuda or cuda:N", m.device)
+    _check(DEVICE_PATTERN.fullmatch(m.device) is not None, "model.device",
+           "auto, cpu or an accelerator such as cuda, cuda:N, xpu:N or mps", m.device)
     _check(m.dtype in get_args(Dtype), "model.dtype", " or ".join(get_args(Dtype)), m.dtype)
     if m.variant is not None:
         _check(re.fullmatch(r"[A-Za-z0-9_-]+", m.variant) is not None, "model.variant",

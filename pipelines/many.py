@@ -61,8 +61,9 @@ def plan_clips(clips: list[Path], *, given: Path | None, output, config: Path, o
             extra.append(f"output.side_by_side={_quoted(sbs.with_name(f'{sbs.stem}_{names[k]}{sbs.suffix}'))}")
         if frames_dir is not None:
             extra.append(f"output.frames_dir={_quoted(frames_dir / names[k])}")
-        if world > 1 and accelerator is not None:  # one accelerator per process
-            extra.append(f"model.device={accelerator.type}:{local}")
+        if world > 1 and accelerator is not None:  # one accelerator per process (or per process the only one
+            # it sees, as under a scheduler that hides the others; more processes than devices share them)
+            extra.append(f"model.device={accelerator.type}:{local % max(1, torch.accelerator.device_count())}")
         clip_work = None if work is None else work / names[k]
         jobs.append(ClipJob(clips[k], outdir / f"{names[k]}.mp4", clip_work, [*overrides, *extra],
                             clip_work is not None and not overwrite and clip_done(clip_work)))
@@ -145,7 +146,7 @@ def process_group():
 
     if not dist.is_initialized():
         hours = float(os.environ.get("RUN_VIDEO_BARRIER_HOURS", "168"))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=hours))
+        dist.init_process_group("gloo", timeout=timedelta(hours=hours))  # CPU barriers only: any accelerator
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
 
 

@@ -53,7 +53,8 @@ def test_overrides_win_and_yaml_round_trips(tmp_path):
     (["schedule.chain_length=-1"], "schedule.chain_length must be >= 0"),
     (["flow.scale=0"], "flow.scale must be in (0, 1]"),
     (["flow.method=raft"], "flow.raft_weights must be a local RAFT weights file"),
-    (["model.device=gpu"], "model.device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    (["model.device=gpu"], "model.device must be auto, cpu or an accelerator such as cuda, cuda:N, xpu:N or mps, "
+                           "got 'gpu'"),
     (["input.end=0"], "input.end must be null or > input.start"),
     (["input.resize=-1"], "input.resize must be null or in (0, 16]"),
     (["sampling.strength"], "override 'sampling.strength' is not key=value"),

@@ -135,3 +135,23 @@ def test_an_internal_error_in_a_list_is_its_exit_code(clips, tmp_path, monkeypat
     assert main(args(clips, tmp_path / "l.txt", tmp_path / "o")) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
         "error: 2 of 2 clips failed: missing.mp4 (exit 2), c2.mp4 (exit 1)"
+
+
+def test_each_process_gets_a_device_of_the_machines_accelerator_type(clips, monkeypatch):
+    """Under the launcher each process takes one accelerator, named by its type: an XPU machine's processes
+    were given model.device=xpu:N, which the config refused (only cuda:N passed) for every clip; a process that
+    sees one device (a scheduler hides the others) was given an index beyond it."""
+    import torch
+
+    from pipelines.config import load_config
+    from pipelines.many import plan_clips
+
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("xpu"))
+    for count, want in ((2, "xpu:1"), (1, "xpu:0")):
+        monkeypatch.setattr(torch.accelerator, "device_count", lambda: count)
+        jobs = plan_clips([clips / "clips" / "c0.mp4", clips / "clips" / "c1.mp4"], given=clips / "clips",
+                          output=clips / f"out_xpu{count}", config=ROOT / "configs" / "default.yaml",
+                          overrides=[f"model.path={clips / 'model'}"], rank=1, world=2, local=1)
+        assert len(jobs) == 1 and jobs[0].overrides[-1] == f"model.device={want}"
+        assert load_config(ROOT / "configs" / "default.yaml", jobs[0].overrides).model.device == want
