@@ -4,6 +4,7 @@
 * every tensor a model sees is on the configured device;
 * no device-to-host copy (a host sync) inside the sampler's per-frame loop.
 """
+import copy
 from contextlib import contextmanager
 
 import pytest
@@ -29,7 +30,7 @@ def _pipes(tmp_path_factory, device=None):
 
     def img2img(dtype):
         return VideoPipeline(tiny.cond_unet().to(device, dtype), tiny.ddpm_v(), vae=tiny.vae().to(device, dtype),
-                             text_encoder=enc.to(device, dtype), tokenizer=tok)
+                             text_encoder=copy.deepcopy(enc).to(device, dtype), tokenizer=tok)  # (to() is in place)
 
     return [
         ("residual_sr", lambda dt: VideoPipeline.from_pretrained(sr, device=device, dtype=dt),
