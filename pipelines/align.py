@@ -108,6 +108,16 @@ class Fusion(Alignment):
         return x0 + (w * nb.mask.to(x0.dtype)) * (warped - x0)
 
 
+def decode_latents(vae, latents: torch.Tensor, decoder=None, batch: int = 0) -> torch.Tensor:
+    """``decoder.decode(latents / s).sample``, s the VAE's scaling factor (``decoder``: the VAE, or the TCM's
+    preview decoder), in calls of at most ``batch`` frames (0: one call): the decode batch the job's memory
+    check allows for, kept by the VAE calls during sampling (the TCM's conditions, decoded-space fusion)."""
+    dec = decoder or vae
+    n = batch or len(latents)
+    return torch.cat([dec.decode(latents[a:a + n].to(dec.dtype) / vae.config.scaling_factor).sample
+                      for a in range(0, len(latents), n)])
+
+
 class DecodedFusion(Fusion):
     """Fusion of the *decoded* x0 estimates, for latent models (``alignment.space: decoded``): the same
     blend in RGB at the output size, carried back to the latents as a change of their encoding,
@@ -126,13 +136,14 @@ class DecodedFusion(Fusion):
         super().__init__(weight, schedule, num_train_timesteps, "frame")
         self.space = "decoded"
         self.pipe = self.flows = self.size = None
-        self.timer = NullTimer()
+        self.timer, self.decode_batch = NullTimer(), 0
 
-    def bind(self, pipe, flows=None, size=None, timer=None, **_) -> None:
+    def bind(self, pipe, flows=None, size=None, timer=None, decode_batch: int = 0, **_) -> None:
         if getattr(pipe, "vae", None) is None:
             raise ValueError("decoded-space fusion needs a latent model (one with a VAE)")
         self.pipe, self.flows, self.size, self.offset = pipe, flows, tuple(size), None
         self.timer = timer or NullTimer()
+        self.decode_batch = decode_batch  # the most frames per VAE call (0: no limit)
 
     def fuse(self, x0, nb, t):
         if nb is None or not bool(nb.present.any()):
@@ -140,13 +151,15 @@ class DecodedFusion(Fusion):
         keep, vae = nb.present, self.pipe.vae
         s, n = vae.config.scaling_factor, int(keep.sum())
         with self.timer("vae"):
-            rgb = vae.decode(torch.cat([x0[keep], nb.x0[keep]]).to(vae.dtype) / s).sample.float()
+            rgb = decode_latents(vae, torch.cat([x0[keep], nb.x0[keep]]), batch=self.decode_batch).float()
         own, other = rgb[:n], rgb[n:]
         flow, mask = self.flows.pick(nb.frames[keep], nb.index[keep], self.size)
         with self.timer("align"):
             fused = own + (self.weight_at(t) * mask.to(own)) * (warp(other, flow.to(own)) - own)
         with self.timer("vae"):
-            z = vae.encode(torch.cat([fused, own]).to(vae.dtype)).latent_dist.mean.float()
+            both, k = torch.cat([fused, own]), self.decode_batch or 2 * n
+            z = torch.cat([vae.encode(both[a:a + k].to(vae.dtype)).latent_dist.mean.float()
+                           for a in range(0, 2 * n, k)])
         out = x0.clone()
         out[keep] = x0[keep] + (s * (z[:n] - z[n:])).to(x0)
         return out

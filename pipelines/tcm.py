@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .align import Alignment, Fusion, Neighbours
+from .align import Alignment, Fusion, Neighbours, decode_latents
 from .flow import WARPS, ClipFlows
 from .timing import NullTimer
 
@@ -37,31 +37,31 @@ class TCMAlignment(Alignment):
             raise ValueError(f"TCM decoder must be vae or preview, not {decoder!r}")
         self.decoder = decoder
         self.pipe = self.flows = None
-        self.timer = NullTimer()
+        self.timer, self.decode_batch = NullTimer(), 0
         self.decoded_frames: list[int] = []  # every frame decoded in the last run, in order (for tests)
 
-    def bind(self, pipe, flows: ClipFlows | None, size: tuple[int, int], timer=None, **_) -> None:
+    def bind(self, pipe, flows: ClipFlows | None, size: tuple[int, int], timer=None, decode_batch: int = 0,
+             **_) -> None:
         """Called by the pipeline once per run: the VAE, the clip's flows (None for a one-frame clip;
-        left where they are, only each batch's flows go to the device) and the pixel size the decoded
-        x0 has (flows are resized to it per batch)."""
+        left where they are, only each batch's flows go to the device), the pixel size the decoded
+        x0 has (flows are resized to it per batch) and the most frames per decoder call (0: no limit)."""
         if pipe.controlnet is None or pipe.vae is None:
             raise ValueError("alignment.mode=tcm needs a latent model with a controlnet/ folder (StableVSR layout)")
         if self.decoder == "preview" and getattr(pipe, "preview", None) is None:
             raise ValueError("alignment.tcm_decoder=preview needs a model with a preview_decoder/ folder "
                              "(training/train_preview.py)")
-        self.pipe, self.flows, self.size = pipe, flows, tuple(size)
+        self.pipe, self.flows, self.size, self.decode_batch = pipe, flows, tuple(size), decode_batch
         self.timer = timer or NullTimer()
         self.decoded_frames = []
         if self.fusion is not None:
-            self.fusion.bind(pipe, flows=flows, size=size, timer=timer, **_)
+            self.fusion.bind(pipe, flows=flows, size=size, timer=timer, decode_batch=decode_batch, **_)
 
     def _decode(self, x0: torch.Tensor) -> torch.Tensor:
         """Approximated x0 latents -> RGB: ``decoder.decode(x0 / scaling_factor)`` with the VAE's decoder or
         the preview decoder (trained to mimic it on the same unscaled latents)."""
-        vae = self.pipe.vae
-        dec = vae if self.decoder == "vae" else self.pipe.preview
+        dec = self.pipe.vae if self.decoder == "vae" else self.pipe.preview
         with self.timer("vae" if self.decoder == "vae" else "preview"):
-            return dec.decode(x0.to(dec.dtype) / vae.config.scaling_factor).sample
+            return decode_latents(self.pipe.vae, x0, dec, self.decode_batch)
 
     def uses_step(self, step: int, num_steps: int) -> bool:
         """StableVSR's ControlNet guidance window: step i of N uses the TCM unless i / N < start or

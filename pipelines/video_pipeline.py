@@ -462,7 +462,8 @@ class VideoPipeline:
                 for a in range(0, F, batch):
                     latents.init(torch.arange(a, min(F, a + batch)), start(a, min(F, a + batch)))
         if hasattr(alignment, "bind"):
-            alignment.bind(self, flows=flows, size=out_size, timer=timer, frames=frames)
+            alignment.bind(self, flows=flows, size=out_size, timer=timer, frames=frames,
+                           decode_batch=o.decode_batch_size or auto_batch(dev, out_size[0] * out_size[1]))
 
         x = sample_frames(
             denoiser, self.scheduler, latents, timesteps, generators=gens, concat=concat, alignment=alignment,

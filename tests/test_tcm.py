@@ -309,3 +309,35 @@ def test_tcm_guidance_window_skips_steps_like_stablevsr(pipe, monkeypatch):
     assert tcm.decoded_frames == [0, 1, 2, 1]
     with pytest.raises(ValueError, match="start < end"):
         TCMAlignment(start=0.6, end=0.5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["tcm", "decoded"])
+def test_decodes_during_sampling_keep_to_the_decode_batch(pipe, mode):
+    """The TCM's conditions and decoded-space fusion decoded a whole sampling batch (fusion: twice that) per VAE
+    call while the job's memory check allowed for sampling.decode_batch_size frames: a large frame could run out
+    of memory mid-run. Now chunked, with the same frames (to float rounding)."""
+    from pipelines.align import DecodedFusion
+
+    sizes = []
+    real = pipe.vae.decode
+
+    def spy(z, *args, **kwargs):
+        sizes.append(len(z))
+        return real(z, *args, **kwargs)
+
+    clip = tiny.textured_clip(4, 8, shift=(0.6, 0.3))
+    make = TCMAlignment if mode == "tcm" else lambda: DecodedFusion(0.5)
+    runs = {}
+    pipe.vae.decode = spy
+    try:
+        for batch in (0, 1):
+            sizes.clear()
+            opts = SamplingOptions(num_inference_steps=2, batch_size=4, decode_batch_size=batch, seed=2,
+                                   chain_length=2)  # two chains: two frames per batch
+            runs[batch] = pipe(clip, options=opts, alignment=make()).frames
+            during = sizes[:-4] if batch == 1 else sizes[:-1]  # the final decode: 4 calls of 1, or one of 4
+            assert (max(during) == 1) if batch == 1 else (max(during) > 1), sizes
+    finally:
+        del pipe.vae.decode
+    torch.testing.assert_close(runs[1], runs[0], rtol=0, atol=1e-5)
