@@ -245,7 +245,9 @@ class _Commits:
     the record, or between the record and the move, is finished by the same command."""
 
     def __init__(self, workdir: Path | None):
-        self.workdir, self.committed = workdir, {}
+        # an earlier stopped run's outputs still in place stay recorded: a second stop must not forget them
+        self.workdir = workdir
+        self.committed = {str(p): _identity(p) for p in interrupted_outputs(workdir) if p.exists()}
 
     def ready(self, path: Path | None) -> Callable[[Path], None] | None:
         """The callback to give a writer of ``path``: it records the finished temporary's identity."""
@@ -298,7 +300,11 @@ def resolve_device(cfg: DictConfig) -> torch.device:
     """``model.device``: auto (the accelerator when there is one, else the CPU), cpu, or an accelerator."""
     name, dtype = cfg.model.device, cfg.model.dtype
     acc = _accelerator()
-    device = (acc or torch.device("cpu")) if name == "auto" else torch.device(name)
+    try:
+        device = (acc or torch.device("cpu")) if name == "auto" else torch.device(name)
+    except RuntimeError:  # a device type this torch does not know (its vendor's plugin is not installed)
+        raise ConfigError(f"model.device={name} is not a device type this torch build knows; use "
+                          "model.device=cpu or auto") from None
     if device.type != "cpu":
         if acc is None or acc.type != device.type:
             raise ConfigError(f"model.device={name} but {device.type.upper()} is not available here; "

@@ -61,7 +61,7 @@ def plan_clips(clips: list[Path], *, given: Path | None, output, config: Path, o
             extra.append(f"output.side_by_side={_quoted(sbs.with_name(f'{sbs.stem}_{names[k]}{sbs.suffix}'))}")
         if frames_dir is not None:
             extra.append(f"output.frames_dir={_quoted(frames_dir / names[k])}")
-        if world > 1 and accelerator is not None:  # one accelerator per process (or per process the only one
+        if world > 1 and accelerator is not None and cfg.model.device == "auto":  # one accelerator per process (or per process the only one
             # it sees, as under a scheduler that hides the others; more processes than devices share them)
             extra.append(f"model.device={accelerator.type}:{local % max(1, torch.accelerator.device_count())}")
         clip_work = None if work is None else work / names[k]

@@ -224,6 +224,7 @@ BAD = [
     ("tcm without controlnet", lambda d: ["alignment.mode=tcm"], "needs a model with a controlnet/ folder"),
     ("cuda without cuda", lambda d: ["model.device=cuda"], "CUDA is not available"),
     ("half on cpu", lambda d: ["model.device=cpu", "model.dtype=float16"], "needs a CUDA device"),
+    ("device type without its plugin", lambda d: ["model.device=npu"], "not a device type this torch build knows"),
     ("output under a file", lambda d: ["--output", _corrupt(d) / "sub" / "o.mp4"], "is not a directory"),
     ("output is the input", lambda d: ["--output", d.parent / "data" / "clip.mp4"], "same file as --input"),
     ("output type", lambda d: ["--output", d / "out" / "o.txt"], "unsupported video type"),
@@ -849,6 +850,30 @@ def test_a_run_stopped_right_after_moving_an_output_into_place_is_finished_too(d
     assert rc == 0, err
     assert "finishing the outputs" in out and json.loads((tmp_path / "o.json").read_text())["frames"] == 4
     assert len(list((tmp_path / "png").iterdir())) == 4
+
+
+def test_a_second_stop_while_committing_keeps_the_first_runs_record(data, tmp_path, capsys, monkeypatch):
+    """Stopped after the config copy was in place, then the rerun stopped after the video: the second run's
+    record replaced the first's, and the third run was refused ("o.yaml exists, use --overwrite")."""
+    from pipelines import video_io, video_writer
+
+    real = video_writer.commit
+
+    def stop_after(name):
+        def commit(tmp, path, *args, **kwargs):
+            real(tmp, path, *args, **kwargs)
+            if Path(path).name == name:
+                raise KeyboardInterrupt
+        return commit
+
+    for name in ("o.yaml", "o.mp4"):
+        monkeypatch.setattr(video_writer, "commit", stop_after(name))
+        monkeypatch.setattr(video_io, "commit", stop_after(name))
+        rc, _, err = _run_with_workdir(capsys, data, tmp_path)
+        assert rc == 130 and (tmp_path / name).exists(), err
+        monkeypatch.undo()
+    rc, out, err = _run_with_workdir(capsys, data, tmp_path)
+    assert rc == 0 and "finishing the outputs" in out, err
 
 
 @pytest.mark.parametrize("damage", ["files", "windows"])

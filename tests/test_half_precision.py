@@ -2,14 +2,14 @@
 (tests/test_gpu.py): the pipeline's dtype handling (samples, scheduler maths, noise, fusion, the TCM's
 decoded condition) keeps fp16 and bf16 runs close to fp32 where the kernels compute carefully. The
 H100 lease measured 30.8 / 13.0 dB (fp16) for residual_sr / upscale+tcm with that code: the step's noise
-was drawn in half precision, another random stream there (emulated below, where it gives those figures);
-the steps now run in float32."""
+was drawn in half precision, possibly another random stream there (emulated below, where it gives those
+figures; unconfirmed on a GPU); the steps now run in float32."""
 import pytest
 import torch
 
 from test_gpu import _pipes, half_precision_scores
 
-# measured on this CPU (torch 2.13.0): fp16 91.2 / 67.4 / 68.6 dB, bf16 73.6 / 49.4 / 50.4 dB for
+# measured on this CPU (torch 2.13.0, steps in float32): fp16 94.0 / 68.0 / 69.9 dB, bf16 75.8 / 49.8 / 51.7 dB for
 # residual_sr / upscale+tcm / img2img; fp32 repeats are exact (inf). The bounds leave ~7 dB of margin.
 BOUNDS = {torch.float16: 60.0, torch.bfloat16: 45.0}
 

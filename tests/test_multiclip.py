@@ -155,3 +155,8 @@ def test_each_process_gets_a_device_of_the_machines_accelerator_type(clips, monk
                           overrides=[f"model.path={clips / 'model'}"], rank=1, world=2, local=1)
         assert len(jobs) == 1 and jobs[0].overrides[-1] == f"model.device={want}"
         assert load_config(ROOT / "configs" / "default.yaml", jobs[0].overrides).model.device == want
+    # a device the user chose stays theirs (it was replaced by the accelerator's)
+    jobs = plan_clips([clips / "clips" / "c0.mp4", clips / "clips" / "c1.mp4"], given=clips / "clips",
+                      output=clips / "out_cpu", config=ROOT / "configs" / "default.yaml",
+                      overrides=[f"model.path={clips / 'model'}", "model.device=cpu"], rank=1, world=2, local=1)
+    assert load_config(ROOT / "configs" / "default.yaml", jobs[0].overrides).model.device == "cpu"

@@ -252,9 +252,9 @@ def test_stablevsr_config_samples_with_ddpm_whatever_class_the_checkpoint_names(
 
 
 def test_an_upscaler_takes_odd_sizes_unpadded_as_the_original_does(layout, tmp_path, capsys):
-    """The job padded a 9x11 input to 16x16 for the upscaler (its UNet has 8x downsampling), which changes the
-    border and the flow there; the original StableVSR and diffusers' upscale pipeline give UNet2DConditionModel
-    any size (it upsamples to each skip's size). Reference kind: the library run on the unpadded frames (this
+    """The job padded a 9x11 input to 10x12 for this tiny upscaler (to 16x16 for the shipped one, whose UNet
+    downsamples 8x), which changes the border and the flow there; the original StableVSR and diffusers' upscale
+    pipeline give UNet2DConditionModel any size (it upsamples to each skip's size). Reference kind: the library run on the unpadded frames (this
     project's); measured on the example clip cropped to 60x58 and 61x63, no padding was +0.03 dB."""
     from pipelines.video_io import read_clip, to_tensor, to_uint8, write_frames
     from run_video import main

@@ -23,7 +23,8 @@ def vae(latent_channels=4, down=2):
     blocks = (32, 64, 64)[:down]
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=blocks,
                          down_block_types=("DownEncoderBlock2D",) * down, up_block_types=("UpDecoderBlock2D",) * down,
-                         norm_num_groups=32, sample_size=32).eval()
+                         norm_num_groups=32, sample_size=32,
+                         force_upcast=False).eval()  # float16 runs test the VAE in float16 too
 
 
 def cond_unet(in_channels=4, out_channels=4, class_embed=False):
