@@ -126,8 +126,8 @@ class Checkpointer:
                 raise WorkdirMismatch(f"work folder {workdir}: {meta.name} is unreadable ({type(e).__name__}); "
                                       "delete the folder or use another --workdir") from e
             if found != fingerprint:
-                raise WorkdirMismatch(f"work folder {workdir} was made by a different configuration or input; "
-                                      "use another --workdir or delete it")
+                raise WorkdirMismatch(f"work folder {workdir} was made by a different configuration or input "
+                                      "(or an earlier version of this program); use another --workdir or delete it")
 
     @property
     def state_file(self) -> Path:

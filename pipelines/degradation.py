@@ -14,9 +14,15 @@ def bicubic_resize(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     Downscaling is antialiased (the standard degradation); upscaling is plain bicubic.
     """
     lead = frames.shape[:-3]
-    x = frames.reshape(-1, *frames.shape[-3:])
-    down = size[0] < x.shape[-2] or size[1] < x.shape[-1]
-    out = F.interpolate(x.float(), size=size, mode="bicubic", align_corners=False, antialias=down)
+    x = frames.reshape(-1, *frames.shape[-3:]).float()
+    h, w = x.shape[-2:]
+    down = size[0] < h or size[1] < w
+    if down and 1 in size and size[0] != h and size[1] != w:
+        # torch (2.13) resizing both sides with antialiasing to one row or column returns one value for
+        # all: one side at a time
+        x = F.interpolate(x, size=(size[0], w), mode="bicubic", align_corners=False, antialias=size[0] < h)
+        down = size[1] < w
+    out = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=down)
     return out.to(frames.dtype).reshape(*lead, *out.shape[-3:])
 
 

@@ -38,8 +38,8 @@ from .config import (ConfigError, ModelConfig, build_alignment, check_model_sett
 from .degradation import bicubic_resize
 from .flow import check_flow_size, compute_clip_flows
 from .timing import StageTimer
-from .video_io import (FrameFolderWriter, InputError, atomic_write_text, pad_to_multiple, side_by_side, to_tensor,
-                       to_uint8)
+from .video_io import (FrameFolderWriter, InputError, atomic_write_text, pad_to_multiple, padded_side,
+                       side_by_side, to_tensor, to_uint8)
 from .video_writer import VideoWriter, remove_stale_temps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -519,13 +519,17 @@ class FrameReader:
         return x if tuple(x.shape[-2:]) == self.size else bicubic_resize(x, self.size).clamp(-1, 1)
 
 
+STATE_VERSION = 2  # raised when what a work folder holds changes meaning (2: latent upscalers are not padded)
+
+
 def fingerprint(cfg: DictConfig, read: Callable[[int, int], torch.Tensor], n: int) -> str:
-    """What makes a work folder reusable: the config that shapes sampling (all but ``output``) and the
-    decoded input frames themselves (a frame overwritten in place changes it; a moved file does not).
-    Hashed chunk by chunk, so the clip is never held."""
+    """What makes a work folder reusable: the config that shapes sampling (all but ``output``), the
+    decoded input frames themselves (a frame overwritten in place changes it; a moved file does not) and
+    :data:`STATE_VERSION`. Hashed chunk by chunk, so the clip is never held."""
     sampling = {k: v for k, v in to_dict(cfg).items() if k != "output"}
     # how fast and how often, not what: a resumed run may change them
     sampling["runtime"] = {k: v for k, v in sampling["runtime"].items() if k not in ("threads", "checkpoint_every")}
+    sampling["state_version"] = STATE_VERSION
     digest = hashlib.sha256(json.dumps(sampling, sort_keys=True).encode())
     digest.update(str(n).encode())
     for a in range(0, n, CHUNK):
@@ -708,10 +712,11 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
         mode = "one_pass"
 
     # sampling, as a stream of finished output chunks (first index, uint8 (k, H, W, 3))
-    multiple = pipe.input_multiple()
-    padded_size = tuple(s + (-s % multiple) for s in read.size)
+    multiple, least = pipe.input_multiple(), pipe.min_input_side()
+    padded_size = tuple(padded_side(s, multiple, least) for s in read.size)
     if padded_size != read.size:
-        log(f"padding {_wxh(read.size)} to {_wxh(padded_size)} (the model needs multiples of {multiple})")
+        log(f"padding {_wxh(read.size)} to {_wxh(padded_size)} (the model needs multiples of {multiple}, "
+            f"at least {least} a side)")
     # frames per decoder call: the batch, but never more than a pass (or window) holds
     most = 1 if getattr(pipe.vae, "use_slicing", False) else (r.window if mode == "windows" else n)
     decode_batch, fit_warnings = _decode_fits(pipe, (padded_size[0] * pipe.scale, padded_size[1] * pipe.scale),
@@ -724,7 +729,7 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
     options = replace(sampling_options(cfg), decode_batch_size=decode_batch)
 
     def model_input(a: int, b: int) -> torch.Tensor:
-        return pad_to_multiple(read(a, b), multiple)[0]
+        return pad_to_multiple(read(a, b), multiple, least)[0]
 
     s = cfg.sampling
     from .sampler import img2img_timesteps

@@ -187,6 +187,11 @@ def sample_frames(
         resumed = checkpoint.load(generators, scheduler, x.device)
         if resumed is not None:
             first = resumed[0]
+            if resumed[1] is not None and resumed[1].shape != x.shape:
+                from .checkpoint import WorkdirMismatch
+
+                raise WorkdirMismatch(f"work folder {checkpoint.dir}: its samples are {tuple(resumed[1].shape)}, "
+                                      f"this run's {tuple(x.shape)}; delete the folder to start over")
             x = x if resumed[1] is None else resumed[1].to(x.dtype)
             x0_buf = resumed[2] if keep_all else x0_buf
             if progress is not None:

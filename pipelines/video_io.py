@@ -207,8 +207,14 @@ def _read_gif(path: Path, start, end, stride, max_frames):
 # ----------------------------------------------------------------------------- tensors
 
 
-def pad_to_multiple(frames: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Pad ``(..., C, H, W)`` at the bottom/right so H and W are multiples of ``multiple``.
+def padded_side(side: int, multiple: int, least: int = 1) -> int:
+    """``side`` rounded up to a multiple of ``multiple``, and at least ``least``."""
+    return max(side + (-side % multiple), least)
+
+
+def pad_to_multiple(frames: torch.Tensor, multiple: int, least: int = 1) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Pad ``(..., C, H, W)`` at the bottom/right so H and W are multiples of ``multiple`` and at least
+    ``least`` (:func:`padded_side`).
 
     Reflect padding, or replicate where a side is too small to reflect (pad >= size).
     Returns ``(padded, (H, W))`` with the original size, for ``crop_to``.
@@ -216,7 +222,7 @@ def pad_to_multiple(frames: torch.Tensor, multiple: int) -> tuple[torch.Tensor, 
     if multiple < 1:
         raise ValueError(f"multiple must be >= 1, got {multiple}")
     h, w = frames.shape[-2:]
-    ph, pw = -h % multiple, -w % multiple
+    ph, pw = padded_side(h, multiple, least) - h, padded_side(w, multiple, least) - w
     if ph == 0 and pw == 0:
         return frames, (h, w)
     mode = "reflect" if ph < h and pw < w else "replicate"

@@ -184,11 +184,16 @@ class VideoPipeline:
         """Input sides must be multiples of this (the CLI pads and crops back). A ``UNet2DConditionModel``
         takes any size (it upsamples to each skip's size), so an upscaler with one needs no padding, as in
         diffusers' pipelines and the original StableVSR; a ``UNet2DModel`` needs multiples of its downsampling."""
+        if isinstance(self.unet, diffusers.UNet2DConditionModel):
+            return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.kind == "img2img" else 1
+        return self.min_input_side()
+
+    def min_input_side(self) -> int:
+        """Shorter sides are padded up to this: the UNet's whole downsampling (its deepest level then has at
+        least one pixel a side; a 2x2 input reached a GroupNorm with one value per group and failed)."""
         from math import gcd
 
         unet = 2 ** (len(self.unet.config.block_out_channels) - 1)
-        if isinstance(self.unet, diffusers.UNet2DConditionModel):
-            unet = 1
         if self.kind == "upscale":
             return unet  # the latent has the low-res frame's size
         if self.kind == "img2img":

@@ -156,3 +156,21 @@ def test_the_pipeline_decodes_in_any_chunking_to_the_same_frames(tmp_path):
     torch.testing.assert_close(torch.cat([f for _, f in streamed]), res.frames, atol=1e-6, rtol=0)
     plain = pipe.decode(res.samples, frames, 0)
     assert (res.frames - plain).abs().max() > 1e-3  # back-projection changed the frames
+
+
+@pytest.mark.parametrize("shape, size", [((124, 4), (31, 1)), ((4, 124), (1, 31))])
+def test_downscaling_to_one_pixel_column_or_row_keeps_the_other_sides_variation(shape, size):
+    """torch's antialiased bicubic resize to one column returned one value for every row (while the height
+    changed); back-projection of a 1-pixel-wide input then pulled the output towards a constant. Reference:
+    frames constant along the collapsing side, where the result must be the other side resized alone (a
+    resize that keeps 4 columns, or 4 rows, of which one is taken)."""
+    g = torch.Generator().manual_seed(0)
+    column = size[1] == 1
+    line = torch.rand(1, 3, shape[0], 1, generator=g) if column else torch.rand(1, 3, 1, shape[1], generator=g)
+    frames = line.expand(1, 3, *shape).contiguous()
+    kept = (size[0], shape[1]) if column else (shape[0], size[1])
+    want = torch.nn.functional.interpolate(frames, size=kept, mode="bicubic", align_corners=False, antialias=True)
+    want = want[..., :1] if column else want[..., :1, :]
+    got = downscale(frames, 4)
+    assert got.shape[-2:] == size and got.std() > 0.05
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

@@ -876,6 +876,31 @@ def test_a_second_stop_while_committing_keeps_the_first_runs_record(data, tmp_pa
     assert rc == 0 and "finishing the outputs" in out, err
 
 
+def test_a_work_folder_from_an_earlier_version_is_refused(data, tmp_path, capsys, monkeypatch):
+    """A folder checkpointed before latent upscalers stopped being padded was resumed with samples of the
+    padded size: exit 1 ("Sizes of tensors must match") or, for windows, a wrong-size output. The fingerprint
+    holds a state version, and a resumed state of another shape is refused as well."""
+    from pipelines import job
+
+    rc, _, err = _run_with_workdir(capsys, data, tmp_path)
+    assert rc == 0, err
+    monkeypatch.setattr(job, "STATE_VERSION", job.STATE_VERSION + 1)
+    rc, _, err = _run_with_workdir(capsys, data, tmp_path, "--overwrite")
+    assert rc == 2 and "an earlier version of this program" in err, err
+
+
+def test_a_saved_state_of_another_shape_is_refused(tmp_path):
+    import tiny
+    from pipelines.checkpoint import Checkpointer, WorkdirMismatch
+    from pipelines.video_pipeline import SamplingOptions, VideoPipeline
+
+    pipe = VideoPipeline.from_pretrained(tiny.save_residual_sr(tmp_path / "m", scale=2))
+    opts = SamplingOptions(num_inference_steps=2)
+    pipe(tiny.textured_clip(2, 8), options=opts, checkpoint=Checkpointer(tmp_path / "w", "key"))
+    with pytest.raises(WorkdirMismatch, match=r"its samples are \(2, 3, 16, 16\), this run's \(2, 3, 20, 20\)"):
+        pipe(tiny.textured_clip(2, 10), options=opts, checkpoint=Checkpointer(tmp_path / "w", "key"))
+
+
 @pytest.mark.parametrize("damage", ["files", "windows"])
 def test_a_damaged_saved_state_is_refused_not_resumed_from_zeros(data, tmp_path, capsys, damage):
     """One pass with its samples in files: a truncated x0.bin resumed from zeros (every frame wrong, exit 0);

@@ -214,3 +214,23 @@ def test_the_decode_memory_estimate_matches_the_kernels_count():
     # measured 712-859 MB in five runs (the allocator's state varies); a wrong channel count or item size would
     # be off 2-32 times
     assert 0.75 < estimate / measured < 1.4, (estimate, measured)
+
+
+@pytest.mark.parametrize("size", [(2, 2), (31, 1)])
+def test_inputs_thinner_than_the_unets_downsampling_are_padded(tmp_path, size):
+    """Since latent upscalers take any size unpadded, a 2x2 input reached a GroupNorm with one value per group
+    (exit 1), and a 1-pixel-wide one came out 9.6 dB from its input once downscaled (back-projection's
+    antialiased resize to one pixel column returns the first row): sides below the UNet's whole downsampling (8) are
+    padded to it. Reference: the input itself (the output downscaled x4 must give it back)."""
+    from pipelines.degradation import downscale
+    from pipelines.video_io import to_uint8, write_frames
+    from run_video import main
+
+    clip = read_clip(ROOT / "assets" / "example.mp4", max_frames=1).frames[:, 20:20 + size[0], 20:20 + size[1]]
+    write_frames(tmp_path / "lr", clip)
+    code = main(["--input", str(tmp_path / "lr"), "--output", str(tmp_path / "o.mp4"), "runtime.threads=1",
+                 "sampling.num_inference_steps=2", f"output.frames_dir={tmp_path / 'png'}"])
+    assert code == 0
+    out = read_clip(tmp_path / "png").frames
+    assert out.shape == (1, 4 * size[0], 4 * size[1], 3)
+    assert psnr(downscale(to_tensor(out), 4), to_tensor(clip)) > 30
