@@ -125,9 +125,10 @@ def load_pipeline(cls, path, *, device="cpu", dtype=torch.float32, scheduler_kin
         sched = make_scheduler(sched_cfg, scheduler_kind)
         try:
             check_scheduler(sched)
-        except ValueError as e:
-            raise ModelLoadError(f"model {path}: {e}; scheduler.kind=ddim, ddpm, dpm++ or euler replaces "
-                                 "the checkpoint's scheduler") from None
+        except ValueError as e:  # (another DDPM keeps the checkpoint's variance type)
+            kinds = "ddim, dpm++ or euler" if "variance_type" in str(e) else "ddim, ddpm, dpm++ or euler"
+            raise ModelLoadError(f"model {path}: {e}; scheduler.kind={kinds} replaces the checkpoint's "
+                                 "scheduler") from None
         comps = dict(vae=None, text_encoder=None, tokenizer=None, controlnet=None, low_res_scheduler=None,
                      preview=None)
         if _has(path, vae, local):

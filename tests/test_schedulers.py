@@ -172,3 +172,18 @@ def test_ddpm_variances_that_cannot_run_are_refused_up_front(variance):
     for ok in ("fixed_small", "fixed_small_log", "fixed_large"):
         check_scheduler(DDPMScheduler(variance_type=ok))
 
+
+def test_a_checkpoint_with_such_a_variance_names_the_schedulers_that_replace_it(tmp_path):
+    """The loader's hint offered scheduler.kind=ddpm, which keeps the checkpoint's variance type."""
+    import tiny
+    from pipelines.loading import ModelLoadError
+    from pipelines.video_pipeline import VideoPipeline
+
+    model = tiny.save_residual_sr(tmp_path / "m")
+    DDPMScheduler(variance_type="learned_range").save_pretrained(model / "scheduler")
+    with pytest.raises(ModelLoadError, match=r"scheduler.kind=ddim, dpm\+\+ or euler replaces"):
+        VideoPipeline.from_pretrained(model)
+    with pytest.raises(ModelLoadError, match="variance_type 'learned_range'"):
+        VideoPipeline.from_pretrained(model, scheduler_kind="ddpm")
+    assert type(VideoPipeline.from_pretrained(model, scheduler_kind="ddim").scheduler).__name__ == "DDIMScheduler"
+
