@@ -54,8 +54,8 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
-def log(message: str) -> None:
-    print(message, flush=True)  # progress lines on stdout; stderr holds the progress bar and errors
+def log(message: str, end: str = "\n") -> None:
+    print(message, end=end, flush=True)  # progress lines on stdout; stderr holds the progress bar and errors
 
 
 def fail(message: str) -> None:
@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> int:
     config = from_root(Path(args.config))
     cfg = load_config(config, args.overrides)
-    print(to_yaml(cfg), end="", flush=True)
+    log(to_yaml(cfg), end="")
     run_clip(cfg, args.input, args.output, config_path=config, reference=args.reference, overwrite=args.overwrite,
              workdir=args.workdir, log=log, asked=asked_keys(config, args.overrides))
     return 0
@@ -182,4 +182,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    interrupts.forgive_closed_readers()
     sys.exit(main())

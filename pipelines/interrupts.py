@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 
 INTERRUPTED = False  # Ctrl-C seen: any error after it is reported as the interrupt
@@ -82,3 +83,38 @@ def watch() -> None:
             signal.set_wakeup_fd(previous)
             os.close(r)
             os.close(w)
+
+
+class _Forgiving:
+    """A standard stream whose reader may go away (``| head``): that ends the messages, not the job (the
+    stream then writes to the null device)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def _drop(self) -> None:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, self.stream.fileno())
+        os.close(null)
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._drop()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._drop()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def forgive_closed_readers() -> None:
+    """The process's stdout and stderr outlive their readers (see :class:`_Forgiving`)."""
+    sys.stdout, sys.stderr = _Forgiving(sys.stdout), _Forgiving(sys.stderr)
+

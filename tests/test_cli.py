@@ -473,6 +473,19 @@ def test_subprocess_bad_input_exit_code_and_single_line(data, tmp_path):
 
 
 
+def test_a_reader_that_goes_away_ends_the_messages_not_the_job(data, tmp_path):
+    """`run_video.py ... 2>&1 | head -1`: the first message after head left was "internal: BrokenPipeError"
+    (exit 1, nothing written, the error itself lost); the job now finishes and writes its outputs."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run_video.py"), "--input", str(data / "clip.mp4"),
+                             "--output", str(tmp_path / "o.mp4"), f"model.path={data / 'model'}", *FAST],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env)
+    assert proc.stdout.readline().startswith("model:")
+    proc.stdout.close()  # as head does after its first line
+    assert proc.wait(timeout=120) == 0
+    assert (tmp_path / "o.mp4").exists() and json.loads((tmp_path / "o.json").read_text())["frames"] == 4
+
+
 def test_subprocess_unreachable_hub_model_is_one_line(data, tmp_path):
     """A hub id that cannot be fetched (offline): exit 2 and only the error line; the hub client's
     deprecation warning and retry messages stay off stderr."""
