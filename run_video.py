@@ -30,7 +30,7 @@ try:  # Ctrl-C while the libraries load: one line and exit 130, not a traceback
     from pipelines.job import DEFAULT_CONFIG, UsageError, from_root, run_clip
     from pipelines.many import clip_list, end_process_group, list_exit_code, plan_clips, process_group
     from pipelines.video_io import InputError
-    from pipelines.video_writer import OutputAppeared
+    from pipelines.video_writer import OutputAppeared, WriteError
 except BaseException as e:
     if interrupts.TERMINATED:  # an import that failed because of it
         print("error: terminated", file=sys.stderr, flush=True)
@@ -107,6 +107,9 @@ def guarded(job, args) -> int:
         fail(f"config: {e}")
     except (InputError, UsageError, WorkdirMismatch, OutputAppeared) as e:
         fail(e)
+    except WriteError as e:  # the machine's trouble (a full disk), not the input's: exit 1, no "internal"
+        fail(e)
+        return 1
     except KeyboardInterrupt:
         fail("interrupted")
         return 130

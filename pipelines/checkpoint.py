@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .video_writer import WriteError
+
 
 class WorkdirMismatch(ValueError):
     """The work folder belongs to another run configuration."""
@@ -149,7 +151,11 @@ class Checkpointer:
             tensors[f"gen.{i}"] = g.get_state()
         meta = {"step": str(step), "scheduler": json.dumps(plain)}
         tmp = self.state_file.with_suffix(".tmp")
-        save_file(tensors, tmp, metadata=meta)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+        except Exception as e:  # safetensors reports a full disk as its own error
+            tmp.unlink(missing_ok=True)
+            raise WriteError(f"{tmp}: saving the checkpoint failed ({e}); the previous one is kept") from e
         os.replace(tmp, self.state_file)
 
     def maybe_save(self, step: int, total: int, *state) -> None:

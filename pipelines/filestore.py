@@ -8,6 +8,7 @@ the other, so a run killed mid-step still has the complete state of the last fin
 """
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -76,8 +77,17 @@ class FileTensor:
         v = torch.as_tensor(value).detach().to("cpu", self.dtype).reshape(len(rows), *self.row)
         data = np.ascontiguousarray(v.view(_BITS.get(self.dtype, self.dtype)).numpy())
         for k, i in enumerate(rows):
-            if os.pwrite(self.fd, data[k].tobytes(), i * self.row_bytes) != self.row_bytes:
-                raise OSError(f"{self.path}: short write of row {i}")
+            row, done = data[k].tobytes(), 0
+            try:
+                while done < self.row_bytes:  # a short write is retried: a full disk then says so
+                    wrote = os.pwrite(self.fd, row[done:], i * self.row_bytes + done)
+                    if wrote == 0:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    done += wrote
+            except OSError as e:
+                from .video_writer import WriteError
+
+                raise WriteError(f"{self.path}: writing row {i} failed ({e.strerror or e})") from e
 
     def flush(self) -> None:
         os.fsync(self.fd)

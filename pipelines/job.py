@@ -38,8 +38,8 @@ from .config import (ConfigError, ModelConfig, build_alignment, check_model_sett
 from .degradation import bicubic_resize
 from .flow import check_flow_size, compute_clip_flows
 from .timing import StageTimer
-from .video_io import (FrameFolderWriter, InputError, atomic_write_text, pad_to_multiple, padded_side,
-                       side_by_side, to_tensor, to_uint8)
+from .video_io import (FrameFolderWriter, InputError, PendingText, atomic_write_text, pad_to_multiple,
+                       padded_side, side_by_side, to_tensor, to_uint8)
 from .video_writer import VideoWriter, remove_stale_temps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -829,6 +829,7 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
         paths.side_by_side, fps, crf=o.crf, replace=may_replace(paths.side_by_side), sample_aspect=source.sample_aspect)
     pngs = None if paths.frames_dir is None else FrameFolderWriter(paths.frames_dir)
     scores = Scores(flow_cfg)
+    pending: list[PendingText] = []  # the config copy and the report, written before any output moves
     try:
         for a, out_u8, padded_input in chunks():
             k = len(out_u8)
@@ -845,20 +846,38 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
                 gt = None if ref_source is None else to_tensor(ref_source.read(a, a + k))
                 scores.add(to_tensor(u8), pipe.conditioning_frames(inp).float(), gt)
         bar.close()
-        with timer("io"):
-            commits = _Commits(workdir)  # a run stopped from here on is finished by the same command
-            written = writer.close(commits.ready(paths.output))
+        with timer("io"):  # every output is made ready before any is moved into place (see _commit_all)
+            written = writer.finish()
             if sbs is not None:
-                log(f"wrote {paths.side_by_side} (input | output)")
-                sbs.close(commits.ready(paths.side_by_side))
-            if pngs is not None:
-                log(f"wrote {n} PNG frames to {paths.frames_dir}")
-                pngs.close(commits.ready(paths.frames_dir))
-            atomic_write_text(paths.merged_config, to_yaml(cfg), replace=may_replace(paths.merged_config),
-                              ready=commits.ready(paths.merged_config))
+                sbs.finish()
+            pending.append(PendingText(paths.merged_config, to_yaml(cfg)))
+        if written.padded:
+            log(f"note: H.264 needs even sides; {_wxh(out_size)} is stored as {_wxh(written.size)} "
+                "(last row/column repeated); output.frames_dir PNGs keep the exact size")
+        audio = written.audio if source.is_video else "input has no audio"  # images, GIF
+        if o.audio and audio not in (None, "input has no audio"):
+            log(f"audio not copied: {audio}")
+
+        timings = {"total": round(time.perf_counter() - t0, 4)}
+        timings.update({k: 0.0 for k in ("model", "flow", "align", "scheduler", "vae" if pipe.vae else "decode",
+                                          "backproject", "io", "load", "metrics")})
+        timings.update(timer.report())
+        video = dict(fps=fps, codec="h264", pix_fmt="yuv420p", crf=o.crf, encoded_size=list(written.size),
+                     padded=written.padded, audio="copied" if audio is None else audio,
+                     timestamps="kept from the input" if keep_times else "constant rate")
+        report = dict(
+            input=str(paths.input), output=str(paths.output),
+            reference=str(paths.reference) if paths.reference else None, model_path=model_path,
+            frames=n, source_size=list(source.size), input_size=list(read.size), output_size=list(out_size),
+            fps=fps, model_kind=pipe.kind, scale=pipe.scale, input_multiple=multiple, device=str(device),
+            dtype=cfg.model.dtype, steps_run=steps_run, mode=mode, state_in_files=in_files, video=video,
+            warnings=job_warnings,
+            timings=timings, peak_memory=peak_memory(device), **scores.report(pipe.scale), config=to_dict(cfg))
+        pending.append(PendingText(paths.report, json.dumps(report, indent=2) + "\n"))
+        _commit_all(paths, writer, sbs, pngs, pending, workdir, may_replace, n, log)
     except BaseException:
         bar.close()
-        for w in (writer, sbs, pngs):
+        for w in (writer, sbs, pngs, *pending):
             if w is not None:
                 w.abort()
         raise
@@ -870,34 +889,28 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
             import shutil
 
             shutil.rmtree(state_dir, ignore_errors=True)
-    if written.padded:
-        log(f"note: H.264 needs even sides; {_wxh(out_size)} is stored as {_wxh(written.size)} "
-            "(last row/column repeated); output.frames_dir PNGs keep the exact size")
-    audio = written.audio if source.is_video else "input has no audio"  # images, GIF
-    if o.audio and audio not in (None, "input has no audio"):
-        log(f"audio not copied: {audio}")
-
-    timings = {"total": round(time.perf_counter() - t0, 4)}
-    timings.update({k: 0.0 for k in ("model", "flow", "align", "scheduler", "vae" if pipe.vae else "decode",
-                                      "backproject", "io", "load", "metrics")})
-    timings.update(timer.report())
-    video = dict(fps=fps, codec="h264", pix_fmt="yuv420p", crf=o.crf, encoded_size=list(written.size),
-                 padded=written.padded, audio="copied" if audio is None else audio,
-                 timestamps="kept from the input" if keep_times else "constant rate")
-    report = dict(
-        input=str(paths.input), output=str(paths.output),
-        reference=str(paths.reference) if paths.reference else None, model_path=model_path,
-        frames=n, source_size=list(source.size), input_size=list(read.size), output_size=list(out_size),
-        fps=fps, model_kind=pipe.kind, scale=pipe.scale, input_multiple=multiple, device=str(device),
-        dtype=cfg.model.dtype, steps_run=steps_run, mode=mode, state_in_files=in_files, video=video,
-        warnings=job_warnings,
-        timings=timings, peak_memory=peak_memory(device), **scores.report(pipe.scale), config=to_dict(cfg))
-    atomic_write_text(paths.report, json.dumps(report, indent=2) + "\n", replace=may_replace(paths.report),
-                      ready=commits.ready(paths.report))
-    commits.finish()
     summary = f", psnr {report['psnr']:.2f} dB" if report.get("psnr") is not None else ""
     log(f"done in {timings['total']:.1f}s: {paths.output}{summary}")
     return report
+
+
+def _commit_all(paths: Paths, writer, sbs, pngs, pending: list, workdir: Path | None,
+                may_replace: Callable[[Path], bool], n: int, log: Callable[[str], None]) -> None:
+    """Move every prepared output into place, the report last: renames only, which need no free space, so a
+    full disk (or any error while the outputs were made) leaves the earlier outputs as they were. Each is
+    recorded in the work folder just before its move: a run stopped from here on is finished by the same
+    command."""
+    commits = _Commits(workdir)
+    writer.commit(commits.ready(paths.output))
+    if sbs is not None:
+        sbs.commit(commits.ready(paths.side_by_side))
+        log(f"wrote {paths.side_by_side} (input | output)")
+    if pngs is not None:
+        pngs.close(commits.ready(paths.frames_dir))
+        log(f"wrote {n} PNG frames to {paths.frames_dir}")
+    for text in pending:  # the config copy, then the report
+        text.commit(replace=may_replace(text.path), ready=commits.ready(text.path))
+    commits.finish()
 
 
 __all__ = ["run_clip", "UsageError", "Paths", "plan_paths", "check_paths", "fingerprint", "Scores", "InputError"]

@@ -311,14 +311,17 @@ class FrameFolderWriter:
             ok, png = cv2.imencode(".png", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
             if not ok:
                 raise RuntimeError(f"{self.folder}: PNG encoding failed for frame {self.count}")
-            (self.tmp / f"frame_{self.count:05d}.png").write_bytes(png.tobytes())
+            try:
+                (self.tmp / f"frame_{self.count:05d}.png").write_bytes(png.tobytes())
+            except OSError as e:
+                raise WriteError(f"{self.folder}: writing frame {self.count} failed ({e.strerror or e})") from e
             self.count += 1
 
     def close(self, ready: Callable[[Path], None] | None = None) -> None:
         """Put the frames in place of ``folder`` (``ready(tmp)`` is called just before the move)."""
         folder, old = self.folder, None
         try:
-            os.chmod(self.tmp, file_mode() | ((file_mode() & 0o444) >> 2))  # a folder as mkdir would make it
+            os.chmod(self.tmp, file_mode(folder=True))  # a folder as mkdir would make it
             if ready is not None:
                 ready(self.tmp)
             if folder.exists():  # aside under a temporary name: a run killed right here leaves it to the sweep
@@ -357,21 +360,41 @@ def write_frames(folder, frames: np.ndarray) -> None:
     writer.close()
 
 
+class PendingText:
+    """``text`` (UTF-8) written now to a temporary sibling of ``path``, moved onto it by :meth:`commit`
+    (fsync, then replace or no-replace, with the permissions the umask allows); :meth:`abort` drops it."""
+
+    def __init__(self, path, text: str):
+        self.path = Path(path)
+        self.tmp = _temp_sibling(self.path)
+        try:
+            with open(self.tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as e:
+            _remove(self.tmp)
+            raise WriteError(f"{self.path}: writing failed ({e.strerror or e})") from e
+        except BaseException:
+            _remove(self.tmp)
+            raise
+
+    def commit(self, replace: bool = True, ready: Callable[[Path], None] | None = None) -> None:
+        try:
+            commit(self.tmp, self.path, replace, ready)
+        except WriteError as e:
+            _remove(self.tmp)
+            raise InputError(str(e)) from e
+        except BaseException:
+            _remove(self.tmp)
+            raise
+
+    def abort(self) -> None:
+        _remove(self.tmp)
+
+
 def atomic_write_text(path, text: str, replace: bool = True, ready: Callable[[Path], None] | None = None) -> None:
     """Write ``text`` (UTF-8) to a temp sibling, fsync, then move it onto ``path`` (no-replace unless
     ``replace``), with the permissions the umask allows (``ready``: see :func:`~.video_writer.commit`)."""
-    path = Path(path)
-    tmp = _temp_sibling(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        commit(tmp, path, replace, ready)
-    except WriteError as e:
-        _remove(tmp)
-        raise InputError(str(e)) from e
-    except BaseException:
-        _remove(tmp)
-        raise
+    PendingText(path, text).commit(replace, ready)
 
 
 def side_by_side(left: np.ndarray, right: np.ndarray, mode: str = "nearest") -> np.ndarray:

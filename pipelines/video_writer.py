@@ -44,11 +44,12 @@ class Written:
     audio: str | None  # None: the input's audio was copied; else why there is none
 
 
-def file_mode() -> int:
-    """0o666 less the process umask: what an ordinary ``open(..., 'w')`` would create."""
+def file_mode(folder: bool = False) -> int:
+    """0o666 (a folder: 0o777) less the process umask: what an ordinary ``open(..., 'w')`` (``mkdir``)
+    would create."""
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return (0o777 if folder else 0o666) & ~mask
 
 
 def _start_time(pid: int) -> str | None:
@@ -253,7 +254,7 @@ class VideoWriter:
         self.out = self.stream = self.audio = None
         self.count, self.size, self.padded = 0, None, False
         self.first_pts = self.last_s = None
-        self.closed = False
+        self.closed = self.finished = False
 
     def _start(self, h: int, w: int, with_audio: bool = True) -> None:
         import av
@@ -328,7 +329,14 @@ class VideoWriter:
         return (self.last_s or 0.0) + 1 / float(self.rate)
 
     def close(self, ready: Callable[[Path], None] | None = None) -> Written:
-        """Flush, close, verify, fsync and commit (``ready``: see :func:`commit`); returns what was written."""
+        """:meth:`finish` and :meth:`commit` (``ready``: see :func:`commit`); returns what was written."""
+        written = self.finish()
+        self.commit(ready)
+        return written
+
+    def finish(self) -> Written:
+        """Flush, close, verify and fsync the temporary file; ``path`` is not touched yet (see :meth:`commit`:
+        a job prepares every output first, so that a full disk cannot leave a mixed set)."""
         import av
 
         if self.out is None:
@@ -350,17 +358,25 @@ class VideoWriter:
                 except (av.error.FFmpegError, OSError) as e:
                     raise WriteError(f"{self.path}: closing the video failed ({e})") from e
             verify(self.tmp, self.count, label=str(self.path))
+        except BaseException:
+            self.abort()
+            raise
+        self.finished = True
+        reason = "no audio source given" if self.audio is None else self.audio.reason
+        return Written(self.path, self.count, tuple(self.size), self.padded, reason)
+
+    def commit(self, ready: Callable[[Path], None] | None = None) -> None:
+        """Move the finished file onto ``path`` (see :func:`commit`)."""
+        try:
             commit(self.tmp, self.path, self.replace, ready)
         except BaseException:
             self.abort()
             raise
         self.closed = True
-        reason = "no audio source given" if self.audio is None else self.audio.reason
-        return Written(self.path, self.count, tuple(self.size), self.padded, reason)
 
     def abort(self) -> None:
         """Drop everything written so far (the temporary file); ``path`` is untouched."""
-        if self.out is not None and not self.closed:
+        if self.out is not None and not self.closed and not self.finished:
             try:
                 self.out.close()
             except Exception:  # noqa: BLE001  (closing a broken container: nothing left to save)

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .align import Alignment, Neighbours
+from .video_writer import WriteError
 
 
 def plan_windows(num_frames: int, window: int, overlap: int) -> list[tuple[int, int]]:
@@ -121,7 +122,11 @@ def iter_windows(pipe, num_frames: int, read, *, window: int, overlap: int, anch
                 if tail is not None:
                     tensors["tail"] = tail.contiguous()
                 tmp = done.with_suffix(".tmp")
-                save_file(tensors, tmp)
+                try:
+                    save_file(tensors, tmp)
+                except Exception as e:  # safetensors reports a full disk as its own error
+                    tmp.unlink(missing_ok=True)
+                    raise WriteError(f"{tmp}: saving the finished window failed ({e})") from e
                 tmp.replace(done)
         n = a_overlap(spans, k) if k > 0 else 0
         if n > 0:  # cross-fade the overlap from the previous window's frames to this one's

@@ -811,19 +811,19 @@ def test_a_run_stopped_while_committing_is_finished_by_the_same_command(data, tm
     """Stopped between committing the video and the report, the same command was refused ("o.mp4 exists,
     use --overwrite"): the work folder now records what its run was committing, and the rerun finishes it.
     Once finished, the same command is refused again as before."""
-    from pipelines import job
+    from pipelines import video_io
 
-    real = job.atomic_write_text
+    real = video_io.PendingText.commit
 
-    def stop_at_the_report(path, text, replace=False, ready=None):
-        if Path(path).name == "o.json":
+    def stop_at_the_report(self, *args, **kwargs):
+        if self.path.name == "o.json":
             raise KeyboardInterrupt
-        return real(path, text, replace=replace, ready=ready)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(job, "atomic_write_text", stop_at_the_report)
+    monkeypatch.setattr(video_io.PendingText, "commit", stop_at_the_report)
     rc, _, err = _run_with_workdir(capsys, data, tmp_path)
     assert rc == 130 and (tmp_path / "o.mp4").exists() and not (tmp_path / "o.json").exists()
-    monkeypatch.setattr(job, "atomic_write_text", real)
+    monkeypatch.undo()
     rc, out, err = _run_with_workdir(capsys, data, tmp_path)
     assert rc == 0, err
     assert "finishing the outputs" in out and json.loads((tmp_path / "o.json").read_text())["frames"] == 4
@@ -912,6 +912,70 @@ def test_a_saved_state_of_another_shape_is_refused(tmp_path):
     pipe(tiny.textured_clip(2, 8), options=opts, checkpoint=Checkpointer(tmp_path / "w", "key"))
     with pytest.raises(WorkdirMismatch, match=r"its samples are \(2, 3, 16, 16\), this run's \(2, 3, 20, 20\)"):
         pipe(tiny.textured_clip(2, 10), options=opts, checkpoint=Checkpointer(tmp_path / "w", "key"))
+
+
+@pytest.mark.parametrize("full_at", ["o.json", "sbs.mp4"])
+def test_a_full_disk_while_the_outputs_are_made_keeps_every_earlier_output(data, tmp_path, capsys, monkeypatch,
+                                                                            full_at):
+    """With --overwrite, a full disk while the report (or the side-by-side video) was written left the new
+    video (and config copy) beside the old report: each output was moved into place as soon as it was
+    made. Now all are made first and moved in a row. The line names the file and the full disk, and is
+    not called internal (exit 1)."""
+    import errno
+
+    from pipelines import video_io, video_writer
+
+    old = {name: f"earlier {name}".encode() for name in ("o.mp4", "o.json", "o.yaml", "sbs.mp4")}
+    for name, body in old.items():
+        (tmp_path / name).write_bytes(body)
+
+    def full_open(path, mode="r", *args, **kwargs):  # the report's temporary: .o.tmp-<...>.json
+        name = Path(path).name
+        if "w" in mode and name.startswith(".o.tmp") and name.endswith(".json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return open(path, mode, *args, **kwargs)
+
+    if full_at == "o.json":
+        monkeypatch.setattr(video_io, "open", full_open, raising=False)
+    else:
+        real = video_writer.VideoWriter.finish
+
+        def full_finish(self):
+            if self.path.name == full_at:
+                self.abort()
+                raise video_writer.WriteError(f"{self.tmp}: closing the video failed ([Errno 28] No space left "
+                                              "on device)")
+            return real(self)
+        monkeypatch.setattr(video_writer.VideoWriter, "finish", full_finish)
+    rc, _, err = _run_with_workdir(capsys, data, tmp_path, "--overwrite", f"output.side_by_side={tmp_path / 'sbs.mp4'}")
+    assert rc == 1 and "No space left on device" in err and "internal" not in err, err
+    assert f"{tmp_path}/" in err and Path(full_at).stem in err.strip().splitlines()[-1]  # the file being written
+    assert {name: (tmp_path / name).read_bytes() for name in old} == old
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name not in old) == ["work"]  # no temporaries
+
+
+def test_a_full_disk_while_checkpointing_says_so_and_keeps_the_previous_checkpoint(data, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """safetensors' own error ("I/O error ... os error 28") came out as "internal: SafetensorError" without
+    a path."""
+    from pipelines import checkpoint
+
+    real, calls = checkpoint.save_file, []
+
+    def full_on_the_second(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", full_on_the_second)
+    rc, _, err = _run_with_workdir(capsys, data, tmp_path)
+    last = err.strip().splitlines()[-1]
+    assert rc == 1 and "state.tmp: saving the checkpoint failed" in last and "the previous one is kept" in last
+    assert "internal" not in last and (tmp_path / "work" / "state.safetensors").exists()
+    monkeypatch.undo()
+    rc, _, err = _run_with_workdir(capsys, data, tmp_path)  # resumes from the kept checkpoint
+    assert rc == 0, err
 
 
 @pytest.mark.parametrize("damage", ["files", "windows"])

@@ -58,8 +58,8 @@ def test_streaming_job_equals_the_library_call_bit_for_bit(model, tmp_path, mode
         want = pipe(frames, options=sampling_options(cfg), alignment=align(), flow=FlowConfig(),
                     output_uint8=True).frames.numpy()
     else:
-        want = sample_windowed(pipe, frames, window=4, overlap=2, anchor_weight=0.8, make_alignment=align,
-                               options=sampling_options(cfg), flow=FlowConfig()).numpy()
+        want = sample_windowed(pipe, frames, window=4, overlap=2, anchor_weight=cfg.runtime.anchor_weight,
+                               make_alignment=align, options=sampling_options(cfg), flow=FlowConfig()).numpy()
     assert got.shape == want.shape == (9, 32, 32, 3)
     assert np.array_equal(got, want)
 

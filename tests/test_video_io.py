@@ -774,3 +774,42 @@ def test_temps_of_a_reused_pid_or_a_zombie_are_stale(tmp_path):
         assert mine.exists()
     finally:
         child.wait()
+
+
+def test_a_png_folder_gets_the_mode_mkdir_gives(tmp_path):
+    """Under umask 033 the folder came out 755 (its mode was derived from a file's), where mkdir gives 744."""
+    import os
+
+    from pipelines.video_io import write_frames
+
+    old = os.umask(0o033)
+    try:
+        write_frames(tmp_path / "png", np.zeros((1, 4, 4, 3), np.uint8))
+        (tmp_path / "made").mkdir()
+    finally:
+        os.umask(old)
+    assert (tmp_path / "png").stat().st_mode & 0o777 == (tmp_path / "made").stat().st_mode & 0o777 == 0o744
+
+
+def test_a_full_disk_under_file_backed_state_says_so(tmp_path, monkeypatch):
+    """A short write was reported as "short write of row 1" (exit 1, internal), never naming the full disk:
+    it is retried, and the disk's own error comes through with the file's name."""
+    import errno
+    import os
+
+    from pipelines import filestore
+    from pipelines.video_writer import WriteError
+
+    f = filestore.FileTensor(tmp_path / "x.bin", (2, 8))
+    real, calls = os.pwrite, []
+
+    def nearly_full(fd, data, offset):
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real(fd, data[:4], offset)  # part of the row fits
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(filestore.os, "pwrite", nearly_full)
+    with pytest.raises(WriteError, match=r"x\.bin: writing row 0 failed \(No space left on device\)"):
+        f[0] = torch.ones(8)
+    assert calls == [32, 28]
