@@ -40,7 +40,7 @@ def child(frames: int, size: int, mode: str, model_dir: str, steps: int = 2) -> 
     opts = SamplingOptions(num_inference_steps=steps, strength=1.0, seed=0)
     flow = FlowConfig(scale=0.5)
     if mode == "windows":
-        out = sample_windowed(pipe, clip, window=16, overlap=4, anchor_weight=0.8, make_alignment=lambda: Fusion(),
+        out = sample_windowed(pipe, clip, window=16, overlap=4, anchor_weight=0.0, make_alignment=lambda: Fusion(),
                               options=opts, flow=flow)
     else:
         out = pipe(clip, options=opts, alignment=Fusion(), flow=flow, output_uint8=True).frames

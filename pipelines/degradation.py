@@ -17,12 +17,13 @@ def bicubic_resize(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     x = frames.reshape(-1, *frames.shape[-3:]).float()
     h, w = x.shape[-2:]
     down = size[0] < h or size[1] < w
-    if down and 1 in size and size[0] != h and size[1] != w:
-        # torch (2.13) resizing both sides with antialiasing to one row or column returns one value for
-        # all: one side at a time
-        x = F.interpolate(x, size=(size[0], w), mode="bicubic", align_corners=False, antialias=size[0] < h)
-        down = size[1] < w
-    out = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=down)
+    if down and size[1] == 1 and size[0] != h:
+        # torch (2.13) resizing with antialiasing to one column while the height changes returns one value
+        # for every row; to one row it is right: resize the transpose
+        out = F.interpolate(x.transpose(-1, -2), size=(1, size[0]), mode="bicubic", align_corners=False,
+                            antialias=True).transpose(-1, -2)
+    else:
+        out = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=down)
     return out.to(frames.dtype).reshape(*lead, *out.shape[-3:])
 
 

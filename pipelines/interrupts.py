@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+from contextlib import contextmanager
 
 INTERRUPTED = False  # Ctrl-C seen: any error after it is reported as the interrupt
 TERMINATED = False  # SIGTERM seen while the libraries loaded (the CLI's own handler takes over after)
@@ -93,9 +94,12 @@ class _Forgiving:
         self.stream = stream
 
     def _drop(self) -> None:
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, self.stream.fileno())
-        os.close(null)
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self.stream.fileno())
+            os.close(null)
+        except (OSError, ValueError, AttributeError):  # no file descriptor behind it: nothing to redirect
+            pass
 
     def write(self, text: str) -> int:
         try:
@@ -115,6 +119,29 @@ class _Forgiving:
 
 
 def forgive_closed_readers() -> None:
-    """The process's stdout and stderr outlive their readers (see :class:`_Forgiving`)."""
-    sys.stdout, sys.stderr = _Forgiving(sys.stdout), _Forgiving(sys.stderr)
+    """The process's stdout and stderr outlive their readers (see :class:`_Forgiving`). A stream closed
+    before the start (``>&-``: Python's is None, and print writes nothing) is left as it is."""
+    if sys.stdout is not None:
+        sys.stdout = _Forgiving(sys.stdout)
+    if sys.stderr is not None:
+        sys.stderr = _Forgiving(sys.stderr)
 
+
+@contextmanager
+def deferred():
+    """Ctrl-C and SIGTERM wait until the block ends (a job's last moves of its outputs into place), then act
+    as usual: their handlers are swapped for ones that only record them, and each recorded signal is raised
+    again once the usual handlers are back. Only the main thread can do this; elsewhere they act at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    before = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in held}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)

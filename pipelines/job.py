@@ -848,8 +848,9 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
         bar.close()
         with timer("io"):  # every output is made ready before any is moved into place (see _commit_all)
             written = writer.finish()
-            if sbs is not None:
-                sbs.finish()
+            for w in (sbs, pngs):
+                if w is not None:
+                    w.finish()
             pending.append(PendingText(paths.merged_config, to_yaml(cfg)))
         if written.padded:
             log(f"note: H.264 needs even sides; {_wxh(out_size)} is stored as {_wxh(written.size)} "
@@ -869,7 +870,8 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
             input=str(paths.input), output=str(paths.output),
             reference=str(paths.reference) if paths.reference else None, model_path=model_path,
             frames=n, source_size=list(source.size), input_size=list(read.size), output_size=list(out_size),
-            fps=fps, model_kind=pipe.kind, scale=pipe.scale, input_multiple=multiple, device=str(device),
+            fps=fps, model_kind=pipe.kind, scale=pipe.scale, input_multiple=multiple, padded_size=list(padded_size),
+            device=str(device),
             dtype=cfg.model.dtype, steps_run=steps_run, mode=mode, state_in_files=in_files, video=video,
             warnings=job_warnings,
             timings=timings, peak_memory=peak_memory(device), **scores.report(pipe.scale), config=to_dict(cfg))
@@ -896,21 +898,27 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
 
 def _commit_all(paths: Paths, writer, sbs, pngs, pending: list, workdir: Path | None,
                 may_replace: Callable[[Path], bool], n: int, log: Callable[[str], None]) -> None:
-    """Move every prepared output into place, the report last: renames only, which need no free space, so a
-    full disk (or any error while the outputs were made) leaves the earlier outputs as they were. Each is
-    recorded in the work folder just before its move: a run stopped from here on is finished by the same
-    command."""
+    """Move every prepared output into place, the report last: renames only (each file already sealed,
+    :func:`~.video_writer.seal`), which need no free space, so a full disk (or any error while the outputs
+    were made) leaves the earlier outputs as they were. Each is recorded in the work folder just before its
+    move: a run stopped from here on is finished by the same command. Ctrl-C and SIGTERM wait for the moves
+    (:func:`~.interrupts.deferred`)."""
+    from .interrupts import deferred
+
     commits = _Commits(workdir)
-    writer.commit(commits.ready(paths.output))
+    with deferred():
+        writer.commit(commits.ready(paths.output))
+        if sbs is not None:
+            sbs.commit(commits.ready(paths.side_by_side))
+        if pngs is not None:
+            pngs.close(commits.ready(paths.frames_dir))
+        for text in pending:  # the config copy, then the report
+            text.commit(replace=may_replace(text.path), ready=commits.ready(text.path))
+        commits.finish()
     if sbs is not None:
-        sbs.commit(commits.ready(paths.side_by_side))
         log(f"wrote {paths.side_by_side} (input | output)")
     if pngs is not None:
-        pngs.close(commits.ready(paths.frames_dir))
         log(f"wrote {n} PNG frames to {paths.frames_dir}")
-    for text in pending:  # the config copy, then the report
-        text.commit(replace=may_replace(text.path), ready=commits.ready(text.path))
-    commits.finish()
 
 
 __all__ = ["run_clip", "UsageError", "Paths", "plan_paths", "check_paths", "fingerprint", "Scores", "InputError"]

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .video_writer import DEFAULT_CRF, WriteError, Written, commit, file_mode, temp_sibling, write_h264
+from .video_writer import DEFAULT_CRF, WriteError, Written, commit, file_mode, seal, temp_sibling, write_h264
 
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # its own warnings would break one-line errors
 
@@ -304,6 +304,7 @@ class FrameFolderWriter:
         self.tmp = _temp_sibling(self.folder, directory=True)
         self.count = 0
         self.done = False
+        self.aside: Path | None = None  # see finish()
 
     def append(self, frames: np.ndarray) -> None:
         frames = _check_frames(frames)
@@ -317,15 +318,30 @@ class FrameFolderWriter:
                 raise WriteError(f"{self.folder}: writing frame {self.count} failed ({e.strerror or e})") from e
             self.count += 1
 
-    def close(self, ready: Callable[[Path], None] | None = None) -> None:
-        """Put the frames in place of ``folder`` (``ready(tmp)`` is called just before the move)."""
-        folder, old = self.folder, None
+    def finish(self) -> None:
+        """Everything but the moves: the folder's mode, and the empty folder an existing ``folder`` will be
+        moved aside onto (creating it may fail for want of space; the moves cannot)."""
         try:
             os.chmod(self.tmp, file_mode(folder=True))  # a folder as mkdir would make it
+            if self.folder.exists() and self.aside is None:
+                self.aside = _temp_sibling(self.folder, directory=True)
+        except OSError as e:
+            self.abort()
+            raise WriteError(f"{self.folder}: writing failed ({e.strerror or e})") from e
+        except BaseException:
+            self.abort()
+            raise
+
+    def close(self, ready: Callable[[Path], None] | None = None) -> None:
+        """Put the frames in place of ``folder`` (:meth:`finish` first; ``ready(tmp)`` is called just before
+        the move)."""
+        self.finish()
+        folder, old = self.folder, None
+        try:
             if ready is not None:
                 ready(self.tmp)
             if folder.exists():  # aside under a temporary name: a run killed right here leaves it to the sweep
-                old = _temp_sibling(folder, directory=True)
+                old = self.aside or _temp_sibling(folder, directory=True)
                 os.replace(folder, old)  # onto an empty directory: allowed on POSIX
             try:
                 os.replace(self.tmp, folder)
@@ -344,6 +360,8 @@ class FrameFolderWriter:
     def abort(self) -> None:
         if not self.done:
             _remove(self.tmp)
+            if self.aside is not None and self.aside.is_dir() and not any(self.aside.iterdir()):
+                self.aside.rmdir()  # made by finish() and not used (never one holding the old frames)
         self.done = True
 
 
@@ -370,6 +388,7 @@ class PendingText:
         try:
             with open(self.tmp, "w", encoding="utf-8") as f:
                 f.write(text)
+            seal(self.tmp, self.path)
         except OSError as e:
             _remove(self.tmp)
             raise WriteError(f"{self.path}: writing failed ({e.strerror or e})") from e
@@ -379,7 +398,7 @@ class PendingText:
 
     def commit(self, replace: bool = True, ready: Callable[[Path], None] | None = None) -> None:
         try:
-            commit(self.tmp, self.path, replace, ready)
+            commit(self.tmp, self.path, replace, ready, sealed=True)
         except WriteError as e:
             _remove(self.tmp)
             raise InputError(str(e)) from e

@@ -367,12 +367,14 @@ class VideoPipeline:
         dev, F = self.device, frames.shape[0]
         if len(frames.shape) != 4 or frames.shape[1] != 3 or F < 1:
             raise ValueError(f"frames must be (F, 3, H, W) with F >= 1, got {tuple(frames.shape)}")
-        m = self.input_multiple()
-        if (frames.shape[-2] % m or frames.shape[-1] % m) and isinstance(self.unet, diffusers.UNet2DModel):
-            # UNet2DModel cannot take such sides (UNet2DConditionModel upsamples to the skip's size itself)
-            raise ValueError(f"this model takes frames whose sides are multiples of {m}, got "
-                             f"{frames.shape[-2]}x{frames.shape[-1]} (pad with pipelines.video_io.pad_to_multiple "
-                             "and crop the output back, as the job does)")
+        m, least = self.input_multiple(), self.min_input_side()
+        if (frames.shape[-2] % m or frames.shape[-1] % m) and isinstance(self.unet, diffusers.UNet2DModel) \
+                or min(frames.shape[-2:]) < least:
+            # UNet2DModel cannot take such sides (UNet2DConditionModel upsamples to the skip's size itself, but
+            # its deepest level needs more than one value per normalisation group)
+            raise ValueError(f"this model takes frames whose sides are multiples of {m} and at least {least}, got "
+                             f"{frames.shape[-2]}x{frames.shape[-1]} (pad with pipelines.video_io.pad_to_multiple("
+                             f"frames, {m}, {least}) and crop the output back, as the job does)")
         if not 0 <= keep_last <= F:
             raise ValueError(f"keep_last must be in [0, {F}] (the frames given), got {keep_last}")
         if state_dir is not None and (problem := self.file_state_problem(o.chain_length, F)):

@@ -125,12 +125,23 @@ def _alive(pid: int, start: str | None = None) -> bool:
     return True
 
 
-def commit(tmp: Path, path: Path, replace: bool, ready: Callable[[Path], None] | None = None) -> None:
-    """Move a finished ``tmp`` onto ``path``: fsync, ordinary permissions, then replace or no-replace.
+def seal(tmp: Path, label: Path | None = None) -> None:
+    """Give a finished ``tmp`` ordinary permissions and fsync it: the part of a commit that can fail for
+    want of space, done before any output moves (``label``: the output named in the error)."""
+    try:
+        os.chmod(tmp, file_mode())
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise WriteError(f"{label or tmp}: writing failed ({e.strerror or e})") from e
+
+
+def commit(tmp: Path, path: Path, replace: bool, ready: Callable[[Path], None] | None = None,
+           sealed: bool = False) -> None:
+    """Move a finished ``tmp`` onto ``path`` (:func:`seal` first unless ``sealed``), replace or no-replace.
     ``ready(tmp)`` is called just before the move (which keeps the file's inode, time and size)."""
-    os.chmod(tmp, file_mode())
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    if not sealed:
+        seal(tmp, path)
     if ready is not None:
         ready(tmp)
     if replace:
@@ -142,11 +153,14 @@ def commit(tmp: Path, path: Path, replace: bool, ready: Callable[[Path], None] |
             raise OutputAppeared(f"{path} appeared while this run was writing it; kept that file (use --overwrite "
                              "to replace it)") from None
         os.unlink(tmp)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    try:  # the move itself is durable once its folder is
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass  # the file is in place; a folder that cannot be synced (some network mounts) loses nothing here
 
 
 def _even(frames: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -335,7 +349,7 @@ class VideoWriter:
         return written
 
     def finish(self) -> Written:
-        """Flush, close, verify and fsync the temporary file; ``path`` is not touched yet (see :meth:`commit`:
+        """Flush, close, verify and seal (fsync) the temporary file; ``path`` is not touched yet (see :meth:`commit`:
         a job prepares every output first, so that a full disk cannot leave a mixed set)."""
         import av
 
@@ -358,6 +372,7 @@ class VideoWriter:
                 except (av.error.FFmpegError, OSError) as e:
                     raise WriteError(f"{self.path}: closing the video failed ({e})") from e
             verify(self.tmp, self.count, label=str(self.path))
+            seal(self.tmp, self.path)
         except BaseException:
             self.abort()
             raise
@@ -367,8 +382,10 @@ class VideoWriter:
 
     def commit(self, ready: Callable[[Path], None] | None = None) -> None:
         """Move the finished file onto ``path`` (see :func:`commit`)."""
+        if not self.finished:
+            raise RuntimeError(f"{self.path}: commit() before finish()")
         try:
-            commit(self.tmp, self.path, self.replace, ready)
+            commit(self.tmp, self.path, self.replace, ready, sealed=True)
         except BaseException:
             self.abort()
             raise

@@ -12,7 +12,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipelines.align import Fusion  # noqa: E402
 from pipelines.backproject import average_along_flow, back_project, correction  # noqa: E402
-from pipelines.degradation import downscale, upscale  # noqa: E402
+from pipelines.degradation import bicubic_resize, downscale, upscale  # noqa: E402
 from pipelines.flow import ClipFlows  # noqa: E402
 from pipelines.metrics import psnr  # noqa: E402
 from pipelines.video_io import read_clip, to_tensor  # noqa: E402
@@ -158,19 +158,21 @@ def test_the_pipeline_decodes_in_any_chunking_to_the_same_frames(tmp_path):
     assert (res.frames - plain).abs().max() > 1e-3  # back-projection changed the frames
 
 
-@pytest.mark.parametrize("shape, size", [((124, 4), (31, 1)), ((4, 124), (1, 31))])
+@pytest.mark.parametrize("shape, size", [((124, 4), (31, 1)), ((124, 1), (31, 1)), ((4, 124), (1, 31))])
 def test_downscaling_to_one_pixel_column_or_row_keeps_the_other_sides_variation(shape, size):
     """torch's antialiased bicubic resize to one column returned one value for every row (while the height
     changed); back-projection of a 1-pixel-wide input then pulled the output towards a constant. Reference:
     frames constant along the collapsing side, where the result must be the other side resized alone (a
-    resize that keeps 4 columns, or 4 rows, of which one is taken)."""
+    resize of 4 columns, or 4 rows, keeping them, of which one is taken)."""
     g = torch.Generator().manual_seed(0)
     column = size[1] == 1
     line = torch.rand(1, 3, shape[0], 1, generator=g) if column else torch.rand(1, 3, 1, shape[1], generator=g)
     frames = line.expand(1, 3, *shape).contiguous()
-    kept = (size[0], shape[1]) if column else (shape[0], size[1])
-    want = torch.nn.functional.interpolate(frames, size=kept, mode="bicubic", align_corners=False, antialias=True)
+    wide = line.expand(1, 3, shape[0], 4) if column else line.expand(1, 3, 4, shape[1])
+    kept = (size[0], 4) if column else (4, size[1])
+    want = torch.nn.functional.interpolate(wide.contiguous(), size=kept, mode="bicubic", align_corners=False,
+                                           antialias=True)
     want = want[..., :1] if column else want[..., :1, :]
-    got = downscale(frames, 4)
+    got = bicubic_resize(frames, size)  # (downscale by 4 where both sides divide)
     assert got.shape[-2:] == size and got.std() > 0.05
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

@@ -473,16 +473,25 @@ def test_subprocess_bad_input_exit_code_and_single_line(data, tmp_path):
 
 
 
-def test_a_reader_that_goes_away_ends_the_messages_not_the_job(data, tmp_path):
+@pytest.mark.parametrize("reader", ["goes away", "closed from the start"])
+def test_a_reader_that_goes_away_ends_the_messages_not_the_job(data, tmp_path, reader):
     """`run_video.py ... 2>&1 | head -1`: the first message after head left was "internal: BrokenPipeError"
-    (exit 1, nothing written, the error itself lost); the job now finishes and writes its outputs."""
+    (exit 1, nothing written, the error itself lost); the job now finishes and writes its outputs. And
+    `>&- 2>&-` (streams closed before the start) still runs, as before the fix (its first version failed)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "run_video.py"), "--input", str(data / "clip.mp4"),
-                             "--output", str(tmp_path / "o.mp4"), f"model.path={data / 'model'}", *FAST],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env)
-    assert proc.stdout.readline().startswith("model:")
-    proc.stdout.close()  # as head does after its first line
-    assert proc.wait(timeout=120) == 0
+    command = [sys.executable, str(ROOT / "run_video.py"), "--input", str(data / "clip.mp4"), "--output",
+               str(tmp_path / "o.mp4"), f"model.path={data / 'model'}", *FAST]
+    if reader == "goes away":
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                                env=env)
+        assert proc.stdout.readline().startswith("model:")
+        proc.stdout.close()  # as head does after its first line
+        assert proc.wait(timeout=120) == 0
+    else:
+        import shlex
+
+        shell = " ".join(shlex.quote(str(c)) for c in command) + " >&- 2>&-"
+        assert subprocess.run(["bash", "-c", shell], cwd=tmp_path, env=env, timeout=120).returncode == 0
     assert (tmp_path / "o.mp4").exists() and json.loads((tmp_path / "o.json").read_text())["frames"] == 4
 
 
@@ -914,7 +923,7 @@ def test_a_saved_state_of_another_shape_is_refused(tmp_path):
         pipe(tiny.textured_clip(2, 10), options=opts, checkpoint=Checkpointer(tmp_path / "w", "key"))
 
 
-@pytest.mark.parametrize("full_at", ["o.json", "sbs.mp4"])
+@pytest.mark.parametrize("full_at", ["o.json", "sbs.mp4", "sbs seal"])
 def test_a_full_disk_while_the_outputs_are_made_keeps_every_earlier_output(data, tmp_path, capsys, monkeypatch,
                                                                             full_at):
     """With --overwrite, a full disk while the report (or the side-by-side video) was written left the new
@@ -935,8 +944,16 @@ def test_a_full_disk_while_the_outputs_are_made_keeps_every_earlier_output(data,
             raise OSError(errno.ENOSPC, "No space left on device")
         return open(path, mode, *args, **kwargs)
 
+    def full_seal(path, *args, **kwargs):  # the side-by-side's temporary fails to be sealed
+        if Path(path).name.startswith(".sbs.tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_chmod(path, *args, **kwargs)
+
     if full_at == "o.json":
         monkeypatch.setattr(video_io, "open", full_open, raising=False)
+    elif full_at == "sbs seal":
+        real_chmod = os.chmod
+        monkeypatch.setattr(video_writer.os, "chmod", full_seal)
     else:
         real = video_writer.VideoWriter.finish
 
@@ -949,7 +966,7 @@ def test_a_full_disk_while_the_outputs_are_made_keeps_every_earlier_output(data,
         monkeypatch.setattr(video_writer.VideoWriter, "finish", full_finish)
     rc, _, err = _run_with_workdir(capsys, data, tmp_path, "--overwrite", f"output.side_by_side={tmp_path / 'sbs.mp4'}")
     assert rc == 1 and "No space left on device" in err and "internal" not in err, err
-    assert f"{tmp_path}/" in err and Path(full_at).stem in err.strip().splitlines()[-1]  # the file being written
+    assert f"{tmp_path}/" in err and Path(full_at.split()[0]).stem in err.strip().splitlines()[-1]  # the file
     assert {name: (tmp_path / name).read_bytes() for name in old} == old
     assert sorted(p.name for p in tmp_path.iterdir() if p.name not in old) == ["work"]  # no temporaries
 
@@ -976,6 +993,29 @@ def test_a_full_disk_while_checkpointing_says_so_and_keeps_the_previous_checkpoi
     monkeypatch.undo()
     rc, _, err = _run_with_workdir(capsys, data, tmp_path)  # resumes from the kept checkpoint
     assert rc == 0, err
+
+
+def test_sigterm_while_the_outputs_move_into_place_waits_for_the_moves(data, tmp_path, capsys, monkeypatch):
+    """A SIGTERM between the video's move and the report's left a new video beside an old report (without a
+    work folder nothing finishes it): the moves now complete first, then the run ends with exit 143."""
+    import signal
+
+    from pipelines import video_writer
+
+    for name in ("o.mp4", "o.json", "o.yaml"):
+        (tmp_path / name).write_text("earlier")
+    real = video_writer.commit
+
+    def terminated_after_the_video(tmp, path, *args, **kwargs):
+        real(tmp, path, *args, **kwargs)
+        if Path(path).name == "o.mp4":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(video_writer, "commit", terminated_after_the_video)
+    rc, _, err = cli(capsys, "--input", data / "clip.mp4", "--output", tmp_path / "o.mp4", "--overwrite",
+                     f"model.path={data / 'model'}", *FAST)
+    assert rc == 143 and "terminated" in err
+    assert json.loads((tmp_path / "o.json").read_text())["frames"] == 4 and "model:" in (tmp_path / "o.yaml").read_text()
 
 
 @pytest.mark.parametrize("damage", ["files", "windows"])
