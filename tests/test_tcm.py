@@ -219,7 +219,8 @@ def test_stablevsr_config_runs_end_to_end_on_tiny_layout(layout, tmp_path):
 def test_stablevsr_config_samples_with_ddpm_whatever_class_the_checkpoint_names(layout, tmp_path):
     """Reference kind: the original's test.py (read, not run), which replaces the checkpoint's scheduler by
     ``DDPMScheduler.from_pretrained(model_id, subfolder='scheduler')``; the SD x4 upscaler StableVSR starts
-    from stores a DDIMScheduler config. configs/stablevsr.yaml ran that DDIM (kind auto): a checkpoint whose
+    from stores a DDIMScheduler config, as far as we know. configs/stablevsr.yaml would run such a DDIM (kind
+    auto): a checkpoint whose
     scheduler folder names DDIM must give the frames of one naming DDPM with the same numbers."""
     import shutil
 
