@@ -218,12 +218,18 @@ def _identity(path: Path) -> list[int]:
     return [st.st_ino, st.st_mtime_ns, st.st_size]
 
 
+def _identities(recorded) -> list[list[int]]:
+    """An output's recorded identities: the files it may be, each (inode, time, size); one, as written by
+    earlier versions, or several (an earlier stopped run's file, and the one this run is moving there)."""
+    return [recorded] if recorded and isinstance(recorded[0], int) else list(recorded)
+
+
 def recorded_outputs(workdir: Path | None) -> tuple[bool, dict[Path, bool]]:
     """What ``outputs.json`` in a work folder says: whether its run finished, and for each output it
     committed whether that is still the very file it committed (inode, time, size)."""
     try:
         made = json.loads((workdir / OUTPUTS_FILE).read_text())
-        return bool(made.get("done")), {Path(p): Path(p).exists() and _identity(Path(p)) == ident
+        return bool(made.get("done")), {Path(p): Path(p).exists() and _identity(Path(p)) in _identities(ident)
                                         for p, ident in made["committed"].items()}
     except (ValueError, KeyError, TypeError, AttributeError, OSError):  # none, or not ours
         return False, {}
@@ -240,24 +246,23 @@ def interrupted_outputs(workdir: Path | None) -> frozenset:
 
 
 class _Commits:
-    """What this run commits, recorded in the work folder just before each move into place (see
-    interrupted_outputs): a move keeps the file's inode, time and size, so a run stopped between the move and
-    the record, or between the record and the move, is finished by the same command."""
+    """What this run commits, recorded in the work folder before the moves into place (see
+    interrupted_outputs): a move keeps the file's inode, time and size, so a run stopped anywhere among the
+    moves is finished by the same command."""
 
     def __init__(self, workdir: Path | None):
         # an earlier stopped run's outputs still in place stay recorded: a second stop must not forget them
         self.workdir = workdir
-        self.committed = {str(p): _identity(p) for p in interrupted_outputs(workdir) if p.exists()}
+        self.committed = {str(p): [_identity(p)] for p in interrupted_outputs(workdir) if p.exists()}
 
-    def ready(self, path: Path | None) -> Callable[[Path], None] | None:
-        """The callback to give a writer of ``path``: it records the finished temporary's identity."""
-        if self.workdir is None or path is None:
-            return None
-
-        def record(tmp: Path) -> None:
-            self.committed[str(path.parent.resolve() / path.name)] = _identity(tmp)
+    def expect(self, moves: list[tuple[Path, Path]]) -> None:
+        """Record, in one write before any move, each ``(output, finished temporary)`` about to be moved into
+        place (the move keeps the temporary's identity): a run stopped during the moves is finished by the
+        same command; an output whose move never happened keeps its earlier file, which is not recorded."""
+        if self.workdir is not None:
+            for path, tmp in moves:  # besides an earlier stopped run's file there, which stays ours until moved
+                self.committed.setdefault(str(path.parent.resolve() / path.name), []).append(_identity(tmp))
             self._write(done=False)
-        return record
 
     def finish(self) -> None:
         """Every output, the report last, is in place: the run's end."""
@@ -900,21 +905,28 @@ def _commit_all(paths: Paths, writer, sbs, pngs, pending: list, workdir: Path | 
                 may_replace: Callable[[Path], bool], n: int, log: Callable[[str], None]) -> None:
     """Move every prepared output into place, the report last: renames only (each file already sealed,
     :func:`~.video_writer.seal`), which need no free space, so a full disk (or any error while the outputs
-    were made) leaves the earlier outputs as they were. Each is recorded in the work folder just before its
-    move: a run stopped from here on is finished by the same command. Ctrl-C and SIGTERM wait for the moves
-    (:func:`~.interrupts.deferred`)."""
+    were made) leaves the earlier outputs as they were. All are recorded in the work folder before the first
+    move (:meth:`_Commits.expect`): a run stopped from here on is finished by the same command. Ctrl-C and
+    SIGTERM wait for the moves (:func:`~.interrupts.deferred`)."""
     from .interrupts import deferred
 
     commits = _Commits(workdir)
+    moves = [(paths.output, writer.tmp)]
+    if sbs is not None:
+        moves.append((paths.side_by_side, sbs.tmp))
+    if pngs is not None:
+        moves.append((paths.frames_dir, pngs.tmp))
+    moves += [(text.path, text.tmp) for text in pending]
+    commits.expect(moves)  # before the first move: it writes, the moves do not
     with deferred():
-        writer.commit(commits.ready(paths.output))
+        writer.commit()
         if sbs is not None:
-            sbs.commit(commits.ready(paths.side_by_side))
+            sbs.commit()
         if pngs is not None:
-            pngs.close(commits.ready(paths.frames_dir))
+            pngs.close()
         for text in pending:  # the config copy, then the report
-            text.commit(replace=may_replace(text.path), ready=commits.ready(text.path))
-        commits.finish()
+            text.commit(replace=may_replace(text.path))
+    commits.finish()
     if sbs is not None:
         log(f"wrote {paths.side_by_side} (input | output)")
     if pngs is not None:
