@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .video_writer import WriteError
+
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.int16}
 _BITS = {torch.bfloat16: torch.int16}  # numpy has no bfloat16: its bits are stored
 
@@ -85,8 +87,6 @@ class FileTensor:
                         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
                     done += wrote
             except OSError as e:
-                from .video_writer import WriteError
-
                 raise WriteError(f"{self.path}: writing row {i} failed ({e.strerror or e})") from e
 
     def flush(self) -> None:

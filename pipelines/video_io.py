@@ -16,7 +16,6 @@ import io
 import os
 import re
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -332,14 +331,11 @@ class FrameFolderWriter:
             self.abort()
             raise
 
-    def close(self, ready: Callable[[Path], None] | None = None) -> None:
-        """Put the frames in place of ``folder`` (:meth:`finish` first; ``ready(tmp)`` is called just before
-        the move)."""
+    def close(self) -> None:
+        """Put the frames in place of ``folder`` (:meth:`finish` first)."""
         self.finish()
         folder, old = self.folder, None
         try:
-            if ready is not None:
-                ready(self.tmp)
             if folder.exists():  # aside under a temporary name: a run killed right here leaves it to the sweep
                 old = self.aside or _temp_sibling(folder, directory=True)
                 os.replace(folder, old)  # onto an empty directory: allowed on POSIX
@@ -396,12 +392,9 @@ class PendingText:
             _remove(self.tmp)
             raise
 
-    def commit(self, replace: bool = True, ready: Callable[[Path], None] | None = None) -> None:
+    def commit(self, replace: bool = True) -> None:
         try:
-            commit(self.tmp, self.path, replace, ready, sealed=True)
-        except WriteError as e:
-            _remove(self.tmp)
-            raise InputError(str(e)) from e
+            commit(self.tmp, self.path, replace)
         except BaseException:
             _remove(self.tmp)
             raise
@@ -410,10 +403,10 @@ class PendingText:
         _remove(self.tmp)
 
 
-def atomic_write_text(path, text: str, replace: bool = True, ready: Callable[[Path], None] | None = None) -> None:
+def atomic_write_text(path, text: str, replace: bool = True) -> None:
     """Write ``text`` (UTF-8) to a temp sibling, fsync, then move it onto ``path`` (no-replace unless
-    ``replace``), with the permissions the umask allows (``ready``: see :func:`~.video_writer.commit`)."""
-    PendingText(path, text).commit(replace, ready)
+    ``replace``), with the permissions the umask allows."""
+    PendingText(path, text).commit(replace)
 
 
 def side_by_side(left: np.ndarray, right: np.ndarray, mode: str = "nearest") -> np.ndarray:

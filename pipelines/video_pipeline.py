@@ -22,7 +22,7 @@ from typing import Callable, Literal
 import diffusers
 import torch
 
-from .align import Alignment
+from .align import Alignment, decode_latents
 from .degradation import bicubic_resize
 from .denoiser import Denoiser
 from .flow import ClipFlows, FlowConfig, compute_clip_flows, compute_clip_flows_chunked
@@ -275,7 +275,7 @@ class VideoPipeline:
         """Samples (k, C, h, w) of input ``frames`` (k, 3, h', w') -> float RGB (k, 3, H, W) on the device."""
         xi = xi.to(self.device)
         if self.kind in ("upscale", "img2img"):
-            img = self.vae.decode(xi.to(self.vae.dtype) / self.vae.config.scaling_factor).sample.float()
+            img = decode_latents(self.vae, xi).float()
         elif self.kind == "residual_sr":
             img = self.conditioning_frames(frames).to(xi.device) + self.residual_scale * xi.float()
         else:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -136,14 +135,9 @@ def seal(tmp: Path, label: Path | None = None) -> None:
         raise WriteError(f"{label or tmp}: writing failed ({e.strerror or e})") from e
 
 
-def commit(tmp: Path, path: Path, replace: bool, ready: Callable[[Path], None] | None = None,
-           sealed: bool = False) -> None:
-    """Move a finished ``tmp`` onto ``path`` (:func:`seal` first unless ``sealed``), replace or no-replace.
-    ``ready(tmp)`` is called just before the move (which keeps the file's inode, time and size)."""
-    if not sealed:
-        seal(tmp, path)
-    if ready is not None:
-        ready(tmp)
+def commit(tmp: Path, path: Path, replace: bool) -> None:
+    """Move a finished, :func:`seal`-ed ``tmp`` onto ``path``, replace or no-replace (the move keeps the
+    file's inode, time and size)."""
     if replace:
         os.replace(tmp, path)
     else:
@@ -342,10 +336,10 @@ class VideoWriter:
         """Seconds of video written: the last frame's start plus one nominal frame."""
         return (self.last_s or 0.0) + 1 / float(self.rate)
 
-    def close(self, ready: Callable[[Path], None] | None = None) -> Written:
-        """:meth:`finish` and :meth:`commit` (``ready``: see :func:`commit`); returns what was written."""
+    def close(self) -> Written:
+        """:meth:`finish` and :meth:`commit`; returns what was written."""
         written = self.finish()
-        self.commit(ready)
+        self.commit()
         return written
 
     def finish(self) -> Written:
@@ -380,12 +374,12 @@ class VideoWriter:
         reason = "no audio source given" if self.audio is None else self.audio.reason
         return Written(self.path, self.count, tuple(self.size), self.padded, reason)
 
-    def commit(self, ready: Callable[[Path], None] | None = None) -> None:
+    def commit(self) -> None:
         """Move the finished file onto ``path`` (see :func:`commit`)."""
         if not self.finished:
             raise RuntimeError(f"{self.path}: commit() before finish()")
         try:
-            commit(self.tmp, self.path, self.replace, ready, sealed=True)
+            commit(self.tmp, self.path, self.replace)
         except BaseException:
             self.abort()
             raise
