@@ -395,10 +395,10 @@ def load_model(cfg: DictConfig, path: str, device: torch.device, timer: StageTim
             raise ConfigError("the upscaler's UNet has a class embedding (noise-level labels), which the StableVSR "
                               "convention does not pass; use model.convention=sd_upscaler")
         if pipe.upscale_convention() == "sd_upscaler":
-            top = min(pipe.low_res_scheduler.config.num_train_timesteps, getattr(labels, "num_embeddings", 10 ** 9))
-            if not 0 <= cfg.sampling.noise_level < top:
-                raise ConfigError(f"sampling.noise_level={cfg.sampling.noise_level} must be in [0, {top - 1}] for "
-                                  f"{cfg.model.path}")
+            top, why = pipe.noise_level_range()
+            if not 0 <= cfg.sampling.noise_level <= top:
+                raise ConfigError(f"sampling.noise_level={cfg.sampling.noise_level} must be in [0, {top}] for "
+                                  f"{cfg.model.path} ({why})")
     if pipe.controlnet is not None and cfg.alignment.mode == "tcm":
         factor = 2 ** (len(pipe.controlnet.config.conditioning_embedding_out_channels) - 1)
         want = pipe.scale if pipe.kind == "upscale" else 2 ** (len(pipe.vae.config.block_out_channels) - 1)

@@ -86,6 +86,29 @@ def read_vsr_config(path: str | Path) -> dict:
     return meta
 
 
+def read_max_noise_level(path: str, local: bool) -> int | None:
+    """``max_noise_level`` of the model's ``model_index.json`` (a local folder's, or a hub id's through
+    :func:`_hub_json`): the highest ``noise_level`` diffusers' StableDiffusionUpscalePipeline accepts for it;
+    None when the file or the key is absent (that pipeline then uses its own default, 350)."""
+    if local:
+        f = Path(path) / "model_index.json"
+        if not f.is_file():
+            return None
+        try:
+            index = json.loads(f.read_text())
+        except (ValueError, OSError) as e:
+            raise ModelLoadError(f"{f} is not valid JSON: {e}") from e
+    else:
+        index = _hub_json(path, "model_index.json")
+    value = index.get("max_noise_level") if isinstance(index, dict) else None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ModelLoadError(f"model {path}: model_index.json max_noise_level must be an integer >= 0, "
+                             f"not {value!r}")
+    return value
+
+
 def make_scheduler(config, kind: str = "auto"):
     """Build the scheduler named by ``kind`` (auto: the checkpoint's own) from a scheduler config."""
     if kind == "auto":
@@ -189,4 +212,6 @@ def load_pipeline(cls, path, *, device="cpu", dtype=torch.float32, scheduler_kin
             m.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
     if "upscale" == pipe.kind and "scale" not in meta:
         pipe.scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    if pipe.kind == "upscale":
+        pipe.max_noise_level = read_max_noise_level(path, local)
     return pipe

@@ -35,6 +35,10 @@ ModelKind = Literal["residual_sr", "upscale", "img2img", "pixel"]
 Convention = Literal["auto", "stablevsr", "sd_upscaler"]
 
 
+# diffusers' StableDiffusionUpscalePipeline refuses noise_level above its config's max_noise_level, 350 unless
+# the model's model_index.json registers another (the published SD x4 upscaler registers 350)
+DEFAULT_MAX_NOISE_LEVEL = 350
+
 AUTO_BATCH_PIXELS = 1 << 16  # on the CPU, an "auto" batch holds at most this many pixels (64x64 x 16)
 
 
@@ -111,8 +115,9 @@ class Result:
 class VideoPipeline:
     def __init__(self, unet, scheduler, *, vae=None, text_encoder=None, tokenizer=None, controlnet=None,
                  low_res_scheduler=None, scale: int = 1, residual_scale: float | None = None,
-                 convention: Convention = "auto", preview=None):
+                 convention: Convention = "auto", preview=None, max_noise_level: int | None = None):
         self.unet, self.scheduler, self.vae = unet, scheduler, vae
+        self.max_noise_level = max_noise_level  # the model_index.json's; None: DEFAULT_MAX_NOISE_LEVEL
         self.preview = preview  # optional tiny decoder (AutoencoderTiny) for the TCM condition only
         self.text_encoder, self.tokenizer, self.controlnet = text_encoder, tokenizer, controlnet
         self.low_res_scheduler, self.scale, self.residual_scale = low_res_scheduler, scale, residual_scale
@@ -217,6 +222,19 @@ class VideoPipeline:
             return self.convention
         has_labels = getattr(self.unet, "class_embedding", None) is not None
         return "stablevsr" if self.controlnet is not None or not has_labels else "sd_upscaler"
+
+    def noise_level_range(self) -> tuple[int, str]:
+        """(highest noise_level, why) for the sd_upscaler convention: the low-res schedule, the UNet's class
+        embedding and the model's ``max_noise_level`` (diffusers' StableDiffusionUpscalePipeline bound) all
+        bound it; ``why`` names the tightest one."""
+        labels = getattr(self.unet, "class_embedding", None)
+        top = min(self.low_res_scheduler.config.num_train_timesteps, getattr(labels, "num_embeddings", 10 ** 9)) - 1
+        if self.max_noise_level is not None:
+            cap, why = self.max_noise_level, f"max_noise_level={self.max_noise_level} in its model_index.json"
+        else:
+            cap, why = DEFAULT_MAX_NOISE_LEVEL, (f"max_noise_level={DEFAULT_MAX_NOISE_LEVEL}: diffusers' "
+                                                 "StableDiffusionUpscalePipeline default, as no model_index.json sets one")
+        return (cap, why) if cap <= top else (top, "the low-res noise schedule")
 
     def sample_offset(self, frames: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Residual models: ``base / s`` for frames ``idx`` of the input ``frames``, so that
@@ -404,6 +422,9 @@ class VideoPipeline:
             shape = (F, self.unet.config.out_channels, *out_size)
         elif self.kind == "upscale":
             if self.upscale_convention() == "sd_upscaler":  # noised low-res frame, noise level as class label
+                top, why = self.noise_level_range()
+                if o.noise_level > top:
+                    raise ValueError(f"noise_level {o.noise_level} must be in [0, {top}] ({why})")
                 lr = frames[:].to(dev, self.unet.dtype)
                 noise = torch.cat([torch.randn((1, *lr.shape[1:]), generator=g).to(dev, lr.dtype) for g in gens])
                 level = torch.tensor([o.noise_level], dtype=torch.long, device=dev)

@@ -290,8 +290,17 @@ BAD = [
     ("VAE with a shift_factor", lambda d: [f"model.path={_sd_like(d, shift=0.3)}"], "shift_factor"),
     ("class-labelled upscaler under the StableVSR convention",
      lambda d: [f"model.path={_upscaler(d)}", "model.convention=stablevsr"], "use model.convention=sd_upscaler"),
-    ("noise level beyond the schedule", lambda d: [f"model.path={_upscaler(d)}", "sampling.noise_level=1000"],
+    ("noise level beyond the schedule", lambda d: [f"model.path={_upscaler(d, index=1000)}",
+                                                    "sampling.noise_level=1000"],
      "sampling.noise_level=1000 must be in [0, 999]"),
+    # diffusers' StableDiffusionUpscalePipeline refuses noise_level above its max_noise_level (model_index.json's,
+    # 350 when it sets none); these ran
+    ("noise level above the model's max_noise_level", lambda d: [f"model.path={_upscaler(d, index=120)}",
+                                                                 "sampling.noise_level=121"],
+     "sampling.noise_level=121 must be in [0, 120] for "),
+    ("noise level above diffusers' default max_noise_level", lambda d: [f"model.path={_upscaler(d)}",
+                                                                        "sampling.noise_level=351"],
+     "must be in [0, 350] for "),
     ("ControlNet of another scale", lambda d: [f"model.path={_other_controlnet(d)}", "alignment.mode=tcm"],
      "takes its RGB condition down x8, but this model's condition is x4"),
 ]
@@ -338,11 +347,16 @@ def _sd_like(d, sched="ddim", unet="cond", vae=True, shift=None):
     return path
 
 
-def _upscaler(d):
-    """A tiny SD x4 upscaler layout: a 7-channel UNet with noise-level labels, no ControlNet."""
+def _upscaler(d, index=None):
+    """A tiny SD x4 upscaler layout: a 7-channel UNet with noise-level labels, no ControlNet; with ``index``, a
+    model_index.json registering that max_noise_level (as diffusers' save_pretrained writes it)."""
     from diffusers import DDPMScheduler
 
     path = d / "x4"
+    if index is not None:
+        path.mkdir()
+        (path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionUpscalePipeline",
+                                                           "max_noise_level": index}))
     tiny.cond_unet(7, class_embed=True).save_pretrained(path / "unet")
     v = tiny.vae(down=3)
     v.register_to_config(scaling_factor=0.08333)

@@ -104,3 +104,55 @@ def test_fusion_with_ddim_clipping_changes_only_what_fusion_changes():
     assert torch.equal(new.prev_sample[untouched], own.prev_sample[untouched])
     inside = (raw.abs() < 1) & ~untouched
     torch.testing.assert_close(new.pred_original_sample[inside], fused[inside], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_upscaler_noise_level_bound_is_the_model_index_max_noise_level(tmp_path, monkeypatch):
+    """The sd_upscaler convention accepts the noise levels diffusers' StableDiffusionUpscalePipeline accepts
+    for the same saved model: up to model_index.json's ``max_noise_level``, 350 (that pipeline's default) when
+    the file sets none, and samples what it samples at the bound. Reference kind: diffusers' pipeline run
+    (``from_pretrained`` of a tiny folder written by its own ``save_pretrained``)."""
+    import json
+
+    from diffusers import StableDiffusionUpscalePipeline
+
+    from pipelines import loading
+
+    enc, tok = tiny.clip_parts(tmp_path / "clip")
+    vae = tiny.vae(down=3)
+    vae.register_to_config(scaling_factor=0.08333)
+    x4 = dict(beta_schedule="scaled_linear", prediction_type="v_prediction", clip_sample=False)
+    StableDiffusionUpscalePipeline(vae=vae, text_encoder=enc, tokenizer=tok, unet=tiny.cond_unet(7, class_embed=True),
+                                   low_res_scheduler=DDPMScheduler(beta_schedule="scaled_linear"),
+                                   scheduler=DDIMScheduler(**x4), max_noise_level=120).save_pretrained(tmp_path / "x4")
+    lr = tiny.textured_clip(1, 16)
+
+    def both(level):
+        """(diffusers' frame or its error, ours or our error) at ``level``."""
+        ref = StableDiffusionUpscalePipeline.from_pretrained(tmp_path / "x4")
+        ref.set_progress_bar_config(disable=True)
+        pipe = VideoPipeline.from_pretrained(tmp_path / "x4")
+        out = []
+        for run in (lambda: ref(prompt="", image=(lr + 1) / 2, num_inference_steps=2, guidance_scale=1.0,
+                                noise_level=level, generator=torch.Generator().manual_seed(4), output_type="pt").images,
+                    lambda: (pipe(lr, options=SamplingOptions(num_inference_steps=2, seed=4, noise_level=level)
+                                  ).frames + 1) / 2):
+            try:
+                out.append(run())
+            except ValueError as e:
+                out.append(str(e))
+        return out
+
+    for cap in (120, 350):  # registered, then the default once the key is gone
+        want, got = both(cap)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        want, got = both(cap + 1)
+        assert isinstance(want, str) and f"<= {cap}" in want  # diffusers refuses it ...
+        assert isinstance(got, str) and f"must be in [0, {cap}]" in got and "max_noise_level" in got, got  # ... and so do we
+        index = json.loads((tmp_path / "x4" / "model_index.json").read_text())
+        index.pop("max_noise_level", None)
+        (tmp_path / "x4" / "model_index.json").write_text(json.dumps(index))
+    # a hub id's model_index.json is read through the same helper as its components'
+    monkeypatch.setattr(loading, "_hub_json", lambda repo, name: {"max_noise_level": 77} if name == "model_index.json"
+                        else {})
+    assert loading.read_max_noise_level("owner/x4", local=False) == 77
