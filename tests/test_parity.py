@@ -156,3 +156,73 @@ def test_upscaler_noise_level_bound_is_the_model_index_max_noise_level(tmp_path,
     monkeypatch.setattr(loading, "_hub_json", lambda repo, name: {"max_noise_level": 77} if name == "model_index.json"
                         else {})
     assert loading.read_max_noise_level("owner/x4", local=False) == 77
+
+
+LONG = "a prompt far longer than the tiny tokenizer's sixteen tokens, which both sides truncate alike"
+OPTION_CASES = {  # name: (scheduler, strength, steps, options shared by both pipelines)
+    "one step (int(4 * 0.3) = 1)": ("ddim", 0.3, 4, {}),
+    "one step, dpm++": ("dpm++-eps", 0.25, 4, {}),
+    "guidance 1.0 with a negative prompt": ("ddim", 0.6, 4, dict(prompt="a cat", negative_prompt="a dog")),
+    "guidance 1.01 (the CFG threshold)": ("ddim", 0.6, 4, dict(prompt="a cat", negative_prompt="a dog",
+                                                               guidance_scale=1.01)),
+    "ddim eta 1, strength 0.6": ("ddim", 0.6, 4, dict(eta=1.0)),
+    "ddim eta 0.5, strength 1": ("ddim", 1.0, 4, dict(eta=0.5)),
+    "ddim trailing": ("ddim-trailing", 0.6, 4, {}),
+    "dpm++ trailing": ("dpm++-trailing", 0.6, 4, {}),
+    "long prompts, guidance 2": ("ddim", 0.6, 4, dict(prompt=LONG, negative_prompt=LONG[::-1], guidance_scale=2.0)),
+}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+def test_img2img_options_equal_diffusers_per_frame(parts, clip, case):
+    """Options beyond the scheduler matrix above (a single step, the guidance threshold with a negative prompt,
+    DDIM's eta noise per frame, trailing spacing, truncated prompts), 3 frames in batches of 2, alignment none.
+    Reference kind: diffusers' StableDiffusionImg2ImgPipeline / StableDiffusionPipeline run on each frame alone."""
+    name, strength, steps, kw = OPTION_CASES[case]
+    make = {**SCHEDULERS, "ddim": lambda: DDIMScheduler(**SD, clip_sample=False),
+            "ddim-trailing": lambda: DDIMScheduler(**SD, clip_sample=False, timestep_spacing="trailing"),
+            "dpm++-trailing": lambda: DPMSolverMultistepScheduler(**SD, timestep_spacing="trailing")}[name]
+    want = []
+    for f in range(len(clip)):
+        ref = (StableDiffusionImg2ImgPipeline if strength < 1 else StableDiffusionPipeline)(
+            **parts, scheduler=make(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        ref.scheduler = make()
+        ref.set_progress_bar_config(disable=True)
+        call = dict(dict(prompt="", guidance_scale=1.0), **kw, num_inference_steps=steps, output_type="pt",
+                    generator=torch.Generator().manual_seed(SEED + f))
+        image = dict(image=(clip[f:f + 1] + 1) / 2, strength=strength) if strength < 1 else dict(height=32, width=32)
+        want.append(ref(**image, **call).images)
+    pipe = VideoPipeline(parts["unet"], make(), vae=parts["vae"], text_encoder=parts["text_encoder"],
+                         tokenizer=parts["tokenizer"])
+    got = pipe(clip, options=SamplingOptions(num_inference_steps=steps, strength=strength, seed=SEED, batch_size=2,
+                                             **kw)).frames
+    torch.testing.assert_close((got + 1) / 2, torch.cat(want), atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("noise_level, kw", [(0, {}), (350, dict(eta=1.0)),
+                                             (20, dict(prompt="a", negative_prompt="b", guidance_scale=1.01))],
+                         ids=["noise 0", "noise 350 (the default bound), ddim eta 1", "guidance 1.01"])
+def test_upscaler_options_equal_diffusers_per_frame(parts, noise_level, kw):
+    """The sd_upscaler convention at the ends of the noise-level range, with DDIM's eta and at the guidance
+    threshold, 3 frames in batches of 2. Reference kind: diffusers' StableDiffusionUpscalePipeline run on each
+    frame alone with that frame's seed."""
+    from diffusers import StableDiffusionUpscalePipeline
+
+    unet, vae = tiny.cond_unet(7, class_embed=True), tiny.vae(down=3)
+    vae.register_to_config(scaling_factor=0.08333)
+    make = lambda: DDIMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction", clip_sample=False)  # noqa: E731
+    low = DDPMScheduler(beta_schedule="scaled_linear")
+    lr = tiny.textured_clip(3, 16, shift=(1.0, 0.5))
+    ref = StableDiffusionUpscalePipeline(vae=vae, text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
+                                         unet=unet, low_res_scheduler=low, scheduler=make())
+    ref.set_progress_bar_config(disable=True)
+    call = dict(dict(prompt="", guidance_scale=1.0), **kw)
+    want = torch.cat([ref(image=(lr[f:f + 1] + 1) / 2, num_inference_steps=3, noise_level=noise_level, output_type="pt",
+                          generator=torch.Generator().manual_seed(SEED + f), **call).images for f in range(3)])
+    pipe = VideoPipeline(unet, make(), vae=vae, text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
+                         low_res_scheduler=low, scale=4)
+    got = pipe(lr, options=SamplingOptions(num_inference_steps=3, seed=SEED, batch_size=2, noise_level=noise_level,
+                                           **kw)).frames
+    torch.testing.assert_close((got + 1) / 2, want, atol=1e-5, rtol=0)
