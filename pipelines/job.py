@@ -524,16 +524,55 @@ class FrameReader:
         return x if tuple(x.shape[-2:]) == self.size else bicubic_resize(x, self.size).clamp(-1, 1)
 
 
-STATE_VERSION = 2  # raised when what a work folder holds changes meaning (2: latent upscalers are not padded)
+STATE_VERSION = 3  # raised when what a work folder holds changes meaning (2: latent upscalers are not padded;
+# 3: the fingerprint holds a local model folder's and the RAFT weights' contents, not their paths)
+
+
+_digests: dict[tuple, str] = {}  # a file's sha256 by (path, inode, size, mtime, ctime): a list of clips hashes once
+
+
+def _file_digest(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _digests:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+        _digests[key] = digest.hexdigest()
+    return _digests[key]
+
+
+def _model_contents(cfg: DictConfig) -> dict | None:
+    """The files a local model folder's loading reads (pipelines.loading: ``vsr_config.json`` and the
+    component subfolders the config names), relative path -> sha256; None for a hub id."""
+    m = cfg.model
+    folder = from_root(Path(m.path))
+    if not folder.is_dir():
+        return None
+    subs = [m.unet_subfolder, m.vae_subfolder, m.scheduler_subfolder, m.text_encoder_subfolder,
+            m.tokenizer_subfolder, "low_res_scheduler"]
+    if cfg.alignment.mode == "tcm":  # loaded only for the TCM
+        subs += [m.controlnet_subfolder, "preview_decoder"]
+    files = [folder / "vsr_config.json"] + [f for sub in subs if sub and (folder / sub).is_dir()
+                                            for f in (folder / sub).rglob("*")]
+    return {f.relative_to(folder).as_posix(): _file_digest(f) for f in sorted(set(files)) if f.is_file()}
 
 
 def fingerprint(cfg: DictConfig, read: Callable[[int, int], torch.Tensor], n: int) -> str:
     """What makes a work folder reusable: the config that shapes sampling (all but ``output``), the
-    decoded input frames themselves (a frame overwritten in place changes it; a moved file does not) and
-    :data:`STATE_VERSION`. Hashed chunk by chunk, so the clip is never held."""
+    decoded input frames themselves (a frame overwritten in place changes it; a moved file does not), the
+    contents of a local model folder (and of the RAFT weights) rather than their paths (weights retrained in
+    place change it; the same folder named by another path does not) and :data:`STATE_VERSION`. Hashed chunk
+    by chunk, so the clip is never held."""
     sampling = {k: v for k, v in to_dict(cfg).items() if k != "output"}
     # how fast and how often, not what: a resumed run may change them
     sampling["runtime"] = {k: v for k, v in sampling["runtime"].items() if k not in ("threads", "checkpoint_every")}
+    contents = _model_contents(cfg)
+    if contents is not None:
+        sampling["model"]["path"] = {"contents": contents}
+    flow = sampling["flow"]
+    flow["raft_weights"] = _file_digest(Path(flow["raft_weights"]).expanduser()) if flow["method"] == "raft" else None
     sampling["state_version"] = STATE_VERSION
     digest = hashlib.sha256(json.dumps(sampling, sort_keys=True).encode())
     digest.update(str(n).encode())

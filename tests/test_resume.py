@@ -42,3 +42,81 @@ def test_workdir_of_another_configuration_is_refused(tmp_path):
     Checkpointer(tmp_path, "config-a")
     with pytest.raises(WorkdirMismatch, match="different configuration"):
         Checkpointer(tmp_path, "config-b")
+
+
+def _model_job(tmp_path):
+    """A tiny model, a 3-frame clip and a 2-step job whose work folder holds a finished run's state."""
+    from pipelines.config import load_config
+    from pipelines.video_io import to_uint8, write_video
+
+    model = tiny.save_residual_sr(tmp_path / "m", scale=2)
+    clip = tmp_path / "in.mp4"
+    write_video(clip, to_uint8(tiny.textured_clip(3, 24, shift=(0.8, 0.4))), 10)
+
+    def run(path=model):
+        from pipelines.job import run_clip
+
+        cfg = load_config(None, [f"model.path={path}", "sampling.num_inference_steps=2", "runtime.threads=1",
+                                 "alignment.mode=fusion"])
+        return run_clip(cfg, clip, tmp_path / "out.mp4", workdir=tmp_path / "work", overwrite=True,
+                        log=lambda m: None, progress=False)
+
+    run()
+    assert (tmp_path / "work" / "state.safetensors").exists()
+    return model, run
+
+
+@pytest.mark.parametrize("change", ["unet weights", "vsr_config.json", "scheduler config"])
+def test_a_model_changed_in_place_is_refused(tmp_path, change):
+    """The fingerprint held the model's path, not its files: weights retrained (or a config edited) in the same
+    folder resumed the old model's saved state under the new model, a mix of the two."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    model, run = _model_job(tmp_path)
+    if change == "unet weights":
+        weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+        save_file({k: v * 1.5 for k, v in load_file(weights).items()}, weights)
+    elif change == "vsr_config.json":
+        (model / "vsr_config.json").write_text(json.dumps({"scale": 2, "residual_scale": 0.3}))
+    else:
+        sched = model / "scheduler" / "scheduler_config.json"
+        sched.write_text(json.dumps({**json.loads(sched.read_text()), "beta_schedule": "linear"}))
+    with pytest.raises(WorkdirMismatch, match="different configuration"):
+        run()
+
+
+def test_the_same_model_folder_by_another_path_resumes(tmp_path, monkeypatch):
+    """Relative, absolute or a copy elsewhere: the same files make the same job (the path string refused it)."""
+    import shutil
+
+    model, run = _model_job(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    run("m")
+    shutil.copytree(model, tmp_path / "copy")
+    run(tmp_path / "copy")
+
+
+def test_the_fingerprint_follows_the_raft_weights_contents(tmp_path, monkeypatch):
+    """flow.raft_weights counted as a path: new weights in the same file resumed the old flows' state."""
+    from omegaconf import OmegaConf
+
+    from pipelines.config import JobConfig
+    from pipelines.job import fingerprint
+
+    frames = tiny.textured_clip(2, 8)
+    weights = tmp_path / "raft.pth"
+    weights.write_bytes(b"first weights")
+
+    def key(path, method="raft"):
+        cfg = OmegaConf.structured(JobConfig)  # not validated: flow.method=raft needs torchvision to load
+        cfg.flow.method, cfg.flow.raft_weights = method, str(path)
+        return fingerprint(cfg, lambda a, b: frames[a:b], 2)
+
+    first = key(weights)
+    monkeypatch.chdir(tmp_path)
+    assert key("raft.pth") == first  # the same file by another path
+    weights.write_bytes(b"other weights")
+    assert key(weights) != first
+    assert key(weights, "dis") == key(tmp_path / "elsewhere.pth", "dis")  # unused without flow.method=raft
