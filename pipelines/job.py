@@ -525,7 +525,7 @@ class FrameReader:
 
 
 STATE_VERSION = 3  # raised when what a work folder holds changes meaning (2: latent upscalers are not padded;
-# 3: the fingerprint holds a local model folder's and the RAFT weights' contents, not their paths)
+# 3: the fingerprint holds a local model folder's and the RAFT weights' contents, not their paths, and no input keys)
 
 
 _digests: dict[tuple, str] = {}  # a file's sha256 by (path, inode, size, mtime, ctime): a list of clips hashes once
@@ -560,12 +560,14 @@ def _model_contents(cfg: DictConfig) -> dict | None:
 
 
 def fingerprint(cfg: DictConfig, read: Callable[[int, int], torch.Tensor], n: int) -> str:
-    """What makes a work folder reusable: the config that shapes sampling (all but ``output``), the
+    """What makes a work folder reusable: the config that shapes sampling (all but ``output`` and ``input``), the
     decoded input frames themselves (a frame overwritten in place changes it; a moved file does not), the
     contents of a local model folder (and of the RAFT weights) rather than their paths (weights retrained in
     place change it; the same folder named by another path does not) and :data:`STATE_VERSION`. Hashed chunk
     by chunk, so the clip is never held."""
-    sampling = {k: v for k, v in to_dict(cfg).items() if k != "output"}
+    # ``input`` only selects and resizes the frames, which are hashed as the model gets them: input.strict, or
+    # input.end written out where it was the clip's end, changes nothing sampled
+    sampling = {k: v for k, v in to_dict(cfg).items() if k not in ("output", "input")}
     # how fast and how often, not what: a resumed run may change them
     sampling["runtime"] = {k: v for k, v in sampling["runtime"].items() if k not in ("threads", "checkpoint_every")}
     contents = _model_contents(cfg)

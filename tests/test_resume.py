@@ -120,3 +120,24 @@ def test_the_fingerprint_follows_the_raft_weights_contents(tmp_path, monkeypatch
     weights.write_bytes(b"other weights")
     assert key(weights) != first
     assert key(weights, "dis") == key(tmp_path / "elsewhere.pth", "dis")  # unused without flow.method=raft
+
+
+def test_input_keys_that_select_the_same_frames_resume(tmp_path):
+    """input.strict, or input.end written out, selected the same frames but refused the work folder."""
+    from pipelines.config import load_config
+    from pipelines.job import run_clip
+    from pipelines.video_io import to_uint8, write_video
+
+    model = tiny.save_residual_sr(tmp_path / "m", scale=2)
+    clip = tmp_path / "in.mp4"
+    write_video(clip, to_uint8(tiny.textured_clip(3, 24, shift=(0.8, 0.4))), 10)
+
+    def run(*over):
+        cfg = load_config(None, [f"model.path={model}", "sampling.num_inference_steps=2", "runtime.threads=1", *over])
+        run_clip(cfg, clip, tmp_path / "out.mp4", workdir=tmp_path / "work", overwrite=True, log=lambda m: None,
+                 progress=False)
+
+    run()
+    run("input.strict=true", "input.end=3")
+    with pytest.raises(WorkdirMismatch, match="different configuration"):
+        run("input.start=1")  # other frames
