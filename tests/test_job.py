@@ -39,16 +39,18 @@ def pngs(folder):
     return np.stack([cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted(Path(folder).glob("*.png"))])
 
 
-@pytest.mark.parametrize("mode", ["one_pass", "one_pass_files", "windows"])
+@pytest.mark.parametrize("mode", ["one_pass", "one_pass_files", "windows", "windows_anchored"])
 def test_streaming_job_equals_the_library_call_bit_for_bit(model, tmp_path, mode):
     """The job (lazy reading, chunked writing and scoring; for one_pass_files also the samples, flows and
-    input in files) gives exactly the frames of the in-memory library call, before encoding."""
+    input in files) gives exactly the frames of the in-memory library call, before encoding. Windows with
+    an anchor weight (the default is 0) check that the job hands it on."""
     clip = tmp_path / "in.mp4"
     write_video(clip, to_uint8(tiny.textured_clip(9, 16, shift=(0.8, 0.4))), 10)
-    files = ["runtime.files_above=0"] if mode == "one_pass_files" else []
-    mode = mode.replace("_files", "")
+    extra = {"one_pass_files": ["runtime.files_above=0"], "windows_anchored": ["runtime.anchor_weight=0.8"]}
+    extra = extra.get(mode, [])
+    mode = mode.replace("_files", "").replace("_anchored", "")
     cfg = job_cfg(model, f"runtime.mode={mode}", "runtime.window=4", "runtime.overlap=2",
-                  f"output.frames_dir={tmp_path / 'png'}", *files)
+                  f"output.frames_dir={tmp_path / 'png'}", *extra)
     run_clip(cfg, clip, tmp_path / "out.mp4", log=lambda m: None, progress=False)
     got = pngs(tmp_path / "png")
     frames = to_tensor(read_clip(clip).frames)
@@ -58,6 +60,7 @@ def test_streaming_job_equals_the_library_call_bit_for_bit(model, tmp_path, mode
         want = pipe(frames, options=sampling_options(cfg), alignment=align(), flow=FlowConfig(),
                     output_uint8=True).frames.numpy()
     else:
+        assert cfg.runtime.anchor_weight == (0.8 if extra else 0.0)
         want = sample_windowed(pipe, frames, window=4, overlap=2, anchor_weight=cfg.runtime.anchor_weight,
                                make_alignment=align, options=sampling_options(cfg), flow=FlowConfig()).numpy()
     assert got.shape == want.shape == (9, 32, 32, 3)
