@@ -165,7 +165,10 @@ def _even(frames: np.ndarray) -> tuple[np.ndarray, bool]:
 
 
 class _AudioCopy:
-    """Packets of the input's first audio stream within [start_s, start_s + duration_s), re-timed to 0."""
+    """Packets of the input's first audio stream within [start_s, start_s + duration_s), re-timed to 0, with
+    the packet before the first one kept as the decoder's pre-roll (at a negative time): AAC and MP3 decode a
+    frame from the previous one too (an mp4's first AAC packet, at -1024 samples, is that priming), so without
+    it the output's first 20-60 ms of sound came out garbled; an Opus packet straddling the start is kept whole."""
 
     def __init__(self, src: Path, out, start_s: float, duration_s: float):
         import av
@@ -196,6 +199,7 @@ class _AudioCopy:
         self.end = None if duration_s is None else int(round((start_s + duration_s) / self.tb))
         self.packets = self.container.demux(self.inp)
         self.pending = None
+        self.preroll = None  # the last packet wholly before the start, muxed ahead of the first kept one
 
     @classmethod
     def refused(cls, reason: str) -> "_AudioCopy":
@@ -219,12 +223,21 @@ class _AudioCopy:
             if until_s is not None and (packet.pts - self.start) * self.tb > until_s:
                 self.pending = packet
                 return
-            if packet.pts < self.start or (self.end is not None and packet.pts >= self.end):
+            if self.end is not None and packet.pts >= self.end:
                 continue
-            packet.pts -= self.start
-            packet.dts = None if packet.dts is None else packet.dts - self.start
-            packet.stream = self.out
-            out.mux(packet)
+            if packet.pts + (packet.duration or 0) <= self.start:  # ends by the start: only a pre-roll candidate
+                self.preroll = packet
+                continue
+            if self.preroll is not None:
+                self._mux(out, self.preroll)
+                self.preroll = None
+            self._mux(out, packet)
+
+    def _mux(self, out, packet) -> None:
+        packet.pts -= self.start
+        packet.dts = None if packet.dts is None else packet.dts - self.start
+        packet.stream = self.out
+        out.mux(packet)
 
     def end_at(self, duration_s: float) -> None:
         """Trim the copy to ``duration_s`` seconds (the video's duration, known when it closes)."""

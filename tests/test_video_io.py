@@ -813,3 +813,45 @@ def test_a_full_disk_under_file_backed_state_says_so(tmp_path, monkeypatch):
     with pytest.raises(WriteError, match=r"x\.bin: writing row 0 failed \(No space left on device\)"):
         f[0] = torch.ones(8)
     assert calls == [32, 28]
+
+
+def decoded_audio(path) -> tuple[float, np.ndarray]:
+    """The first audio stream decoded by PyAV: its first sample's time and its first channel's samples."""
+    import av
+
+    with av.open(str(path)) as c:
+        frames = list(c.decode(c.streams.audio[0]))
+    return float(frames[0].time), np.concatenate([f.to_ndarray()[0] for f in frames])
+
+
+def test_copied_audio_keeps_the_packet_before_its_start_as_pre_roll(tmp_path):
+    """AAC decodes each frame with the previous one: an mp4's first AAC packet (at -1024 samples, the encoder's
+    priming) and, for a later start, the packet just before it were dropped, so the output's first 48 ms of
+    sound were garbled (measured: up to 1.1x the tone's amplitude off). The reference is PyAV's decoding of
+    the input: the output's audio now decodes to the input's samples exactly, from its start and from 0.5 s."""
+    import av
+
+    src = tmp_path / "in.mp4"
+    with av.open(str(src), "w") as out:
+        v = out.add_stream("libx264", rate=10)
+        v.width = v.height = 32
+        v.pix_fmt = "yuv420p"
+        a = out.add_stream("aac", rate=16000)
+        for img in moving_clip(n=10, h=32, w=32):
+            for p in v.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(p)
+        for p in v.encode():
+            out.mux(p)
+        t = np.arange(16000) / 16000
+        mux_tone(out, a, (0.3 * np.sin(2 * np.pi * (300 + 400 * t) * t)).astype(np.float32), "fltp")
+    with av.open(str(src)) as c:
+        assert next(p.pts for p in c.demux(c.streams.audio[0])) == -1024  # the priming packet
+    t0, want = decoded_audio(src)
+    assert t0 == 0.0
+    for start in (0.0, 0.5):
+        out = tmp_path / f"out{start}.mp4"
+        write_video(out, moving_clip(n=4, h=32, w=32), 10, audio_from=src, audio_start_s=start)
+        t1, got = decoded_audio(out)
+        first = round(start * 16000)
+        assert t1 == 0.0 and len(got) >= 4 * 1600
+        assert np.abs(got[:4096] - want[first:first + 4096]).max() < 1e-6, start
