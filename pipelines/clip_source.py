@@ -134,14 +134,24 @@ class ClipSource:
         return container, stream
 
     def _frames_of(self, container, stream):
-        """Decoded frames in presentation order, stopping quietly at the first undecodable data."""
+        """Decoded frames in presentation order. A packet the decoder refuses is skipped, as players do (a clip
+        whose first group of pictures is damaged still shows the rest; stopping there read no frame at all);
+        data the container itself cannot read ends the frames quietly."""
         import av
 
-        try:
-            for frame in container.decode(stream):
-                yield frame
-        except (av.error.FFmpegError, OSError):
-            return
+        packets = container.demux(stream)
+        while True:
+            try:
+                packet = next(packets, None)
+            except (av.error.FFmpegError, OSError):
+                return
+            if packet is None:
+                return
+            try:
+                frames = packet.decode()
+            except (av.error.FFmpegError, OSError):
+                continue
+            yield from frames
 
     def _scan_video(self, start, end, stride, max_frames) -> None:
         container, stream = self._open()

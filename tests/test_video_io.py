@@ -855,3 +855,42 @@ def test_copied_audio_keeps_the_packet_before_its_start_as_pre_roll(tmp_path):
         first = round(start * 16000)
         assert t1 == 0.0 and len(got) >= 4 * 1600
         assert np.abs(got[:4096] - want[first:first + 4096]).max() < 1e-6, start
+
+
+def test_a_clip_whose_first_frames_are_damaged_is_read_from_its_first_good_keyframe(tmp_path):
+    """The first keyframe's data zeroed (a recording whose start was damaged): PyAV's decoder refuses those
+    packets and decodes the next group of pictures; the reader stopped at the first refusal, so the clip read
+    no frame at all (exit 2, "cannot decode any frame"). Now the damaged packets are skipped, as players do:
+    frames 4..23 are read, with their timestamps, and the container's 24 are named in a warning."""
+    import av
+
+    from pipelines.clip_source import ClipSource
+
+    frames = np.random.default_rng(0).integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
+    good = tmp_path / "good.mp4"
+    with av.open(str(good), "w") as out:
+        v = out.add_stream("libx264", rate=10, options={"g": "4", "keyint_min": "4", "sc_threshold": "0", "bf": "0"})
+        v.width = v.height = 32
+        v.pix_fmt = "yuv420p"
+        for img in frames:
+            for p in v.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(p)
+        for p in v.encode():
+            out.mux(p)
+    data = bytearray(good.read_bytes())
+    at = data.index(b"mdat") + 4
+    data[at:at + 3000] = bytes(3000)  # the first keyframe (about 3.3 kB of noise) and its P-frames' start
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(bytes(data))
+    with av.open(str(bad)) as c:  # the reference: PyAV, packet by packet, past the packets it refuses
+        times = []
+        for packet in c.demux(c.streams.video[0]):
+            try:
+                times += [round(float(f.time), 3) for f in packet.decode()]
+            except av.error.InvalidDataError:
+                pass
+    assert times == [round(0.1 * i, 3) for i in range(4, 24)]
+    src = ClipSource(bad)
+    assert len(src) == 20 and [round(float(p * src.time_base), 3) for p in src.pts] == times
+    assert any("declares 24 frames but only 20 decode" in w for w in src.warnings)
+    assert np.array_equal(src.read(0, 20), read_clip(good).frames[4:])
