@@ -35,6 +35,7 @@ class ClipSource:
         self.sample_aspect: Fraction | None = None  # pixel aspect ratio when not square (videos)
         self.start_pts: int | None = None
         self.rotation = 0  # degrees counterclockwise applied to decoded video frames (display matrix)
+        self.mirrored = False  # the display matrix also mirrors them (applied first, left-right)
         self._cache: dict[int, np.ndarray] = {}
         self._cache_size = cache
         self._decoder = None
@@ -203,9 +204,13 @@ class ClipSource:
             self._decoder[2] = position = position + 1
             if position - 1 == source_index:
                 # upright as players show it: the display matrix (a phone's portrait flag) turns the
-                # picture counterclockwise by frame.rotation degrees
-                self.rotation = int(round(getattr(frame, "rotation", 0) / 90)) * 90 % 360
+                # picture counterclockwise by frame.rotation degrees, and may mirror it
                 img = frame.to_ndarray(format="rgb24")
+                matrix = _display_matrix(frame)
+                if matrix is not None:
+                    img, self.rotation, self.mirrored = _displayed(img, *matrix)
+                    return np.ascontiguousarray(img)
+                self.rotation = int(round(getattr(frame, "rotation", 0) / 90)) * 90 % 360
                 return np.ascontiguousarray(np.rot90(img, self.rotation // 90)) if self.rotation else img
         raise InputError(f"{self.path}: frame {source_index} no longer decodes (file changed while reading?)")
 
@@ -242,6 +247,39 @@ class ClipSource:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _display_matrix(frame) -> tuple[int, int, int, int] | None:
+    """The (a, b, c, d) part of a frame's display matrix when it maps the picture's axes onto the screen's
+    (quarter turns and mirrors); None without one, or for another angle (frame.rotation, rounded, then)."""
+    import av
+
+    try:
+        data = frame.side_data.get(av.sidedata.sidedata.Type.DISPLAYMATRIX)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    if data is None or len(bytes(data)) != 36:
+        return None
+    a, b, _, c, d = np.frombuffer(bytes(data), dtype="<i4")[:5].tolist()
+    return (a, b, c, d) if (a == d == 0) != (b == c == 0) else None
+
+
+def _displayed(img: np.ndarray, a: int, b: int, c: int, d: int) -> tuple[np.ndarray, int, bool]:
+    """``img`` as the display matrix (a b; c d) shows it (FFmpeg's convention: a stored pixel (x, y) goes to
+    (a x + c y, b x + d y), translated into view), with the counterclockwise turn and whether it mirrors.
+    A mirror is a flip, not a half turn: frame.rotation alone reads a left-right mirror as 180 degrees."""
+    if a == d == 0:  # a quarter turn: rows and columns swap
+        img = img.transpose(1, 0, 2)  # now indexed (x, y)
+        img = img[::-1] if b < 0 else img
+        img = img[:, ::-1] if c < 0 else img
+    else:
+        img = img[::-1] if d < 0 else img
+        img = img[:, ::-1] if a < 0 else img
+    mirrored = a * d - b * c < 0
+    if mirrored:  # mirrored left-right first (x -> -x), then turned
+        a, c = -a, -c
+    turn = int(round(-np.degrees(np.arctan2(b, a)) / 90)) * 90 % 360  # av_display_rotation_get's sign
+    return img, turn, mirrored
 
 
 def _moving_pictures(container) -> list:

@@ -721,8 +721,10 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
     n = len(source)
     rate = f"{source.fps:g} fps" if source.fps else "no frame rate"
     log(f"read {n} frames {_wxh(source.size)} ({rate}) from {paths.input}")
-    if source.rotation:
-        log(f"frames turned {source.rotation} degrees counterclockwise, as the container's display matrix asks")
+    if source.rotation or source.mirrored:
+        turned = [f"turned {source.rotation} degrees counterclockwise"] if source.rotation else []
+        log(f"frames {' and '.join((['mirrored left-right'] if source.mirrored else []) + turned)}, as the "
+            "container's display matrix asks")
     read = FrameReader(source, sel.resize)
     if read.size != tuple(source.size):
         log(f"resizing the input to {_wxh(read.size)}")

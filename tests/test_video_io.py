@@ -894,3 +894,36 @@ def test_a_clip_whose_first_frames_are_damaged_is_read_from_its_first_good_keyfr
     assert len(src) == 20 and [round(float(p * src.time_base), 3) for p in src.pts] == times
     assert any("declares 24 frames but only 20 decode" in w for w in src.warnings)
     assert np.array_equal(src.read(0, 20), read_clip(good).frames[4:])
+
+
+def test_a_mirroring_display_matrix_mirrors_rather_than_turns(tmp_path):
+    """A display matrix that mirrors the picture left-right (a = -1, d = 1: a selfie camera's, or an editor's
+    flip) was read as a half turn (PyAV's frame.rotation says -180 for it), so the output came out upside
+    down. Reference: the matrix itself (ISO/IEC 14496-12; FFmpeg maps a stored (x, y) to (a x + c y, b x + d y)),
+    which FFmpeg's own autorotation follows (hflip for m[0] < 0, vflip for m[4] < 0, a transpose for a quarter
+    turn with a flip); the quarter and half turns read as before."""
+    import struct
+
+    import av
+
+    from pipelines.clip_source import ClipSource
+
+    frames = moving_clip(n=2, h=32, w=48)
+    write_video(tmp_path / "plain.mp4", frames, 12)
+    plain = read_clip(tmp_path / "plain.mp4").frames
+    cases = {"hflip": ((-1, 0, 0, 1), plain[:, :, ::-1], 0, True),
+             "vflip": ((1, 0, 0, -1), plain[:, ::-1], 180, True),
+             "transpose": ((0, 1, 1, 0), plain.transpose(0, 2, 1, 3), 270, True),
+             "clockwise": ((0, 1, -1, 0), np.rot90(plain, -1, axes=(1, 2)), 270, False),
+             "half": ((-1, 0, 0, -1), plain[:, ::-1, ::-1], 180, False)}
+    for name, ((a, b, c, d), want, turn, mirrored) in cases.items():
+        data = bytearray((tmp_path / "plain.mp4").read_bytes())
+        m = data.index(b"tkhd") + 4 + 4 + 4 * 5 + 8 + 8
+        data[m:m + 36] = struct.pack(">9i", a << 16, b << 16, 0, c << 16, d << 16, 0, 0, 0, 1 << 30)
+        (tmp_path / f"{name}.mp4").write_bytes(bytes(data))
+        if name == "hflip":
+            with av.open(str(tmp_path / "hflip.mp4")) as container:
+                assert next(container.decode(video=0)).rotation == -180  # what the old code turned by
+        src = ClipSource(tmp_path / f"{name}.mp4")
+        assert np.array_equal(src.read(0, 2), want), name
+        assert (src.rotation, src.mirrored) == (turn, mirrored), name
