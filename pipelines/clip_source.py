@@ -34,6 +34,9 @@ class ClipSource:
         self.pts: list[int] | None = None  # presentation timestamps of the selected frames (videos)
         self.sample_aspect: Fraction | None = None  # pixel aspect ratio when not square (videos)
         self.start_pts: int | None = None
+        # where the last selected frame's display ends (with pts, in time_base units): the next frame's start
+        # for a selection that stops before the clip's end, else the last frame's own duration as the input says
+        self.end_pts: int | None = None
         self.rotation = 0  # degrees counterclockwise applied to decoded video frames (display matrix)
         self.mirrored = False  # the display matrix also mirrors them (applied first, left-right)
         self._cache: dict[int, np.ndarray] = {}
@@ -52,9 +55,10 @@ class ClipSource:
                 self._scan_video(*sel)
             elif ext == ".gif":
                 self._kind = "memory"
-                frames, self.fps, pts = _read_gif(self.path, start, end, stride, max_frames)
+                frames, self.fps, pts, end_ms = _read_gif(self.path, start, end, stride, max_frames)
                 self._frames, self.time_base = frames, Fraction(1, 1000)
                 self.pts = pts if len(set(np.diff(pts))) > 1 else None  # uneven delays: kept as timestamps
+                self.end_pts = end_ms if self.pts is not None else None
                 self._index = list(range(len(frames)))
             elif ext in IMAGE_EXTS:
                 self._kind, self._files = "images", [self.path]
@@ -169,15 +173,19 @@ class ClipSource:
                                      "so the output will look washed out")
             self.sample_aspect = sar if sar and sar != 1 else None
             rate = stream.average_rate or stream.guessed_rate
-            # decode no further than the last frame the selection can take
+            # decode no further than the last frame the selection can take, and the next one it would take or
+            # where its range ends (that frame's start ends the last one's display)
             stop = end if max_frames is None else start + (max_frames - 1) * stride + 1
             stop = stop if end is None else min(stop, end)
-            pts, n = [], 0
-            for frame in self._frames_of(container, stream):
-                pts.append(frame.pts)
-                n += 1
-                if stop is not None and n >= stop:
+            limit = None if stop is None else stop + stride if end is None else min(stop + stride, end + 1)
+            pts, last, clip_end = [], None, None
+            for last in self._frames_of(container, stream):
+                pts.append(last.pts)
+                if limit is not None and len(pts) >= limit:
                     break
+            else:  # the clip ended: its last frame ends where the input says
+                clip_end = None if last is None else _end_of(last, stream, container)
+            n = len(pts) if stop is None else min(len(pts), stop)
         finally:
             container.close()
         if n == 0:
@@ -190,6 +198,9 @@ class ClipSource:
         self.start_pts = pts[0] if known else None  # the stream's first frame
         # timestamps are kept only when they increase: AVI with B-frames yields decode-order values
         self.pts = [pts[i] for i in self._index] if known and all(a < b for a, b in zip(pts, pts[1:])) else None
+        if self.pts is not None:  # the last frame stands for itself and the stride - 1 after it, as all do
+            after = self._index[-1] + stride if end is None else min(self._index[-1] + stride, end)
+            self.end_pts = pts[after] if after < len(pts) else clip_end
         self.fps = float(rate) / stride if rate else None
 
     def _decode_to(self, source_index: int) -> np.ndarray:
@@ -247,6 +258,20 @@ class ClipSource:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _end_of(frame, stream, container) -> int | None:
+    """Where the clip's last ``frame`` stops being shown (stream time base): its own duration, else the stream's
+    end, else the container's (Matroska without durations: FFmpeg takes its segment's); None when none says."""
+    if frame.duration:
+        return frame.pts + frame.duration
+    ends = []
+    if stream.duration:
+        ends.append((stream.start_time or 0) + stream.duration)
+    if container.duration:
+        seconds = Fraction(container.duration + (container.start_time or 0), 1_000_000)
+        ends.append(int(round(seconds / stream.time_base)))
+    return next((e for e in ends if e > frame.pts), None)
 
 
 def _display_matrix(frame) -> tuple[int, int, int, int] | None:

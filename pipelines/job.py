@@ -872,7 +872,7 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
     log(f"writing {paths.output} ({n} frames {_wxh(out_size)}, {fps:g} fps, H.264 crf {o.crf})")
     writer = VideoWriter(paths.output, fps, crf=o.crf, replace=may_replace(paths.output), audio_from=paths.input if o.audio and source.is_video else None,
                          audio_start_s=audio_start, time_base=source.time_base if keep_times else None,
-                         sample_aspect=source.sample_aspect)
+                         sample_aspect=source.sample_aspect, end_pts=source.end_pts if keep_times else None)
     sbs = None if paths.side_by_side is None else VideoWriter(
         paths.side_by_side, fps, crf=o.crf, replace=may_replace(paths.side_by_side), sample_aspect=source.sample_aspect)
     pngs = None if paths.frames_dir is None else FrameFolderWriter(paths.frames_dir)

@@ -176,8 +176,8 @@ def _tiff_with_alpha(data: np.ndarray) -> np.ndarray | None:
 
 
 def _read_gif(path: Path, start, end, stride, max_frames):
-    """The selected frames, their mean rate and their start times in ms (per-frame delays kept; a delay of
-    10 ms or less shows for 100 ms, as browsers play it)."""
+    """The selected frames, their mean rate, their start times in ms (per-frame delays kept; a delay of
+    10 ms or less shows for 100 ms, as browsers play it) and where the last one's display ends (ms)."""
     from PIL import Image, ImageSequence
 
     frames, durations, i, chosen = [], [], 0, []
@@ -200,7 +200,8 @@ def _read_gif(path: Path, start, end, stride, max_frames):
     starts = np.concatenate([[0], np.cumsum(durations)]).astype(int)
     # each chosen frame stands for itself and the stride - 1 frames skipped after it (those read)
     span_ms = sum(sum(durations[k:k + stride]) for k in chosen)
-    return np.stack(frames), 1000.0 * len(chosen) / span_ms, [int(starts[k]) for k in chosen]
+    end_ms = int(starts[min(chosen[-1] + stride, len(durations))])  # the last frame's span, as in span_ms
+    return np.stack(frames), 1000.0 * len(chosen) / span_ms, [int(starts[k]) for k in chosen], end_ms
 
 
 # ----------------------------------------------------------------------------- tensors

@@ -256,13 +256,16 @@ class VideoWriter:
     file is removed and ``path`` is left as it was.
 
     ``pts`` (optional, per appended frame, in ``time_base`` units) keeps the input's timestamps, so a
-    variable-frame-rate input stays variable; otherwise frame k is shown at k / fps. The audio of
+    variable-frame-rate input stays variable; otherwise frame k is shown at k / fps. ``end_pts`` (with ``pts``)
+    is where the last frame's display ends, as the input has it: the last packet gets that duration (without it,
+    or without pts, the last frame lasts one frame at ``fps``). The audio of
     ``audio_from`` from ``audio_start_s`` on is interleaved as the video advances and trimmed to the
     video's duration when it closes.
     """
 
     def __init__(self, path, fps: float, *, crf: int = DEFAULT_CRF, audio_from=None, audio_start_s: float = 0.0,
-                 replace: bool = True, time_base: Fraction | None = None, sample_aspect: Fraction | None = None):
+                 replace: bool = True, time_base: Fraction | None = None, sample_aspect: Fraction | None = None,
+                 end_pts: int | None = None):
         if not fps or fps <= 0:
             raise ValueError(f"fps must be > 0, got {fps}")
         if not 0 <= crf <= 51:
@@ -274,7 +277,8 @@ class VideoWriter:
         self.tmp = temp_sibling(self.path)
         self.out = self.stream = self.audio = None
         self.count, self.size, self.padded = 0, None, False
-        self.first_pts = self.last_s = None
+        self.first_pts = self.last_s = self.last_pts = None
+        self.end_pts = end_pts
         self.closed = self.finished = False
 
     def _start(self, h: int, w: int, with_audio: bool = True) -> None:
@@ -332,7 +336,7 @@ class VideoWriter:
                     format=PIX_FMT, dst_colorspace="ITU601", dst_color_range="MPEG")  # BT.601, limited range
                 if pts is not None:
                     self.first_pts = pts[k] if self.first_pts is None else self.first_pts
-                    frame.pts = pts[k] - self.first_pts
+                    frame.pts = self.last_pts = pts[k] - self.first_pts
                     self.last_s = float(frame.pts * self.time_base)
                 else:
                     frame.pts = self.count if self.time_base is None else int(self.count / self.rate / self.time_base)
@@ -345,9 +349,18 @@ class VideoWriter:
         except (av.error.FFmpegError, OSError) as e:
             raise WriteError(f"{self.path}: writing the video failed ({e})") from e
 
+    def _last_duration(self) -> int | None:
+        """How long the last frame written is shown (time_base units) when ``end_pts`` says so and it is not one
+        frame at the rate (what the muxers give it anyway: a constant-rate clip's file stays as it was)."""
+        if self.end_pts is None or self.last_pts is None:
+            return None
+        last = self.end_pts - self.first_pts - self.last_pts
+        return last if last > 0 and last != round(1 / (self.rate * self.time_base)) else None
+
     def duration_s(self) -> float:
-        """Seconds of video written: the last frame's start plus one nominal frame."""
-        return (self.last_s or 0.0) + 1 / float(self.rate)
+        """Seconds of video written: the last frame's start plus its duration (``end_pts``) or one nominal frame."""
+        last = self._last_duration()
+        return (self.last_s or 0.0) + (1 / float(self.rate) if last is None else float(last * self.time_base))
 
     def close(self) -> Written:
         """:meth:`finish` and :meth:`commit`; returns what was written."""
@@ -364,7 +377,12 @@ class VideoWriter:
             raise WriteError(f"{self.path}: no frames were written")
         try:
             try:
+                # x264 holds frames back, so the last frame's packet comes out here; its duration ends the
+                # stream (mp4/mov: the last sample's, when it is last in decode order too; mkv: its block's)
+                last = self._last_duration()
                 for packet in self.stream.encode():
+                    if last is not None and packet.pts == self.last_pts:
+                        packet.duration = last
                     self.out.mux(packet)
                 if self.audio is not None:
                     self.audio.end_at(self.duration_s())

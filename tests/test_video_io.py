@@ -450,7 +450,9 @@ def test_a_short_selection_stops_decoding_early_and_unordered_timestamps_are_dro
     write_video(tmp_path / "long.mp4", moving_clip(n=40, h=16, w=16), 20)
     decoded = count_decoded_frames(monkeypatch)
     src = ClipSource(tmp_path / "long.mp4", start=3, stride=2, max_frames=2)
-    assert len(src) == 2 and len(decoded) <= 6 + 4  # the scan stops at frame 6 (was all 40), then the reads
+    # the scan stops at frame 8 (was all 40): the selection's frames 3 and 5 and frame 7, the next one it would
+    # take, whose start ends the last one's display; then the reads
+    assert len(src) == 2 and len(decoded) <= 8 + 4
     monkeypatch.undo()
     # AVI keeps no presentation times: with B-frames the decoded values come out of order (1, 3, 2, ...),
     # so they are dropped for the constant frame rate
@@ -927,3 +929,95 @@ def test_a_mirroring_display_matrix_mirrors_rather_than_turns(tmp_path):
         src = ClipSource(tmp_path / f"{name}.mp4")
         assert np.array_equal(src.read(0, 2), want), name
         assert (src.rotation, src.mirrored) == (turn, mirrored), name
+
+
+def encode_timed(path, codec, pix_fmt, starts, durations, audio_s=0.0):
+    """A video whose frames start at ``starts`` and last ``durations`` (in 1/1000 s; a GIF's in 1/100 s) as the
+    file says them (each packet's duration), with ``audio_s`` seconds of AAC (mp4), made with PyAV."""
+    import av
+    from fractions import Fraction
+
+    with av.open(str(path), "w") as out:
+        v = out.add_stream(codec, rate=10)
+        v.width = v.height = 32
+        v.pix_fmt = pix_fmt
+        v.codec_context.time_base = v.time_base = Fraction(1, 100 if codec == "gif" else 1000)
+        a = out.add_stream("aac", rate=16000) if audio_s else None
+        packets = []
+        for img, start in zip(moving_clip(n=len(starts), h=32, w=32), starts):
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts = start
+            packets += v.encode(frame)
+        for packet in packets + list(v.encode()):
+            packet.duration = durations[starts.index(packet.pts)]
+            out.mux(packet)
+        if a is not None:
+            mux_tone(out, a, (0.3 * np.sin(np.arange(int(16000 * audio_s)) / 5)).astype(np.float32), "fltp")
+    return path
+
+
+def rewrite(src, out, chunk=2, **select):
+    """What a job does with the selected frames: read, then written in chunks with the input's timestamps (and
+    its audio)."""
+    from pipelines.clip_source import ClipSource
+    from pipelines.video_writer import VideoWriter
+
+    with ClipSource(src, **select) as clip:
+        w = VideoWriter(out, clip.fps, time_base=clip.time_base, end_pts=clip.end_pts,
+                        audio_from=src if clip.is_video else None, audio_start_s=float(clip.pts[0] * clip.time_base))
+        for a in range(0, len(clip), chunk):
+            w.append(clip.read(a, min(a + chunk, len(clip))), clip.pts[a:a + chunk])
+        return w.close()
+
+
+def timing(path):
+    """PyAV's reading of a video: its frames' start times, the last one's duration and the container's duration
+    (s), and the audio's end (s, None without audio)."""
+    import av
+
+    with av.open(str(path)) as c:
+        v = c.streams.video[0]
+        frames = list(c.decode(v))
+        starts = [round(float(f.pts * v.time_base), 4) for f in frames]
+        last, duration = round(float(frames[-1].duration * v.time_base), 4), c.duration / 1e6
+    with av.open(str(path)) as c:
+        audio = c.streams.audio[0] if c.streams.audio else None
+        ends = [] if audio is None else [p.pts + p.duration for p in c.demux(audio) if p.pts is not None]
+        return starts, last, duration, float(max(ends) * audio.time_base) if ends else None
+
+
+def test_a_gifs_last_frame_keeps_its_own_delay(tmp_path):
+    """Delays 500/100/50/300 ms: the output ended 0.8875 s in, its last frame shown for one frame at the clip's
+    mean rate (237.5 ms) instead of its own 300 ms. Reference: PyAV's reading of the GIF; a selection that stops
+    before the end lasts until the next frame's start."""
+    src = encode_timed(tmp_path / "in.gif", "gif", "rgb8", [0, 50, 60, 65], [50, 10, 5, 30])
+    want = timing(src)
+    assert want[1:3] == (0.3, 0.95)
+    for ext in ("mp4", "mkv"):
+        rewrite(src, tmp_path / f"out.{ext}")
+        starts, last, duration, _ = timing(tmp_path / f"out.{ext}")
+        if ext == "mp4":  # x264 decodes the last frame before the two B-frames shown ahead of it, so its sample's
+            assert duration == pytest.approx(0.95, abs=1e-3)  # duration is a decode-order gap: the file's end tells
+        else:
+            assert (starts, last, duration) == (want[0], 0.3, pytest.approx(0.95, abs=1e-3))
+    rewrite(src, tmp_path / "first3.mkv", end=3)
+    starts, last, _, _ = timing(tmp_path / "first3.mkv")
+    assert (starts[-1], last) == (0.6, 0.05)  # frame 2 until frame 3's start
+
+
+def test_a_variable_rate_videos_last_frame_keeps_its_duration(tmp_path):
+    """Frames at 0, 40, 80, 200, 240, 400 ms, the last one shown for 100 ms: the output's lasted 63 ms (one frame
+    at the mean rate). Reference: PyAV's reading of the input (the last packet's duration); the copied audio is
+    trimmed to the video's new end; a trimmed selection's last frame lasts until the next frame's start."""
+    starts = [0, 40, 80, 200, 240, 400]
+    src = encode_timed(tmp_path / "in.mp4", "libx264", "yuv420p", starts, [40, 40, 120, 40, 160, 100], audio_s=1.0)
+    want = timing(src)
+    assert want[0] == [s / 1000 for s in starts] and want[1] == 0.1
+    for ext in ("mp4", "mov"):
+        w = rewrite(src, tmp_path / f"out.{ext}", chunk=4)
+        got = timing(tmp_path / f"out.{ext}")
+        assert got[:2] == want[:2] and w.audio is None, ext
+        assert 0.5 <= got[3] < 0.5 + 0.064 + 1e-3  # AAC in packets of 64 ms: the last one kept starts before 0.5 s
+    rewrite(src, tmp_path / "first4.mp4", end=4)
+    starts, last, _, _ = timing(tmp_path / "first4.mp4")
+    assert starts[-1] + last == pytest.approx(0.24)
