@@ -247,6 +247,11 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
             raise ConfigError(_describe(e, f"override {item!r}")) from None
+        except yaml.YAMLError as e:  # the value is parsed as YAML: an unclosed quote or bracket
+            problem = " ".join(filter(None, (getattr(e, "context", None), getattr(e, "problem", None)))) \
+                or str(e).splitlines()[0]
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem}); quote it whole, "
+                              f"e.g. {key}=\"...\"") from None
     try:
         OmegaConf.resolve(cfg)  # interpolations: fail here, not halfway through a run
     except OmegaConfBaseException as e:

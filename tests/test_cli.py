@@ -301,6 +301,8 @@ BAD = [
     ("noise level above diffusers' default max_noise_level", lambda d: [f"model.path={_upscaler(d)}",
                                                                         "sampling.noise_level=351"],
      "must be in [0, 350] for "),
+    # found by a config-surface probe: each was an internal error (exit 1) or ran with a meaningless value
+    ("override value that is not YAML", lambda d: ["sampling.prompt='x"], "the value is not valid YAML"),
     ("ControlNet of another scale", lambda d: [f"model.path={_other_controlnet(d)}", "alignment.mode=tcm"],
      "takes its RGB condition down x8, but this model's condition is x4"),
 ]

@@ -58,6 +58,9 @@ def test_overrides_win_and_yaml_round_trips(tmp_path):
     (["input.end=0"], "input.end must be null or > input.start"),
     (["input.resize=-1"], "input.resize must be null or in (0, 16]"),
     (["sampling.strength"], "override 'sampling.strength' is not key=value"),
+    # the value is parsed as YAML: a stray quote or bracket was a yaml ScannerError / ParserError (exit 1)
+    (["sampling.prompt='x"], "the value is not valid YAML (while scanning a quoted scalar"),
+    (["sampling.prompt=[1, 2"], "the value is not valid YAML (while parsing a flow sequence"),
 ])
 def test_bad_values_are_one_line_errors(overrides, message):
     with pytest.raises(ConfigError) as err:
