@@ -216,6 +216,8 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"{path}: {_describe(e, path.name)}") from None
+    except AssertionError:  # OmegaConf asserts on a document that is one number or boolean
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got a single value") from None
     if not isinstance(data, DictConfig):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, got a {type(data).__name__}")
     base = data.pop(BASE_KEY, None)

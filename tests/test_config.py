@@ -73,6 +73,8 @@ def test_bad_values_are_one_line_errors(overrides, message):
     ("sampling:\n  stepz: 3\n", "unknown key sampling.stepz"),
     ("sampling:\n  num_inference_steps: many\n", "sampling.num_inference_steps: Value 'many'"),
     ("- 1\n- 2\n", "expected a mapping"),
+    ("42\n", "expected a mapping of sections at the top level, got a single value"),  # was an AssertionError
+    ("true\n", "expected a mapping of sections at the top level, got a single value"),
     ("base: job.yaml\n", "loops back"),
     ("base: missing.yaml\n", "missing.yaml: no such file"),
 ])
