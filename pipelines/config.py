@@ -78,7 +78,7 @@ class ModelConfig:
 @dataclass
 class SchedulerConfig:
     kind: SchedulerKind = "auto"  # auto: the checkpoint's own scheduler
-    eta: float = 0.0  # DDIM / DDPM-style stochasticity, >= 0
+    eta: float = 0.0  # DDIM / DDPM-style stochasticity, in [0, 1] (above 1 DDIM's step turns NaN)
 
 
 @dataclass

@@ -88,7 +88,9 @@ class SamplingOptions:
                 ("strength", 0 < self.strength <= 1, "in (0, 1]"),
                 ("seed", 0 <= self.seed < 2 ** 63 - 1_000_000, "in [0, 2**63 - 1e6)"),
                 ("noise", self.noise in ("independent", "shared"), "independent or shared"),
-                ("eta", math.isfinite(self.eta) and self.eta >= 0, "finite and >= 0"),
+                # DDIM's step takes the square root of 1 - alpha_prev - (eta sigma)^2, negative for eta > 1 at
+                # some steps: NaN samples, a black video
+                ("eta", 0 <= self.eta <= 1, "in [0, 1]"),
                 ("guidance_scale", math.isfinite(self.guidance_scale) and self.guidance_scale >= 0, "finite and >= 0"),
                 ("noise_level", self.noise_level >= 0, ">= 0"),
                 ("direction", self.direction in ("bidirectional", "forward", "backward"),

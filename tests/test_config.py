@@ -50,6 +50,7 @@ def test_overrides_win_and_yaml_round_trips(tmp_path):
     (["bogus=1"], "unknown key bogus"),
     (["alignment.mode=magic"], "alignment.mode: Invalid value 'magic'"),
     (["alignment.weight=2"], "alignment.weight must be in [0, 1], got 2.0"),
+    (["scheduler.eta=1.5"], "scheduler.eta must be in [0, 1], got 1.5"),  # ran: DDIM's step NaN, a black video
     (["schedule.chain_length=-1"], "schedule.chain_length must be >= 0"),
     (["flow.scale=0"], "flow.scale must be in (0, 1]"),
     (["flow.method=raft"], "flow.raft_weights must be a local RAFT weights file"),
