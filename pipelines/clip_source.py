@@ -201,7 +201,7 @@ class ClipSource:
         if self.pts is not None:  # the last frame stands for itself and the stride - 1 after it, as all do
             after = self._index[-1] + stride if end is None else min(self._index[-1] + stride, end)
             self.end_pts = pts[after] if after < len(pts) else clip_end
-        self.fps = float(rate) / stride if rate else None
+        self.fps = float(Fraction(rate) / stride) if rate else None  # exact: float(rate) / 10**400 overflows
 
     def _decode_to(self, source_index: int) -> np.ndarray:
         """The frame at ``source_index`` (in decode order of presentation), decoding forwards."""

@@ -271,7 +271,9 @@ class VideoWriter:
         if not 0 <= crf <= 51:
             raise ValueError(f"crf must be in [0, 51], got {crf}")
         self.path, self.crf, self.replace = Path(path), crf, replace
-        self.rate = Fraction(fps).limit_denominator(1001000)
+        # at least the smallest rate this denominator holds: a tiny rate (input.stride 10**8: 1.2e-7 fps) must not
+        # round to 0
+        self.rate = max(Fraction(fps).limit_denominator(1001000), Fraction(1, 1001000))
         self.time_base, self.sample_aspect = time_base, sample_aspect  # sample_aspect: non-square pixels
         self.audio_from, self.audio_start_s = audio_from, audio_start_s
         self.tmp = temp_sibling(self.path)

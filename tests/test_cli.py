@@ -176,6 +176,17 @@ def test_overwrite(data, tmp_path, capsys):
     assert digest(out) != kept and saved["sampling"]["seed"] == 5 and saved["alignment"]["mode"] == "none"
 
 
+
+@pytest.mark.parametrize("stride", [10 ** 8, 10 ** 400], ids=["1e8", "1e400"])
+def test_a_stride_beyond_the_clip_samples_its_first_frame(data, tmp_path, capsys, stride):
+    """input.stride=10**8 made the output rate (12 fps / stride) round to 0 in the writer, 10**400 overflowed a
+    float: exit 1 'internal: ZeroDivisionError' / 'OverflowError'. Like stride 1000, it takes the first frame."""
+    out = tmp_path / "o.mp4"
+    rc, _, err = cli(capsys, "--input", data / "clip.mp4", "--output", out, f"model.path={data / 'model'}", *FAST,
+                     f"input.stride={stride}")
+    assert rc == 0, err
+    assert len(read_clip(out).frames) == 1
+
 def _corrupt(d):
     (d / "bad.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
     return d / "bad.mp4"
