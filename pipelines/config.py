@@ -197,6 +197,22 @@ def _describe(err: OmegaConfBaseException, source: str) -> str:
     return f"{key}: {first} (in {source})" if key else f"{first} (in {source})"
 
 
+def _no_unset_marks(conf: DictConfig, source: str) -> None:
+    """OmegaConf reads ``???`` as "unset", and merging an unset value keeps the value under it: refuse it rather
+    than run with the default the user meant to replace."""
+    def walk(tree, prefix=""):  # unresolved: an interpolation may name a key of the base or the schema
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from walk(value, f"{prefix}{key}.")
+            elif value == "???":
+                yield f"{prefix}{key}"
+
+    unset = sorted(walk(OmegaConf.to_container(conf, resolve=False)))
+    if unset:
+        raise ConfigError(f"{unset[0]}: '???' marks a value as unset in OmegaConf, so the default would stay; "
+                          f"give a value (in {source})")
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     """A YAML file as a DictConfig, with its ``base:`` chain merged underneath."""
     if path.resolve() in seen:
@@ -220,6 +236,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, got a single value") from None
     if not isinstance(data, DictConfig):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, got a {type(data).__name__}")
+    _no_unset_marks(data, str(path))
     base = data.pop(BASE_KEY, None)
     if base is None:
         return data
@@ -246,7 +263,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not eq or not key.strip():
             raise ConfigError(f"override {item!r} is not key=value")
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            given = OmegaConf.from_dotlist([item])
+            _no_unset_marks(given, f"override {item!r}")
+            cfg = OmegaConf.merge(cfg, given)
         except OmegaConfBaseException as e:
             raise ConfigError(_describe(e, f"override {item!r}")) from None
         except yaml.YAMLError as e:  # the value is parsed as YAML: an unclosed quote or bracket

@@ -62,6 +62,9 @@ def test_overrides_win_and_yaml_round_trips(tmp_path):
     # the value is parsed as YAML: a stray quote or bracket was a yaml ScannerError / ParserError (exit 1)
     (["sampling.prompt='x"], "the value is not valid YAML (while scanning a quoted scalar"),
     (["sampling.prompt=[1, 2"], "the value is not valid YAML (while parsing a flow sequence"),
+    # OmegaConf's "unset" mark: the merge kept the default and the run went on without a word
+    (["sampling.strength=???"], "sampling.strength: '???' marks a value as unset"),
+    (["sampling.prompt=???"], "sampling.prompt: '???' marks a value as unset"),
 ])
 def test_bad_values_are_one_line_errors(overrides, message):
     with pytest.raises(ConfigError) as err:
@@ -76,6 +79,7 @@ def test_bad_values_are_one_line_errors(overrides, message):
     ("- 1\n- 2\n", "expected a mapping"),
     ("42\n", "expected a mapping of sections at the top level, got a single value"),  # was an AssertionError
     ("true\n", "expected a mapping of sections at the top level, got a single value"),
+    ("sampling:\n  strength: ???\n", "sampling.strength: '???' marks a value as unset"),  # ran at strength 1
     ("base: job.yaml\n", "loops back"),
     ("base: missing.yaml\n", "missing.yaml: no such file"),
 ])
