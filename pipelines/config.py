@@ -45,6 +45,7 @@ RunMode = Literal["auto", "one_pass", "windows"]
 TcmDecoder = Literal["vae", "preview"]
 FusionSpace = Literal["frame", "sample", "decoded"]
 DEVICE_PATTERN = re.compile(r"auto|cpu|(cuda|xpu|mps|mtia|hpu|npu|xla|privateuseone)(:\d+)?")  # torch's accelerators
+MAX_DEVICE_INDEX = 127  # torch keeps a device index in 8 signed bits: cuda:256 is cuda:0, cuda:128 is cuda:-128
 BASE_KEY = "base"
 
 
@@ -303,6 +304,10 @@ def validate(cfg: DictConfig) -> None:
     _check(bool(m.path.strip()), "model.path", "a hub id or a folder", m.path)
     _check(DEVICE_PATTERN.fullmatch(m.device) is not None, "model.device",
            "auto, cpu or an accelerator such as cuda, cuda:N, xpu:N or mps", m.device)
+    index = m.device.partition(":")[2]
+    if index:  # torch refuses cuda:01 and, past 2**31, any index; in between it wraps the index around
+        _check(re.fullmatch(r"0|[1-9]\d*", index) is not None and int(index) <= MAX_DEVICE_INDEX, "model.device",
+               f"an accelerator with an index N in [0, {MAX_DEVICE_INDEX}] without leading zeros (cuda:N)", m.device)
     _check(m.dtype in get_args(Dtype), "model.dtype", " or ".join(get_args(Dtype)), m.dtype)
     if m.variant is not None:
         _check(re.fullmatch(r"[A-Za-z0-9_-]+", m.variant) is not None, "model.variant",

@@ -57,6 +57,9 @@ def test_overrides_win_and_yaml_round_trips(tmp_path):
     (["model.device=gpu"], "model.device must be auto, cpu or an accelerator such as cuda, cuda:N, xpu:N or mps, "
                            "got 'gpu'"),
     (["input.end=0"], "input.end must be null or > input.start"),
+    # torch wraps an index into 8 bits (cuda:256 ran on cuda:0) and refuses cuda:01 as 'not a device type'
+    (["model.device=cuda:256"], "model.device must be an accelerator with an index N in [0, 127] without leading zeros"),
+    (["model.device=cuda:01"], "model.device must be an accelerator with an index N in [0, 127]"),
     (["input.resize=-1"], "input.resize must be null or in (0, 16]"),
     (["sampling.strength"], "override 'sampling.strength' is not key=value"),
     # the value is parsed as YAML: a stray quote or bracket was a yaml ScannerError / ParserError (exit 1)
