@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+LIB_MODES = ("one-pass", "windows")  # the library measurement (a tiny model, no command line)
+CLI_ONLY_MODES = ("default", "one-pass-memory", "one-pass-files")  # --cli: run_video.py's configs (cli_measure)
 
 
 def child(frames: int, size: int, mode: str, model_dir: str, steps: int = 2) -> dict:
@@ -114,7 +116,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--frames", type=int, nargs="+", default=[30, 100, 300])
     p.add_argument("--size", type=int, default=64, help="input side (the tiny model upscales x2)")
-    p.add_argument("--modes", nargs="+", default=["one-pass", "windows"], choices=["one-pass", "windows"])
+    p.add_argument("--modes", nargs="+", default=["one-pass", "windows"], choices=[*LIB_MODES, *CLI_ONLY_MODES],
+                   help="one-pass, windows; with --cli also default, one-pass-memory, one-pass-files")
     p.add_argument("--cli", action="store_true",
                    help="measure through run_video.py with the shipped model (default config, 1 step)")
     p.add_argument("--model", default=None, help="--cli: model.path (default: configs/default.yaml's)")
@@ -123,6 +126,9 @@ def main(argv=None) -> int:
     if len(set(a.frames)) < 2 or min(a.frames) < 2:
         p.error(f"--frames needs two or more different clip lengths >= 2 (memory is fitted against length), "
                 f"got {' '.join(map(str, a.frames))}")
+    if not a.cli and set(a.modes) & set(CLI_ONLY_MODES):
+        p.error(f"--modes {' '.join(m for m in a.modes if m in CLI_ONLY_MODES)} needs --cli "
+                f"(without it: {', '.join(LIB_MODES)})")
     sys.path.insert(0, str(ROOT / "tests"))
     import tiny
 

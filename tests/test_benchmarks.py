@@ -264,3 +264,21 @@ def test_a_mistyped_model_path_fails_at_once_and_the_cli_refusal_is_bad_input(tm
         assert isinstance(e, RuntimeError) and "missing.mp4: no such file" in str(e)
     else:
         raise AssertionError("the missing input was accepted")
+
+
+def test_long_clip_takes_the_readmes_cli_modes_and_refuses_them_without_cli(monkeypatch, capsys):
+    # README: `long_clip.py --cli ... --modes default one-pass-files one-pass-memory windows`; argparse
+    # allowed only one-pass and windows, so the documented command was exit 2 before measuring anything
+    import long_clip
+
+    seen = {}
+    monkeypatch.setattr(long_clip, "cli_main", lambda a: seen.setdefault("modes", a.modes) and 0)
+    modes = ["default", "one-pass-files", "one-pass-memory", "windows"]
+    assert long_clip.main(["--cli", "--frames", "30", "300", "--size", "32", "--modes", *modes]) == 0
+    assert seen["modes"] == modes
+    try:
+        long_clip.main(["--frames", "30", "300", "--modes", "one-pass-files"])
+    except SystemExit as e:
+        assert e.code == 2 and "needs --cli" in capsys.readouterr().err
+    else:
+        raise AssertionError("a command-line-only mode was accepted without --cli")
