@@ -643,3 +643,13 @@ def test_the_tiny_text_encoder_leaves_the_callers_random_stream_alone(tmp_path):
     assert torch.equal(torch.rand(3), expected)
     enc2, _ = tiny_text_encoder(tmp_path / "tok2")  # and the encoder itself stays the seeded one
     assert all(torch.equal(a, b) for a, b in zip(enc.state_dict().values(), enc2.state_dict().values()))
+
+
+def test_every_training_scripts_help_names_the_run_folder_layout_it_uses():
+    # train_vae.py --help said "resumable from runs/<name>/last.*", a layout no script writes any more
+    # (README: checkpoint-<step>/ and state.json in --run, the export in <run>/export)
+    import ast
+
+    for name in ("train_vsr", "train_vae", "train_latent_unet", "train_preview", "train_tcm"):
+        doc = ast.get_docstring(ast.parse((ROOT / "training" / f"{name}.py").read_text()))
+        assert "last.*" not in doc, name

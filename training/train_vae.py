@@ -15,7 +15,7 @@ folder exists, scikit-image's photographs, wolf.mp4 (its last frames held out fo
 procedural textures, with random rescale, flips and rotations. woman-running.mp4 is the evaluation
 clip and is never read here.
 
-Usage (seeded, resumable from runs/<name>/last.*):
+Usage (seeded, resumable from the --run folder; the export goes to <run>/export unless --out is given):
     nohup python training/train_vae.py --threads 2 > runs/vae.log 2>&1 &
 """
 from __future__ import annotations
