@@ -63,7 +63,7 @@ def measure(vae, gt: torch.Tensor, held_out: tuple[torch.Tensor, torch.Tensor] |
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="benchmarks/vae_colour.py", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="benchmarks/vae_colour.py", description=__doc__.split("\n\n")[0])
     p.add_argument("vaes", nargs="+", help="AutoencoderKL folders")
     p.add_argument("--held-out", default="rollercoaster.mp4", help="a clip of ../shared/clips/train ('' for none)")
     p.add_argument("--resize", type=int, default=None, help="shorter side of the ground truth (tests)")

@@ -282,3 +282,15 @@ def test_long_clip_takes_the_readmes_cli_modes_and_refuses_them_without_cli(monk
         assert e.code == 2 and "needs --cli" in capsys.readouterr().err
     else:
         raise AssertionError("a command-line-only mode was accepted without --cli")
+
+
+def test_vae_colour_help_gives_its_whole_first_sentence(capsys):
+    # the description was the docstring's first line, cut mid-sentence ("... and what it")
+    import vae_colour
+
+    try:
+        vae_colour.main(["--help"])
+    except SystemExit as e:
+        assert e.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "and what it does to uniform colours and to colour-turned frames." in out
