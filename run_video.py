@@ -75,8 +75,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(DEFAULT_CONFIG),
                    help="job config (default: configs/default.yaml; relative paths fall back to the repo root)")
-    p.add_argument("--input", default=None, help="video, GIF, image or folder of images (default: assets/example.mp4)")
-    p.add_argument("--output", default=None, help="output video (default: outputs/<input stem>_<config stem>.mp4)")
+    p.add_argument("--input", default=None,
+                   help="video, GIF, image or folder of images, or a folder of videos or .txt list of clips "
+                        "(default: assets/example.mp4)")
+    p.add_argument("--output", default=None,
+                   help="output video (default: outputs/<input stem>_<config stem>.mp4); a folder for many clips")
     p.add_argument("--reference", default=None, help="ground-truth clip: PSNR, SSIM, warp error in the report")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--debug", action="store_true", help="re-raise internal errors with the traceback")

@@ -1238,3 +1238,13 @@ def test_the_variant_falls_back_whatever_the_loader_says_and_shards_name_it(tmp_
                  "diffusion_pytorch_model.fp16-00002-of-00002.safetensors", "config.json"):
         (tmp_path / name).write_text("")
     assert _variants_only(tmp_path) == ["fp16"]
+
+
+def test_help_names_the_many_clip_inputs_and_the_output_folder(capsys):
+    # README: --input may also be a folder of video files or a .txt list of clips, --output then a folder;
+    # --help named only a video, GIF, image or folder of images
+    with pytest.raises(SystemExit) as e:
+        run_video.parse_args(["--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "folder of videos or .txt list of clips" in out and "a folder for many clips" in out
