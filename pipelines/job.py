@@ -524,8 +524,9 @@ class FrameReader:
         return x if tuple(x.shape[-2:]) == self.size else bicubic_resize(x, self.size).clamp(-1, 1)
 
 
-STATE_VERSION = 3  # raised when what a work folder holds changes meaning (2: latent upscalers are not padded;
-# 3: the fingerprint holds a local model folder's and the RAFT weights' contents, not their paths, and no input keys)
+STATE_VERSION = 4  # raised when what a work folder holds changes meaning (2: latent upscalers are not padded;
+# 3: the fingerprint holds a local model folder's and the RAFT weights' contents, not their paths, and no input keys;
+# 4: a hub id's cached snapshot commit, not its name)
 
 
 _digests: dict[tuple, str] = {}  # a file's sha256 by (path, inode, size, mtime, ctime): a list of clips hashes once
@@ -543,13 +544,32 @@ def _file_digest(path: Path) -> str:
     return _digests[key]
 
 
+def _hub_snapshot(cfg: DictConfig) -> Path | None:
+    """The local cache's snapshot folder (named by its commit) that a hub id loads from without the network: the
+    one its ``refs/main`` names, as ``from_pretrained`` resolves it offline; None when the id is not cached."""
+    m = cfg.model
+    name = f"{m.unet_subfolder}/config.json"  # read by every load
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(str(m.path), name)
+    except Exception:  # not a valid repo id, or no hub client
+        return None
+    return Path(found).parents[len(Path(name).parts) - 1] if isinstance(found, str) else None
+
+
 def _model_contents(cfg: DictConfig) -> dict | None:
     """The files a local model folder's loading reads (pipelines.loading: ``vsr_config.json`` and the
-    component subfolders the config names), relative path -> sha256; None for a hub id."""
+    component subfolders the config names), relative path -> sha256; for a hub id, the commit its cached
+    snapshot holds (:func:`_hub_snapshot`; that folder's files when it is not named by a commit), or None
+    when it is not cached."""
     m = cfg.model
     folder = from_root(Path(m.path))
     if not folder.is_dir():
-        return None
+        if not is_hub_id(str(m.path)) or (folder := _hub_snapshot(cfg)) is None:
+            return None
+        if re.fullmatch(r"[0-9a-f]{40}", folder.name):  # a commit identifies its files
+            return {"commit": folder.name}
     subs = [m.unet_subfolder, m.vae_subfolder, m.scheduler_subfolder, m.text_encoder_subfolder,
             m.tokenizer_subfolder, "low_res_scheduler"]
     if cfg.alignment.mode == "tcm":  # loaded only for the TCM
@@ -563,7 +583,8 @@ def fingerprint(cfg: DictConfig, read: Callable[[int, int], torch.Tensor], n: in
     """What makes a work folder reusable: the config that shapes sampling (all but ``output`` and ``input``), the
     decoded input frames themselves (a frame overwritten in place changes it; a moved file does not), the
     contents of a local model folder (and of the RAFT weights) rather than their paths (weights retrained in
-    place change it; the same folder named by another path does not) and :data:`STATE_VERSION`. Hashed chunk
+    place change it; the same folder named by another path does not), a hub id's cached commit and
+    :data:`STATE_VERSION`. Hashed chunk
     by chunk, so the clip is never held."""
     # ``input`` only selects and resizes the frames, which are hashed as the model gets them: input.strict, or
     # input.end written out where it was the clip's end, changes nothing sampled
@@ -734,6 +755,7 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
     if workdir is not None:
         from .checkpoint import Checkpointer
 
+        cached = _model_contents(cfg) if is_hub_id(model_path) else None  # the hub id's revision in the cache
         key = fingerprint(cfg, read, n)
         Checkpointer.verify(workdir, key)
         _creatable_parent("--workdir", workdir / "run.json")  # before the model loads, not at the first save
@@ -741,6 +763,9 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
 
     log(f"loading model {model_path} on {device} ({cfg.model.dtype})")
     pipe = load_model(cfg, model_path, device, timer)
+    if workdir is not None and is_hub_id(model_path) and _model_contents(cfg) != cached:
+        key = fingerprint(cfg, read, n)  # the load fetched another revision of the hub id: the key is that one's
+        Checkpointer.verify(workdir, key)
     log(f"model: {pipe.kind}, x{pipe.scale}")
     alignment = build_alignment(cfg, pipe)
     job_warnings = [*source.warnings, *early_warnings]

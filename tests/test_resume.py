@@ -141,3 +141,68 @@ def test_input_keys_that_select_the_same_frames_resume(tmp_path):
     run("input.strict=true", "input.end=3")
     with pytest.raises(WorkdirMismatch, match="different configuration"):
         run("input.start=1")  # other frames
+
+
+def _hub_cache(tmp_path, monkeypatch, repo="bisweep-test/tiny-vsr"):
+    """An offline Hugging Face cache holding ``repo`` at one commit (refs/main -> snapshots/<commit>/, a tiny
+    model), as from_pretrained finds it without the network; returns a function that adds a commit with other
+    weights and moves refs/main to it."""
+    import huggingface_hub.constants as hub
+
+    cache = tmp_path / "hf" / "hub"
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    for key, value in (("HF_HOME", str(tmp_path / "hf")), ("HF_HUB_CACHE", str(cache)), ("HF_HUB_OFFLINE", "1")):
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))  # read once, when the hub client was imported
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+
+    def commit(sha, residual_scale):
+        tiny.save_residual_sr(folder / "snapshots" / sha, scale=2, residual_scale=residual_scale, channels=(8, 16))
+        (folder / "refs").mkdir(parents=True, exist_ok=True)
+        (folder / "refs" / "main").write_text(sha)
+
+    commit("a" * 40, 0.1)
+    return repo, lambda: commit("b" * 40, 0.3)
+
+
+def _hub_job(tmp_path, repo):
+    from pipelines.config import load_config
+    from pipelines.job import run_clip
+    from pipelines.video_io import to_uint8, write_video
+
+    clip = tmp_path / "in.mp4"
+    write_video(clip, to_uint8(tiny.textured_clip(3, 24, shift=(0.8, 0.4))), 10)
+
+    def run():
+        cfg = load_config(None, [f"model.path={repo}", "sampling.num_inference_steps=2", "runtime.threads=1",
+                                 "alignment.mode=fusion"])
+        return run_clip(cfg, clip, tmp_path / "out.mp4", workdir=tmp_path / "work", overwrite=True,
+                        log=lambda m: None, progress=False)
+
+    return run
+
+
+def test_a_hub_model_updated_between_a_stop_and_the_restart_is_refused(tmp_path, monkeypatch):
+    """A hub id counted by its name: once the repository (refs/main) moved to another commit, the restart
+    resumed the old weights' saved state under the new ones. The same commit still resumes."""
+    repo, update = _hub_cache(tmp_path, monkeypatch)
+    run = _hub_job(tmp_path, repo)
+    assert run()["model_path"] == repo  # loaded from the cache, offline
+    assert (tmp_path / "work" / "state.safetensors").exists()
+    run()  # nothing changed: resumes
+    update()
+    with pytest.raises(WorkdirMismatch, match="different configuration"):
+        run()
+
+
+def test_a_hub_model_updated_while_it_loads_is_refused(tmp_path, monkeypatch):
+    """Online, the load itself may fetch a newer commit than the cache held when the work folder was checked."""
+    from pipelines import job
+
+    repo, update = _hub_cache(tmp_path, monkeypatch)
+    run = _hub_job(tmp_path, repo)
+    run()
+    load = job.load_model
+    monkeypatch.setattr(job, "load_model", lambda *a: (update(), load(*a))[1])
+    with pytest.raises(WorkdirMismatch, match="different configuration"):
+        run()
