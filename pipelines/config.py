@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Optional, get_args
 
@@ -198,20 +198,45 @@ def _describe(err: OmegaConfBaseException, source: str) -> str:
     return f"{key}: {first} (in {source})" if key else f"{first} (in {source})"
 
 
-def _no_unset_marks(conf: DictConfig, source: str) -> None:
-    """OmegaConf reads ``???`` as "unset", and merging an unset value keeps the value under it: refuse it rather
-    than run with the default the user meant to replace."""
-    def walk(tree, prefix=""):  # unresolved: an interpolation may name a key of the base or the schema
+# each schema key's declared type, as written in its dataclass ("bool", "str", "Optional[int]", ...)
+FIELD_TYPES = {f"{section.name}.{f.name}": f.type
+               for section in fields(JobConfig) for f in fields(section.default_factory)}
+# the values OmegaConf takes as booleans, less its other integers (it reads 2 or -1 as true)
+BOOLEAN_WORDS = {"true", "false", "yes", "no", "on", "off", "y", "n", "1", "0"}
+
+
+def _leaves(conf: DictConfig):
+    """(dotted key, raw value) of each leaf, unresolved: an interpolation may name a key of the base or the schema."""
+    def walk(tree, prefix=""):
         for key, value in tree.items():
             if isinstance(value, dict):
                 yield from walk(value, f"{prefix}{key}.")
-            elif value == "???":
-                yield f"{prefix}{key}"
+            else:
+                yield f"{prefix}{key}", value
 
-    unset = sorted(walk(OmegaConf.to_container(conf, resolve=False)))
+    return walk(OmegaConf.to_container(conf, resolve=False))
+
+
+def _no_unset_marks(conf: DictConfig, source: str) -> None:
+    """OmegaConf reads ``???`` as "unset", and merging an unset value keeps the value under it: refuse it rather
+    than run with the default the user meant to replace."""
+    unset = sorted(key for key, value in _leaves(conf) if value == "???")
     if unset:
         raise ConfigError(f"{unset[0]}: '???' marks a value as unset in OmegaConf, so the default would stay; "
                           f"give a value (in {source})")
+
+
+def _only_booleans(conf: DictConfig, source: str) -> None:
+    """OmegaConf turns any integer into a boolean for a bool field (2 would mean true): refuse all but true/false
+    and the words and numbers OmegaConf itself reads as them (yes/no, on/off, y/n, 1/0)."""
+    for key, value in _leaves(conf):
+        if FIELD_TYPES.get(key) != "bool" or isinstance(value, bool) or value is None:
+            continue  # None: OmegaConf's own message
+        if isinstance(value, str) and ("${" in value or value.lower() in BOOLEAN_WORDS):
+            continue
+        if isinstance(value, int) and value in (0, 1):
+            continue
+        raise ConfigError(f"{key} must be true or false, got {value!r} (in {source})")
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
@@ -238,6 +263,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     if not isinstance(data, DictConfig):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, got a {type(data).__name__}")
     _no_unset_marks(data, str(path))
+    _only_booleans(data, str(path))
     base = data.pop(BASE_KEY, None)
     if base is None:
         return data
@@ -266,6 +292,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         try:
             given = OmegaConf.from_dotlist([item])
             _no_unset_marks(given, f"override {item!r}")
+            _only_booleans(given, f"override {item!r}")
             cfg = OmegaConf.merge(cfg, given)
         except OmegaConfBaseException as e:
             raise ConfigError(_describe(e, f"override {item!r}")) from None

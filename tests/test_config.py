@@ -92,6 +92,22 @@ def test_bad_files_are_one_line_errors(tmp_path, text, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_boolean_key_takes_only_a_boolean(tmp_path):
+    """OmegaConf turns any integer into a boolean, so back_projection=2 (or -1) ran as true without a word: refused
+    now, in overrides, in a file and in its base; the spellings OmegaConf documents as booleans still work."""
+    for over in (["sampling.back_projection=2"], ["alignment.tcm_masked=2"], ["sampling={back_projection: -1}"],
+                 ['output.audio="2"']):
+        with pytest.raises(ConfigError, match=r"must be true or false, got \S+ \(in override") as err:
+            load_config(DEFAULT, over)
+        assert "\n" not in str(err.value)
+    base = write(tmp_path, "sampling:\n  back_projection: 2\n", "base.yaml")
+    for path in (base, write(tmp_path, "base: base.yaml\n")):
+        with pytest.raises(ConfigError, match=r"sampling.back_projection must be true or false, got 2 \(in .*base"):
+            load_config(path)
+    for value, meant in (("true", True), ("False", False), ("yes", True), ("off", False), ("1", True), ("0", False)):
+        assert load_config(None, [f"sampling.back_projection={value}"]).sampling.back_projection is meant
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         load_config(tmp_path / "nope.yaml")
