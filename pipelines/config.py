@@ -286,7 +286,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         except OmegaConfBaseException as e:
             raise ConfigError(_describe(e, str(path))) from None
     for item in overrides:
-        key, eq, _ = item.partition("=")
+        key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise ConfigError(f"override {item!r} is not key=value")
         try:
@@ -294,7 +294,15 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             _no_unset_marks(given, f"override {item!r}")
             _only_booleans(given, f"override {item!r}")
             cfg = OmegaConf.merge(cfg, given)
+        except ConfigKeyError as e:
+            raise ConfigError(_describe(e, f"override {item!r}")) from None
         except OmegaConfBaseException as e:
+            if not value.strip():  # OmegaConf reads an empty value as null: "Incompatible value 'None'"
+                key = key.strip()
+                how = (f"for an empty string give {key}=\"\" or {key}='', quoted for the shell as in '{key}=\"\"'"
+                       if FIELD_TYPES.get(key) == "str" else "give a value")
+                raise ConfigError(f"{key}: the value is empty, which OmegaConf reads as null; {how} "
+                                  f"(in override {item!r})") from None
             raise ConfigError(_describe(e, f"override {item!r}")) from None
         except yaml.YAMLError as e:  # the value is parsed as YAML: an unclosed quote or bracket
             problem = " ".join(filter(None, (getattr(e, "context", None), getattr(e, "problem", None)))) \

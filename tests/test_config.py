@@ -108,6 +108,20 @@ def test_a_boolean_key_takes_only_a_boolean(tmp_path):
         assert load_config(None, [f"sampling.back_projection={value}"]).sampling.back_projection is meant
 
 
+def test_an_empty_override_says_so_and_how_to_give_an_empty_string():
+    """sampling.prompt= said "Incompatible value 'None' for field of type 'str'": the value is empty, and an
+    empty string is written "" or ''."""
+    with pytest.raises(ConfigError) as err:
+        load_config(DEFAULT, ["sampling.prompt="])
+    assert str(err.value) == ("sampling.prompt: the value is empty, which OmegaConf reads as null; for an empty string "
+                              "give sampling.prompt=\"\" or sampling.prompt='', quoted for the shell as in "
+                              "'sampling.prompt=\"\"' (in override 'sampling.prompt=')")
+    with pytest.raises(ConfigError, match=r"^sampling.seed: the value is empty, .*; give a value \(in override"):
+        load_config(DEFAULT, ["sampling.seed="])
+    assert load_config(DEFAULT, ['sampling.prompt=""']).sampling.prompt == ""
+    assert load_config(DEFAULT, ["input.end="]).input.end is None  # null where the key allows it
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         load_config(tmp_path / "nope.yaml")
