@@ -511,9 +511,11 @@ def check_model_settings(cfg: DictConfig, pipe: VideoPipeline) -> None:
                           "model (use model.convention=auto)")
 
 
-def ineffective_settings(cfg: DictConfig, pipe: VideoPipeline, asked: set[str]) -> list[str]:
+def ineffective_settings(cfg: DictConfig, pipe: VideoPipeline, asked: set[str], *, one_pass: str | None = None,
+                         workdir: bool = True) -> list[str]:
     """One line for each setting in ``asked`` (see :func:`asked_keys`) whose value differs from the schema's
-    default but has no effect with this model and mode, saying why (for a warning)."""
+    default but has no effect with this model and mode, saying why (for a warning). ``one_pass``: why the clip
+    runs in one pass, where it does; ``workdir``: whether the run checkpoints to a work folder."""
     import inspect
 
     a, sc, s, f = cfg.alignment, cfg.schedule, cfg.sampling, cfg.flow
@@ -545,6 +547,11 @@ def ineffective_settings(cfg: DictConfig, pipe: VideoPipeline, asked: set[str]) 
         rules.append((("raft_weights",), "flow", f"flow.method is {f.method}"))
     if pipe.vae is None:
         rules.append((("vae_tiling", "vae_slicing"), "model", "the model has no VAE"))
+    if one_pass:  # under mode windows, a window that holds the whole clip is what made it one pass
+        names = ("overlap", "anchor_weight") + (("window",) if cfg.runtime.mode != "windows" else ())
+        rules.append((names, "runtime", one_pass))
+    if not workdir:
+        rules.append((("checkpoint_every",), "runtime", "without --workdir nothing is checkpointed"))
     default = OmegaConf.structured(JobConfig)
     lines = []
     for names, section, why in rules:

@@ -769,7 +769,14 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
     log(f"model: {pipe.kind}, x{pipe.scale}")
     alignment = build_alignment(cfg, pipe)
     job_warnings = [*source.warnings, *early_warnings]
-    for warning in ineffective_settings(cfg, pipe, asked or set()):
+    mode = _choose_mode(cfg, n)
+    if mode == "windows" and n <= r.window:  # one window holds the clip: reported as what runs
+        mode = "one_pass"
+    one_pass = None if mode != "one_pass" else {  # why the clip runs in one pass, for the no-effect warnings
+        "one_pass": "runtime.mode is one_pass",
+        "auto": f"the {n} frame(s) run in one pass (runtime.mode=auto, runtime.one_pass_max={r.one_pass_max})",
+        "windows": f"runtime.window={r.window} holds all {n} frame(s): one pass"}[r.mode]
+    for warning in ineffective_settings(cfg, pipe, asked or set(), one_pass=one_pass, workdir=workdir is not None):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
         job_warnings.append(warning)
     out_size = (read.size[0] * pipe.scale, read.size[1] * pipe.scale)
@@ -780,9 +787,6 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
             check_flow_size(out_size, flow_cfg)
         except ValueError as e:
             raise ConfigError(str(e)) from e
-    mode = _choose_mode(cfg, n)
-    if mode == "windows" and n <= r.window:  # one window holds the clip: reported as what runs
-        mode = "one_pass"
 
     # sampling, as a stream of finished output chunks (first index, uint8 (k, H, W, 3))
     multiple, least = pipe.input_multiple(), pipe.min_input_side()

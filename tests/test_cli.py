@@ -841,6 +841,28 @@ def test_settings_that_contradict_the_model_or_do_nothing(data, tmp_path, capsys
     assert rc == 0 and "warning" not in err
 
 
+def test_window_and_checkpoint_settings_without_effect_are_named(data, tmp_path, capsys):
+    """runtime.window, overlap and anchor_weight on a clip that runs in one pass, and runtime.checkpoint_every
+    without --workdir, did nothing without a word, unlike the other inert keys: named now, on stderr and in the
+    report; not on a run that uses them."""
+    base = ["--input", data / "clip.mp4", f"model.path={data / 'model'}", *FAST]
+    rc, _, err = cli(capsys, *base, "--output", tmp_path / "o.mp4", "runtime.window=3", "runtime.overlap=1",
+                     "runtime.anchor_weight=0.5", "runtime.checkpoint_every=2")
+    assert rc == 0, err
+    warned = [line for line in err.splitlines() if line.startswith("warning: config:")]
+    assert [w.split("=")[0] for w in warned] == ["warning: config: runtime." + k for k in (
+        "overlap", "anchor_weight", "window", "checkpoint_every")], warned
+    assert "the 4 frame(s) run in one pass (runtime.mode=auto" in warned[0] and "--workdir" in warned[3]
+    assert [f"warning: {w}" for w in json.loads((tmp_path / "o.json").read_text())["warnings"]] == warned
+    # windows that hold the clip: the window made it one pass, the overlap did nothing
+    rc, _, err = cli(capsys, *base, "--output", tmp_path / "p.mp4", "runtime.mode=windows", "runtime.window=6",
+                     "runtime.overlap=1")
+    assert rc == 0 and err.count("warning: config:") == 1 and "runtime.overlap=1 has no effect" in err, err
+    rc, _, err = cli(capsys, *base, "--output", tmp_path / "q.mp4", "--workdir", tmp_path / "work",
+                     "runtime.mode=windows", "runtime.window=3", "runtime.overlap=1", "runtime.checkpoint_every=2")
+    assert rc == 0 and "warning: config:" not in err, err
+
+
 def _run_with_workdir(capsys, data, tmp_path, *extra, name="o"):
     return cli(capsys, "--input", data / "clip.mp4", "--output", tmp_path / f"{name}.mp4", "--workdir",
                tmp_path / "work", f"model.path={data / 'model'}", *FAST, *extra)
