@@ -72,15 +72,20 @@ def _from_pretrained(load, path: str, sub: str, variant: str | None, **kw):
             raise first from None
 
 
+def _read_json(f: Path):
+    """The JSON value in the model's file ``f``; ModelLoadError naming it when it cannot be read or parsed."""
+    try:
+        return json.loads(f.read_text())
+    except (ValueError, OSError) as e:
+        raise ModelLoadError(f"{f} is not valid JSON: {e}") from e
+
+
 def read_vsr_config(path: str | Path) -> dict:
     """This project's ``vsr_config.json`` (scale, residual_scale, training facts); {} when absent."""
     f = Path(path) / "vsr_config.json"
     if not f.exists():
         return {}
-    try:
-        meta = json.loads(f.read_text())
-    except (ValueError, OSError) as e:
-        raise ModelLoadError(f"{f} is not valid JSON: {e}") from e
+    meta = _read_json(f)
     if not isinstance(meta, dict):
         raise ModelLoadError(f"{f} must hold a JSON object, not {type(meta).__name__}")
     return meta
@@ -94,10 +99,7 @@ def read_max_noise_level(path: str, local: bool) -> int | None:
         f = Path(path) / "model_index.json"
         if not f.is_file():
             return None
-        try:
-            index = json.loads(f.read_text())
-        except (ValueError, OSError) as e:
-            raise ModelLoadError(f"{f} is not valid JSON: {e}") from e
+        index = _read_json(f)
     else:
         index = _hub_json(path, "model_index.json")
     value = index.get("max_noise_level") if isinstance(index, dict) else None

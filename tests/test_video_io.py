@@ -286,23 +286,28 @@ def mux_tone(container, stream, samples: np.ndarray, fmt: str, rate: int = 16000
         container.mux(packet)
 
 
-def test_audio_the_output_container_refuses_is_dropped_with_its_reason(tmp_path):
-    """FLAC audio in .mkv copied into a .mov: the muxer refuses it only when the header is written; the
-    video is still written, without audio, and the reason says why (was an error after sampling)."""
+def clip_with_tone(path, codec: str, samples: np.ndarray, fmt: str, *, fps: int, n: int) -> None:
+    """A clip of ``n`` moving 32x32 frames (H.264 at ``fps``) with ``samples`` as its ``codec`` audio at 16 kHz."""
     import av
 
-    src = tmp_path / "in.mkv"
-    with av.open(str(src), "w") as out:
-        v = out.add_stream("libx264", rate=12)
+    with av.open(str(path), "w") as out:
+        v = out.add_stream("libx264", rate=fps)
         v.width = v.height = 32
         v.pix_fmt = "yuv420p"
-        a = out.add_stream("flac", rate=16000)
-        for img in moving_clip(n=6, h=32, w=32):
+        a = out.add_stream(codec, rate=16000)
+        for img in moving_clip(n=n, h=32, w=32):
             for packet in v.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
                 out.mux(packet)
         for packet in v.encode():
             out.mux(packet)
-        mux_tone(out, a, (0.3 * np.sin(np.arange(8192) / 5)).astype(np.float32), "flt")
+        mux_tone(out, a, samples, fmt)
+
+
+def test_audio_the_output_container_refuses_is_dropped_with_its_reason(tmp_path):
+    """FLAC audio in .mkv copied into a .mov: the muxer refuses it only when the header is written; the
+    video is still written, without audio, and the reason says why (was an error after sampling)."""
+    src = tmp_path / "in.mkv"
+    clip_with_tone(src, "flac", (0.3 * np.sin(np.arange(8192) / 5)).astype(np.float32), "flt", fps=12, n=6)
     w = write_video(tmp_path / "out.mov", moving_clip(n=6, h=32, w=32), 12, audio_from=src)
     got = streams(tmp_path / "out.mov")
     assert "audio" not in got and got["video"][0] == "h264" and len(read_clip(tmp_path / "out.mov").frames) == 6
@@ -834,18 +839,8 @@ def test_copied_audio_keeps_the_packet_before_its_start_as_pre_roll(tmp_path):
     import av
 
     src = tmp_path / "in.mp4"
-    with av.open(str(src), "w") as out:
-        v = out.add_stream("libx264", rate=10)
-        v.width = v.height = 32
-        v.pix_fmt = "yuv420p"
-        a = out.add_stream("aac", rate=16000)
-        for img in moving_clip(n=10, h=32, w=32):
-            for p in v.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                out.mux(p)
-        for p in v.encode():
-            out.mux(p)
-        t = np.arange(16000) / 16000
-        mux_tone(out, a, (0.3 * np.sin(2 * np.pi * (300 + 400 * t) * t)).astype(np.float32), "fltp")
+    t = np.arange(16000) / 16000
+    clip_with_tone(src, "aac", (0.3 * np.sin(2 * np.pi * (300 + 400 * t) * t)).astype(np.float32), "fltp", fps=10, n=10)
     with av.open(str(src)) as c:
         assert next(p.pts for p in c.demux(c.streams.audio[0])) == -1024  # the priming packet
     t0, want = decoded_audio(src)
