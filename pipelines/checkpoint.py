@@ -106,9 +106,9 @@ class Checkpointer:
             os.replace(tmp, meta)
 
     @staticmethod
-    def verify(workdir: str | Path, fingerprint: str) -> None:
-        """Raise WorkdirMismatch if ``workdir`` (or a window folder in it) belongs to another run;
-        reads only, so a command can check before doing any work."""
+    def verify(workdir: str | Path, fingerprint: str | None) -> None:
+        """Raise WorkdirMismatch if ``workdir`` (or a window folder in it) belongs to another run (``None``: only
+        if it is not a work folder); reads only, so a command can check before doing any work."""
         workdir = Path(workdir)
         if workdir.exists() and not workdir.is_dir():
             raise WorkdirMismatch(f"--workdir {workdir} exists and is not a folder")
@@ -127,7 +127,7 @@ class Checkpointer:
             except (ValueError, AttributeError, OSError) as e:
                 raise WorkdirMismatch(f"work folder {workdir}: {meta.name} is unreadable ({type(e).__name__}); "
                                       "delete the folder or use another --workdir") from e
-            if found != fingerprint:
+            if fingerprint is not None and found != fingerprint:
                 raise WorkdirMismatch(f"work folder {workdir} was made by a different configuration or input "
                                       "(or an earlier version of this program); use another --workdir or delete it")
 

@@ -511,11 +511,11 @@ def check_model_settings(cfg: DictConfig, pipe: VideoPipeline) -> None:
                           "model (use model.convention=auto)")
 
 
-def ineffective_settings(cfg: DictConfig, pipe: VideoPipeline, asked: set[str], *, one_pass: str | None = None,
-                         workdir: bool = True) -> list[str]:
-    """One line for each setting in ``asked`` (see :func:`asked_keys`) whose value differs from the schema's
-    default but has no effect with this model and mode, saying why (for a warning). ``one_pass``: why the clip
-    runs in one pass, where it does; ``workdir``: whether the run checkpoints to a work folder."""
+def inert_settings(cfg: DictConfig, pipe: VideoPipeline, *, one_pass: str | None = None,
+                   workdir: bool = True) -> list[tuple[str, str, str]]:
+    """``(section, name, why)`` of each setting that has no effect with this model and mode: the schema's
+    default in its place would give the same frames. ``one_pass``: why the clip runs in one pass, where it does;
+    ``workdir``: whether the run checkpoints to a work folder."""
     import inspect
 
     a, sc, s, f = cfg.alignment, cfg.schedule, cfg.sampling, cfg.flow
@@ -552,13 +552,20 @@ def ineffective_settings(cfg: DictConfig, pipe: VideoPipeline, asked: set[str], 
         rules.append((names, "runtime", one_pass))
     if not workdir:
         rules.append((("checkpoint_every",), "runtime", "without --workdir nothing is checkpointed"))
+    return [(section, name, why) for names, section, why in rules for name in names]
+
+
+def ineffective_settings(cfg: DictConfig, pipe: VideoPipeline, asked: set[str], *, one_pass: str | None = None,
+                         workdir: bool = True) -> list[str]:
+    """One line for each setting in ``asked`` (see :func:`asked_keys`) whose value differs from the schema's
+    default but has no effect with this model and mode (:func:`inert_settings`), saying why (for a warning)."""
+    s = cfg.sampling
     default = OmegaConf.structured(JobConfig)
     lines = []
-    for names, section, why in rules:
-        for name in names:
-            key, value = f"{section}.{name}", cfg[section][name]
-            if key in asked and value != default[section][name]:
-                lines.append(f"config: {key}={value} has no effect: {why}")
+    for section, name, why in inert_settings(cfg, pipe, one_pass=one_pass, workdir=workdir):
+        key, value = f"{section}.{name}", cfg[section][name]
+        if key in asked and value != default[section][name]:
+            lines.append(f"config: {key}={value} has no effect: {why}")
     if "sampling.guidance_scale" in asked and s.guidance_scale > 1 and s.prompt == s.negative_prompt:
         lines.append(f"config: sampling.guidance_scale={s.guidance_scale} with the prompt equal to the negative "
                      "prompt gives the unguided result at twice the model calls")

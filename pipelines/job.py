@@ -30,11 +30,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from . import metrics
-from .config import (ConfigError, ModelConfig, build_alignment, check_model_settings, flow_config,
-                     ineffective_settings, pipeline_kwargs, sampling_options, to_dict, to_yaml, validate)
+from .config import (ConfigError, JobConfig, ModelConfig, build_alignment, check_model_settings, flow_config,
+                     ineffective_settings, inert_settings, pipeline_kwargs, sampling_options, to_dict, to_yaml,
+                     validate)
 from .degradation import bicubic_resize
 from .flow import check_flow_size, compute_clip_flows
 from .timing import StageTimer
@@ -579,16 +580,29 @@ def _model_contents(cfg: DictConfig) -> dict | None:
     return {f.relative_to(folder).as_posix(): _file_digest(f) for f in sorted(set(files)) if f.is_file()}
 
 
-def fingerprint(cfg: DictConfig, read: Callable[[int, int], torch.Tensor], n: int) -> str:
-    """What makes a work folder reusable: the config that shapes sampling (all but ``output`` and ``input``), the
-    decoded input frames themselves (a frame overwritten in place changes it; a moved file does not), the
-    contents of a local model folder (and of the RAFT weights) rather than their paths (weights retrained in
-    place change it; the same folder named by another path does not), a hub id's cached commit and
-    :data:`STATE_VERSION`. Hashed chunk
-    by chunk, so the clip is never held."""
+# keys the fingerprint holds even where they sample nothing: schedule.chain_length with alignment.mode=none
+# still decides whether a long one pass keeps its samples in files, and a checkpoint of the other kind is not
+# read back right
+SHAPES_THE_WORK_FOLDER = {("schedule", "chain_length")}
+
+
+def fingerprint(cfg: DictConfig, pipe, read: Callable[[int, int], torch.Tensor], n: int) -> str:
+    """What makes a work folder reusable: the config that shapes sampling (all but ``output`` and ``input``; a
+    key without effect for the loaded ``pipe`` and this mode counts as its default, see
+    :func:`~.config.inert_settings`), the decoded input frames themselves (a frame overwritten in place changes
+    it; a moved file does not), the contents of a local model folder (and of the RAFT weights) rather than
+    their paths (weights retrained in place change it; the same folder named by another path does not), a hub
+    id's cached commit and :data:`STATE_VERSION`. Hashed chunk by chunk, so the clip is never held."""
     # ``input`` only selects and resizes the frames, which are hashed as the model gets them: input.strict, or
     # input.end written out where it was the clip's end, changes nothing sampled
     sampling = {k: v for k, v in to_dict(cfg).items() if k not in ("output", "input")}
+    default = to_dict(OmegaConf.structured(JobConfig))
+    # scheduler.eta under DDPM, alignment.tcm_* without the TCM, ...: another value samples the same frames.
+    # Asked without ``one_pass``, it names no runtime key: the window keys are hashed as given (they choose
+    # one pass or windows, and the windows' folders), threads and checkpoint_every not at all (below)
+    for section, name, _ in inert_settings(cfg, pipe):
+        if (section, name) not in SHAPES_THE_WORK_FOLDER:
+            sampling[section][name] = default[section][name]
     # how fast and how often, not what: a resumed run may change them
     sampling["runtime"] = {k: v for k, v in sampling["runtime"].items() if k not in ("threads", "checkpoint_every")}
     contents = _model_contents(cfg)
@@ -755,17 +769,18 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
     if workdir is not None:
         from .checkpoint import Checkpointer
 
-        cached = _model_contents(cfg) if is_hub_id(model_path) else None  # the hub id's revision in the cache
-        key = fingerprint(cfg, read, n)
-        Checkpointer.verify(workdir, key)
-        _creatable_parent("--workdir", workdir / "run.json")  # before the model loads, not at the first save
-        early_warnings += _same_machine(workdir, device)
+        # before the model loads: a work folder (its fingerprint is checked after the load) that takes files
+        Checkpointer.verify(workdir, None)
+        _creatable_parent("--workdir", workdir / "run.json")
 
     log(f"loading model {model_path} on {device} ({cfg.model.dtype})")
     pipe = load_model(cfg, model_path, device, timer)
-    if workdir is not None and is_hub_id(model_path) and _model_contents(cfg) != cached:
-        key = fingerprint(cfg, read, n)  # the load fetched another revision of the hub id: the key is that one's
+    if workdir is not None:
+        # after the load: which keys are without effect depends on the model, and a hub id's commit is then the
+        # one loaded (the load may have fetched another than the cache held)
+        key = fingerprint(cfg, pipe, read, n)
         Checkpointer.verify(workdir, key)
+        early_warnings += _same_machine(workdir, device)
     log(f"model: {pipe.kind}, x{pipe.scale}")
     alignment = build_alignment(cfg, pipe)
     job_warnings = [*source.warnings, *early_warnings]

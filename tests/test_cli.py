@@ -590,17 +590,18 @@ def test_fingerprint_follows_the_decoded_frames():
     from pipelines.job import fingerprint
 
     cfg = load_config(ROOT / "configs" / "default.yaml")
+    pipe = VideoPipeline(tiny.pixel_unet(6, (8, 16)), tiny.ddpm_v(), scale=2, residual_scale=0.1)
     frames = tiny.textured_clip(3, 8)
     edited = frames.clone()
     edited[1, 0, 3, 3] += 0.01  # one frame overwritten in place (a path/size/mtime check can miss this)
-    same = fingerprint(cfg, lambda a, b: frames[a:b].clone(), 3)
-    assert fingerprint(cfg, lambda a, b: frames[a:b], 3) == same
-    assert fingerprint(cfg, lambda a, b: edited[a:b], 3) != same
+    same = fingerprint(cfg, pipe, lambda a, b: frames[a:b].clone(), 3)
+    assert fingerprint(cfg, pipe, lambda a, b: frames[a:b], 3) == same
+    assert fingerprint(cfg, pipe, lambda a, b: edited[a:b], 3) != same
     # how fast and how often a run checkpoints may change on resume; what it samples may not
     faster = load_config(ROOT / "configs" / "default.yaml", ["runtime.threads=7", "runtime.checkpoint_every=3"])
-    assert fingerprint(faster, lambda a, b: frames[a:b], 3) == same
+    assert fingerprint(faster, pipe, lambda a, b: frames[a:b], 3) == same
     other = load_config(ROOT / "configs" / "default.yaml", ["runtime.window=9"])
-    assert fingerprint(other, lambda a, b: frames[a:b], 3) != same
+    assert fingerprint(other, pipe, lambda a, b: frames[a:b], 3) != same
 
 
 def test_clips_with_the_same_stem_get_distinct_outputs():

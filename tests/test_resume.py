@@ -108,11 +108,12 @@ def test_the_fingerprint_follows_the_raft_weights_contents(tmp_path, monkeypatch
     frames = tiny.textured_clip(2, 8)
     weights = tmp_path / "raft.pth"
     weights.write_bytes(b"first weights")
+    pipe = VideoPipeline(tiny.pixel_unet(6, (8, 16)), tiny.ddpm_v(), scale=2, residual_scale=0.1)
 
     def key(path, method="raft"):
         cfg = OmegaConf.structured(JobConfig)  # not validated: flow.method=raft needs torchvision to load
         cfg.flow.method, cfg.flow.raft_weights = method, str(path)
-        return fingerprint(cfg, lambda a, b: frames[a:b], 2)
+        return fingerprint(cfg, pipe, lambda a, b: frames[a:b], 2)
 
     first = key(weights)
     monkeypatch.chdir(tmp_path)
@@ -141,6 +142,63 @@ def test_input_keys_that_select_the_same_frames_resume(tmp_path):
     run("input.strict=true", "input.end=3")
     with pytest.raises(WorkdirMismatch, match="different configuration"):
         run("input.start=1")  # other frames
+
+
+def test_settings_without_effect_resume_the_work_folder(tmp_path):
+    """scheduler.eta under DDPM (only DDIM's step takes it), alignment.tcm_* without the TCM, noise_level outside
+    the sd_upscaler convention or VAE options without a VAE, changed between a stop and the restart, refused the
+    work folder ("different configuration") though nothing sampled differs. A setting with effect still does."""
+    from pipelines.config import load_config
+    from pipelines.job import run_clip
+    from pipelines.video_io import to_uint8, write_video
+
+    model = tiny.save_residual_sr(tmp_path / "m", scale=2, channels=(8, 16))  # a DDPM scheduler, no VAE
+    clip = tmp_path / "in.mp4"
+    write_video(clip, to_uint8(tiny.textured_clip(3, 24, shift=(0.8, 0.4))), 10)
+
+    def run(*over):
+        cfg = load_config(None, [f"model.path={model}", "sampling.num_inference_steps=2", "runtime.threads=1",
+                                 "alignment.mode=fusion", *over])
+        run_clip(cfg, clip, tmp_path / "out.mp4", workdir=tmp_path / "work", overwrite=True, log=lambda m: None,
+                 progress=False)
+
+    run("scheduler.eta=0")
+    assert (tmp_path / "work" / "state.safetensors").exists()
+    run("scheduler.eta=0.5", "alignment.tcm_start=0.5", "sampling.noise_level=100", "model.vae_tiling=true")
+    with pytest.raises(WorkdirMismatch, match="different configuration"):
+        run("alignment.weight=0.7")  # the fusion's own weight
+
+
+def test_the_fingerprint_counts_a_setting_without_effect_as_its_default(tmp_path):
+    """What the warnings call without effect (pipelines.config.inert_settings) is hashed as the schema's default;
+    what has effect still tells work folders apart, and so does schedule.chain_length without alignment: it
+    decides whether a long one pass keeps its samples in files."""
+    import diffusers
+
+    from pipelines.config import load_config
+    from pipelines.job import fingerprint
+
+    frames = tiny.textured_clip(2, 8)
+    unet = tiny.pixel_unet(6, (8, 16))
+    ddpm = VideoPipeline(unet, tiny.ddpm_v(), scale=2, residual_scale=0.1)
+    ddim = VideoPipeline(unet, diffusers.DDIMScheduler.from_config(tiny.ddpm_v().config), scale=2,
+                         residual_scale=0.1)
+
+    def key(pipe, *over):
+        cfg = load_config(None, [f"model.path={tmp_path / 'model'}", *over])  # no such folder: hashed by its path
+        return fingerprint(cfg, pipe, lambda a, b: frames[a:b], 2)
+
+    fusion, tcm = "alignment.mode=fusion", "alignment.mode=tcm"
+    assert key(ddpm, "scheduler.eta=0.5") == key(ddpm)
+    assert key(ddim, "scheduler.eta=0.5") != key(ddim)
+    assert key(ddpm, fusion, "alignment.tcm_start=0.5", "alignment.tcm_scale=2") == key(ddpm, fusion)
+    assert key(ddpm, tcm, "alignment.tcm_start=0.5") != key(ddpm, tcm)
+    assert key(ddpm, fusion, "alignment.weight=0.7") != key(ddpm, fusion)
+    assert key(ddpm, "flow.method=farneback", "flow.dis_preset=fast") == key(ddpm, "flow.method=farneback")
+    assert key(ddpm, "flow.dis_preset=fast") != key(ddpm)
+    assert key(ddpm, "sampling.negative_prompt=blur", "sampling.noise_level=100", "model.vae_slicing=true") == key(ddpm)
+    assert key(ddpm, "schedule.direction=forward", "schedule.passes=3") == key(ddpm)  # alignment.mode none
+    assert key(ddpm, "schedule.chain_length=2") != key(ddpm)
 
 
 def _hub_cache(tmp_path, monkeypatch, repo="bisweep-test/tiny-vsr"):
