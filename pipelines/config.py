@@ -226,6 +226,28 @@ def _no_unset_marks(conf: DictConfig, source: str) -> None:
                           f"give a value (in {source})")
 
 
+def _no_empty_values(conf: DictConfig, source: str) -> None:
+    """YAML reads an empty value (``prompt:``) as null, which OmegaConf refuses for a key that is not Optional
+    with "Incompatible value 'None'": say so, naming the key (an unknown key is left to OmegaConf)."""
+    sections = {f.name for f in fields(JobConfig)}
+    for key, value in _leaves(conf):
+        if value is not None:
+            continue
+        if key == BASE_KEY:
+            raise ConfigError(f"{key}: the value is empty (null in YAML); give a file name, or leave it out "
+                              f"(in {source})")
+        if key in sections:
+            raise ConfigError(f"{key}: the section is empty (null in YAML); give its keys under it, or leave it out "
+                              f"(in {source})")
+        kind = FIELD_TYPES.get(key)
+        if kind is None or kind.startswith("Optional["):
+            continue  # null is a value of an Optional key
+        name = key.rpartition(".")[2]
+        how = f"for an empty string write {name}: \"\"" if kind == "str" else "give a value"
+        raise ConfigError(f"{key}: the value is empty (null in YAML), which this key does not take; {how} "
+                          f"(in {source})")
+
+
 def _only_booleans(conf: DictConfig, source: str) -> None:
     """OmegaConf turns any integer into a boolean for a bool field (2 would mean true): refuse all but true/false
     and the words and numbers OmegaConf itself reads as them (yes/no, on/off, y/n, 1/0)."""
@@ -263,6 +285,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     if not isinstance(data, DictConfig):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, got a {type(data).__name__}")
     _no_unset_marks(data, str(path))
+    _no_empty_values(data, str(path))
     _only_booleans(data, str(path))
     base = data.pop(BASE_KEY, None)
     if base is None:

@@ -316,6 +316,8 @@ BAD = [
     ("config file that is one number", _config("3\n"), "expected a mapping of sections at the top level"),
     ("DDIM eta above 1", lambda d: ["scheduler.kind=ddim", "scheduler.eta=3"], "scheduler.eta must be in [0, 1]"),
     ("unset mark", lambda d: ["sampling.strength=???"], "sampling.strength: '???' marks a value as unset"),
+    ("empty value in a config file", _config("sampling:\n  prompt:\n"),
+     "config: sampling.prompt: the value is empty (null in YAML)"),
     ("override value that is not YAML", lambda d: ["sampling.prompt='x"], "the value is not valid YAML"),
     ("ControlNet of another scale", lambda d: [f"model.path={_other_controlnet(d)}", "alignment.mode=tcm"],
      "takes its RGB condition down x8, but this model's condition is x4"),

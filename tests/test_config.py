@@ -122,6 +122,29 @@ def test_an_empty_override_says_so_and_how_to_give_an_empty_string():
     assert load_config(DEFAULT, ["input.end="]).input.end is None  # null where the key allows it
 
 
+def test_an_empty_value_in_a_file_says_so(tmp_path):
+    """prompt: (nothing) in a YAML file said "Incompatible value 'None' for field of type 'str'", as the override
+    did: now the key, that the value is empty, and the file; null stays a value of an Optional key."""
+    for text, message in [
+            ("sampling:\n  prompt:\n", "sampling.prompt: the value is empty (null in YAML), which this key does not "
+                                       "take; for an empty string write prompt: \"\""),
+            ("scheduler:\n  kind:\n", "scheduler.kind: the value is empty (null in YAML), which this key does not "
+                                      "take; give a value"),
+            ("sampling:\n  back_projection: null\n", "sampling.back_projection: the value is empty (null in YAML), "
+                                                      "which this key does not take; give a value"),
+            ("sampling:\n", "sampling: the section is empty (null in YAML); give its keys under it, or leave it out"),
+            ("base:\n", "base: the value is empty (null in YAML); give a file name, or leave it out")]:
+        path = write(tmp_path, text)
+        with pytest.raises(ConfigError) as err:
+            load_config(path)
+        assert str(err.value) == f"{message} (in {path})"
+    base = write(tmp_path, "runtime:\n  threads:\n", "base.yaml")
+    with pytest.raises(ConfigError, match=r"^runtime.threads: the value is empty .* \(in .*base.yaml\)$"):
+        load_config(write(tmp_path, "base: base.yaml\n"))
+    cfg = load_config(write(tmp_path, "input:\n  end:\noutput:\n  fps: null\nsampling:\n  prompt: \"\"\n"))
+    assert (cfg.input.end, cfg.output.fps, cfg.sampling.prompt) == (None, None, "")
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         load_config(tmp_path / "nope.yaml")
