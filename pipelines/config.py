@@ -248,17 +248,44 @@ def _no_empty_values(conf: DictConfig, source: str) -> None:
                           f"(in {source})")
 
 
+def _is_boolean(value) -> bool:
+    """Whether a bool key may take ``value``: true/false and the words and numbers OmegaConf itself reads as them
+    (yes/no, on/off, y/n, 1/0), not the other integers, which it turns into true."""
+    if isinstance(value, str):
+        return value.lower() in BOOLEAN_WORDS
+    return isinstance(value, bool) or (isinstance(value, int) and value in (0, 1))
+
+
+def _interpolation(value) -> bool:
+    return isinstance(value, str) and "${" in value
+
+
 def _only_booleans(conf: DictConfig, source: str) -> None:
-    """OmegaConf turns any integer into a boolean for a bool field (2 would mean true): refuse all but true/false
-    and the words and numbers OmegaConf itself reads as them (yes/no, on/off, y/n, 1/0)."""
+    """OmegaConf turns any integer into a boolean for a bool field (2 would mean true): refuse all but
+    :func:`_is_boolean`'s values. An interpolation is held to the same rule once resolved
+    (:func:`_resolved_booleans`)."""
     for key, value in _leaves(conf):
-        if FIELD_TYPES.get(key) != "bool" or isinstance(value, bool) or value is None:
-            continue  # None: OmegaConf's own message
-        if isinstance(value, str) and ("${" in value or value.lower() in BOOLEAN_WORDS):
-            continue
-        if isinstance(value, int) and value in (0, 1):
-            continue
-        raise ConfigError(f"{key} must be true or false, got {value!r} (in {source})")
+        if FIELD_TYPES.get(key) != "bool" or value is None or _interpolation(value):
+            continue  # None: the empty-value message, or OmegaConf's
+        if not _is_boolean(value):
+            raise ConfigError(f"{key} must be true or false, got {value!r} (in {source})")
+
+
+def _resolved_booleans(cfg: DictConfig, interpolated: dict[str, str]) -> None:
+    """Bool keys given as interpolations (dotted key -> ``${...}``): OmegaConf turns what one resolves to into a
+    boolean as it would any value, so ``${runtime.threads}`` at 2 meant true. Each is resolved again, against
+    ``cfg``'s resolved values in an untyped copy, where nothing converts it, and held to :func:`_is_boolean`."""
+    if not interpolated:
+        return
+    plain = OmegaConf.create(to_dict(cfg))
+    for key, expression in interpolated.items():
+        OmegaConf.update(plain, key, expression)
+        try:
+            value = OmegaConf.select(plain, key)
+        except OmegaConfBaseException as e:
+            raise ConfigError(_describe(e, "config")) from None
+        if not _is_boolean(value):
+            raise ConfigError(f"{key} must be true or false, got {value!r} from {expression} (in config)")
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
@@ -332,10 +359,13 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
                 or str(e).splitlines()[0]
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem}); quote it whole, "
                               f"e.g. {key}=\"...\"") from None
+    interpolated = {key: value for key, value in _leaves(cfg)
+                    if FIELD_TYPES.get(key) == "bool" and _interpolation(value)}
     try:
         OmegaConf.resolve(cfg)  # interpolations: fail here, not halfway through a run
     except OmegaConfBaseException as e:
         raise ConfigError(_describe(e, "config")) from None
+    _resolved_booleans(cfg, interpolated)
     validate(cfg)
     return cfg
 

@@ -108,6 +108,29 @@ def test_a_boolean_key_takes_only_a_boolean(tmp_path):
         assert load_config(None, [f"sampling.back_projection={value}"]).sampling.back_projection is meant
 
 
+def test_a_boolean_given_as_an_interpolation_is_held_to_the_same_rule(tmp_path):
+    """back_projection: ${runtime.threads} with threads at 2 ran as true without a word (OmegaConf turns what an
+    interpolation resolves to into a boolean like any value): its resolved value is checked now, in a file and
+    in an override; one that resolves to a boolean spelling still works, a missing target is one line."""
+    path = write(tmp_path, "runtime:\n  threads: 2\nsampling:\n  back_projection: ${runtime.threads}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == "sampling.back_projection must be true or false, got 2 from ${runtime.threads} (in config)"
+    for over in (["sampling.seed=5", "sampling.back_projection=${.seed}"],
+                 ["alignment.tcm_masked=${sampling.noise_level}"], ["output.audio=${oc.env:NO_SUCH_VARIABLE,2}"]):
+        with pytest.raises(ConfigError, match=r"must be true or false, got \S+ from \$\{"):
+            load_config(None, over)
+    for over, meant in ((["runtime.threads=1", "sampling.back_projection=${runtime.threads}"], True),
+                        (["runtime.threads=0", "sampling.back_projection=${runtime.threads}"], False),
+                        (["alignment.tcm_masked=true", "sampling.back_projection=${alignment.tcm_masked}"], True),
+                        (["sampling.back_projection=${oc.env:NO_SUCH_VARIABLE,yes}"], True)):
+        assert load_config(None, over).sampling.back_projection is meant
+    for over, message in ((["sampling.back_projection=${nope.x}"], "Interpolation key 'nope.x' not found"),
+                          (["sampling.back_projection=${model.path}"], "is not a valid bool")):
+        with pytest.raises(ConfigError, match=rf"^sampling.back_projection: .*{message}.*\(in config\)$"):
+            load_config(None, over)
+
+
 def test_an_empty_override_says_so_and_how_to_give_an_empty_string():
     """sampling.prompt= said "Incompatible value 'None' for field of type 'str'": the value is empty, and an
     empty string is written "" or ''."""
