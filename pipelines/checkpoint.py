@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .video_writer import WriteError
+from .video_writer import WriteError, ordinary_mode
 
 
 class WorkdirMismatch(ValueError):
@@ -153,6 +153,7 @@ class Checkpointer:
         tmp = self.state_file.with_suffix(".tmp")
         try:
             save_file(tensors, tmp, metadata=meta)
+            ordinary_mode(tmp)  # safetensors writes 0600
         except Exception as e:  # safetensors reports a full disk as its own error
             tmp.unlink(missing_ok=True)
             raise WriteError(f"{tmp}: saving the checkpoint failed ({e}); the previous one is kept") from e

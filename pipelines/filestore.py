@@ -39,7 +39,7 @@ class FileTensor:
                 raise ValueError(f"{self.path} is {'missing' if found is None else f'{found} bytes'} where the saved "
                                  f"state has {size}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # less the umask, as open() would
         if os.fstat(self.fd).st_size != size:
             os.ftruncate(self.fd, size)
 

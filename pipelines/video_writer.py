@@ -51,6 +51,22 @@ def file_mode(folder: bool = False) -> int:
     return (0o777 if folder else 0o666) & ~mask
 
 
+def ordinary_mode(path: Path) -> None:
+    """Give the file ``path``, or each file in the folder ``path`` (links aside), :func:`file_mode`, what an
+    ordinary ``open(..., 'w')`` would, before it is moved into place: ``tempfile.mkstemp`` and safetensors (so
+    also ``save_pretrained``) make files 0600. Folders are left as ``mkdir`` made them."""
+    path = Path(path)
+    mode = file_mode()
+    if not path.is_dir():
+        os.chmod(path, mode)
+        return
+    for root, _, names in os.walk(path):
+        for name in names:
+            file = os.path.join(root, name)
+            if not os.path.islink(file):
+                os.chmod(file, mode)
+
+
 def _start_time(pid: int) -> str | None:
     """When process ``pid`` started (clock ticks after boot: /proc/<pid>/stat's field 22), or None when there is
     no such process or it is a zombie (dead, only not yet reaped by its parent)."""
@@ -128,7 +144,7 @@ def seal(tmp: Path, label: Path | None = None) -> None:
     """Give a finished ``tmp`` ordinary permissions and fsync it: the part of a commit that can fail for
     want of space, done before any output moves (``label``: the output named in the error)."""
     try:
-        os.chmod(tmp, file_mode())
+        ordinary_mode(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
     except OSError as e:

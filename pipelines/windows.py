@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .align import Alignment, Neighbours
-from .video_writer import WriteError
+from .video_writer import WriteError, ordinary_mode
 
 
 def plan_windows(num_frames: int, window: int, overlap: int) -> list[tuple[int, int]]:
@@ -126,6 +126,7 @@ def iter_windows(pipe, num_frames: int, read, *, window: int, overlap: int, anch
                 tmp = done.with_suffix(".tmp")
                 try:
                     save_file(tensors, tmp)
+                    ordinary_mode(tmp)  # safetensors writes 0600
                 except Exception as e:  # safetensors reports a full disk as its own error
                     tmp.unlink(missing_ok=True)
                     raise WriteError(f"{tmp}: saving the finished window failed ({e})") from e

@@ -1054,6 +1054,26 @@ def test_a_full_disk_while_checkpointing_says_so_and_keeps_the_previous_checkpoi
     assert rc == 0, err
 
 
+def test_the_work_folder_and_the_outputs_get_the_permissions_the_umask_allows(data, tmp_path, capsys):
+    """The checkpoints (state.safetensors, a finished window's frames) came out 0600, as safetensors writes its
+    files, and the file-backed state 0644 whatever the umask: every file a run leaves now has 0666 less the
+    umask, what open() gives."""
+    old = os.umask(0o002)
+    try:
+        for name, extra in (("files", ["runtime.files_above=0"]),
+                            ("windows", ["runtime.mode=windows", "runtime.window=3", "runtime.overlap=1"])):
+            rc, _, err = cli(capsys, "--input", data / "clip.mp4", "--output", tmp_path / f"{name}.mp4", "--workdir",
+                             tmp_path / f"work_{name}", f"model.path={data / 'model'}", *FAST, *extra)
+            assert rc == 0, err
+    finally:
+        os.umask(old)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {"state.safetensors", "window0000.safetensors", "x0.bin", "files.mp4", "windows.json"} <= \
+        {p.name for p in files}
+    assert {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files
+            if p.stat().st_mode & 0o777 != 0o664} == {}
+
+
 def test_sigterm_while_the_outputs_move_into_place_waits_for_the_moves(data, tmp_path, capsys, monkeypatch):
     """A SIGTERM between the video's move and the report's left a new video beside an old report (without a
     work folder nothing finishes it): the moves now complete first, then the run ends with exit 143."""

@@ -1,6 +1,7 @@
 """The latent model's training scripts run (a couple of steps on tiny models, no ../shared data) and
 export folders that load through the real loader and sample."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -564,6 +565,31 @@ def test_a_save_cut_short_resumes_from_the_previous_checkpoint(tmp_path, monkeyp
     resumed.save()  # the cut-short folder is replaced, and the old checkpoint removed once the new one is named
     assert sorted(q.name for q in (tmp_path / "run").iterdir() if q.is_dir()) == ["checkpoint-00000002"]
     resumed.close()
+
+
+def test_checkpoints_and_exports_get_the_permissions_the_umask_allows(tmp_path):
+    """A run's checkpoint (last_*.safetensors) and an exported model (diffusion_pytorch_model.safetensors) came
+    out 0600, as safetensors writes its files: now 0666 less the umask, what open() gives."""
+    from training.common import Run, replace_dir
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    (tmp_path / "run").mkdir()
+    old = os.umask(0o002)
+    try:
+        run = Run(tmp_path / "run", {"model": model}, opt, ["step"])
+        run.step = 1
+        run.save()
+        run.close()
+        tiny.vae().save_pretrained(tmp_path / "export.tmp")
+        replace_dir(tmp_path / "export.tmp", tmp_path / "export")
+    finally:
+        os.umask(old)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {"last_model.safetensors", "last_opt.safetensors", "diffusion_pytorch_model.safetensors"} <= \
+        {p.name for p in files}
+    assert {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files
+            if p.stat().st_mode & 0o777 != 0o664} == {}
 
 
 def test_a_timed_session_stopped_early_continues_its_budget(tmp_path):

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipelines.video_writer import ordinary_mode
+
 
 class TrainError(Exception):
     """Bad input to a training script: :func:`entry` prints one line and exits with code 2."""
@@ -352,6 +354,7 @@ class Run:
         for key, m in self.models.items():
             save_file(m.state_dict(), tmp / f"last_{key}.safetensors")
         save_optimizer(self.opt, tmp / "last_opt.safetensors")
+        ordinary_mode(tmp)  # safetensors writes 0600
         for f in tmp.iterdir():
             _fsync(f)
         if (self.folder / name).exists():
@@ -394,7 +397,9 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: f
 
 
 def replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished folder ``tmp`` onto ``out`` (an old ``out`` is moved aside, then deleted)."""
+    """Move the finished folder ``tmp`` onto ``out`` (an old ``out`` is moved aside, then deleted), its files
+    given the permissions the umask allows (``save_pretrained`` writes its weights 0600)."""
+    ordinary_mode(tmp)
     old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
