@@ -564,11 +564,12 @@ def check_model_settings(cfg: DictConfig, pipe: VideoPipeline) -> None:
                           "model (use model.convention=auto)")
 
 
-def inert_settings(cfg: DictConfig, pipe: VideoPipeline, *, one_pass: str | None = None,
+def inert_settings(cfg: DictConfig, pipe: VideoPipeline, *, one_pass: str | None = None, by_window: bool = False,
                    workdir: bool = True) -> list[tuple[str, str, str]]:
     """``(section, name, why)`` of each setting that has no effect with this model and mode: the schema's
     default in its place would give the same frames. ``one_pass``: why the clip runs in one pass, where it does;
-    ``workdir``: whether the run checkpoints to a work folder."""
+    ``by_window``: that one pass is the window's doing (windows were chosen and one holds the clip), so a
+    smaller window would change it; ``workdir``: whether the run checkpoints to a work folder."""
     import inspect
 
     a, sc, s, f = cfg.alignment, cfg.schedule, cfg.sampling, cfg.flow
@@ -600,8 +601,8 @@ def inert_settings(cfg: DictConfig, pipe: VideoPipeline, *, one_pass: str | None
         rules.append((("raft_weights",), "flow", f"flow.method is {f.method}"))
     if pipe.vae is None:
         rules.append((("vae_tiling", "vae_slicing"), "model", "the model has no VAE"))
-    if one_pass:  # under mode windows, a window that holds the whole clip is what made it one pass
-        names = ("overlap", "anchor_weight") + (("window",) if cfg.runtime.mode != "windows" else ())
+    if one_pass:
+        names = ("overlap", "anchor_weight") + (() if by_window else ("window",))
         rules.append((names, "runtime", one_pass))
     if not workdir:
         rules.append((("checkpoint_every",), "runtime", "without --workdir nothing is checkpointed"))
@@ -609,13 +610,13 @@ def inert_settings(cfg: DictConfig, pipe: VideoPipeline, *, one_pass: str | None
 
 
 def ineffective_settings(cfg: DictConfig, pipe: VideoPipeline, asked: set[str], *, one_pass: str | None = None,
-                         workdir: bool = True) -> list[str]:
+                         by_window: bool = False, workdir: bool = True) -> list[str]:
     """One line for each setting in ``asked`` (see :func:`asked_keys`) whose value differs from the schema's
     default but has no effect with this model and mode (:func:`inert_settings`), saying why (for a warning)."""
     s = cfg.sampling
     default = OmegaConf.structured(JobConfig)
     lines = []
-    for section, name, why in inert_settings(cfg, pipe, one_pass=one_pass, workdir=workdir):
+    for section, name, why in inert_settings(cfg, pipe, one_pass=one_pass, by_window=by_window, workdir=workdir):
         key, value = f"{section}.{name}", cfg[section][name]
         if key in asked and value != default[section][name]:
             lines.append(f"config: {key}={value} has no effect: {why}")

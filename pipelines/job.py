@@ -785,13 +785,18 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
     alignment = build_alignment(cfg, pipe)
     job_warnings = [*source.warnings, *early_warnings]
     mode = _choose_mode(cfg, n)
-    if mode == "windows" and n <= r.window:  # one window holds the clip: reported as what runs
+    by_window = mode == "windows" and n <= r.window  # one window holds the clip: reported as what runs
+    one_pass = None  # why the clip runs in one pass, for the no-effect warnings
+    if by_window:  # a smaller window would give windows: the window has an effect, the overlap none
         mode = "one_pass"
-    one_pass = None if mode != "one_pass" else {  # why the clip runs in one pass, for the no-effect warnings
-        "one_pass": "runtime.mode is one_pass",
-        "auto": f"the {n} frame(s) run in one pass (runtime.mode=auto, runtime.one_pass_max={r.one_pass_max})",
-        "windows": f"runtime.window={r.window} holds all {n} frame(s): one pass"}[r.mode]
-    for warning in ineffective_settings(cfg, pipe, asked or set(), one_pass=one_pass, workdir=workdir is not None):
+        one_pass = f"runtime.window={r.window} holds all {n} frame(s): one pass" + (
+            f" (runtime.mode=auto gives windows above runtime.one_pass_max={r.one_pass_max})"
+            if r.mode == "auto" else "")
+    elif mode == "one_pass":
+        one_pass = "runtime.mode is one_pass" if r.mode == "one_pass" else (
+            f"the {n} frame(s) run in one pass (runtime.mode=auto, runtime.one_pass_max={r.one_pass_max})")
+    for warning in ineffective_settings(cfg, pipe, asked or set(), one_pass=one_pass, by_window=by_window,
+                                        workdir=workdir is not None):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
         job_warnings.append(warning)
     out_size = (read.size[0] * pipe.scale, read.size[1] * pipe.scale)

@@ -870,6 +870,21 @@ def test_window_and_checkpoint_settings_without_effect_are_named(data, tmp_path,
     assert rc == 0 and "warning: config:" not in err, err
 
 
+def test_a_window_that_holds_the_clip_under_mode_auto_is_not_called_without_effect(data, tmp_path, capsys):
+    """Under runtime.mode=auto, a clip longer than runtime.one_pass_max but not than runtime.window runs in one
+    pass because of the window: the warning blamed one_pass_max and called the window without effect, though a
+    smaller window gives windows. Now the window is named as the reason, and only the overlap warned about."""
+    base = ["--input", data / "clip.mp4", f"model.path={data / 'model'}", *FAST]
+    rc, _, err = cli(capsys, *base, "--output", tmp_path / "o.mp4", "runtime.one_pass_max=2", "runtime.window=6",
+                     "runtime.overlap=1")
+    assert rc == 0, err
+    warned = [line for line in err.splitlines() if line.startswith("warning: config:")]
+    assert len(warned) == 1 and warned[0].startswith("warning: config: runtime.overlap=1 has no effect: "
+                                                     "runtime.window=6 holds all 4 frame(s): one pass"), warned
+    # the same clip within one_pass_max: the window is without effect, and the reason is the limit
+    rc, _, err = cli(capsys, *base, "--output", tmp_path / "p.mp4", "runtime.one_pass_max=4", "runtime.window=6")
+    assert rc == 0 and "runtime.window=6 has no effect: the 4 frame(s) run in one pass (runtime.mode=auto" in err, err
+
 def _run_with_workdir(capsys, data, tmp_path, *extra, name="o"):
     return cli(capsys, "--input", data / "clip.mp4", "--output", tmp_path / f"{name}.mp4", "--workdir",
                tmp_path / "work", f"model.path={data / 'model'}", *FAST, *extra)
