@@ -248,6 +248,28 @@ def _no_empty_values(conf: DictConfig, source: str) -> None:
                           f"(in {source})")
 
 
+def _no_null_overrides(given: DictConfig, item: str) -> None:
+    """An override that gives null to a key that is not Optional (``key=null``, ``key=~``, ``key=``, or
+    ``section={key: }``) or to a whole section: OmegaConf refuses it with "Incompatible value 'None'" or "field
+    is not Optional"; say so, naming the key (an unknown key is left to OmegaConf, null is a value of an
+    Optional key)."""
+    sections = {f.name for f in fields(JobConfig)}
+    empty = not item.partition("=")[2].strip()
+    for key, value in _leaves(given):
+        kind = FIELD_TYPES.get(key)
+        if value is not None or (key not in sections and (kind is None or kind.startswith("Optional["))):
+            continue
+        what = "the value is empty, which OmegaConf reads as null" if empty else \
+            "the value is null (or empty in YAML), which this key does not take"
+        if key in sections:
+            how = f"give its keys ({key}.name=value)"
+        elif kind == "str":
+            how = f"for an empty string give {key}=\"\" or {key}='', quoted for the shell as in '{key}=\"\"'"
+        else:
+            how = "give a value"
+        raise ConfigError(f"{key}: {what}; {how} (in override {item!r})")
+
+
 def _is_boolean(value) -> bool:
     """Whether a bool key may take ``value``: true/false and the words and numbers OmegaConf itself reads as them
     (yes/no, on/off, y/n, 1/0), not the other integers, which it turns into true."""
@@ -341,18 +363,13 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"override {item!r} is not key=value")
         try:
             given = OmegaConf.from_dotlist([item])
+            _no_null_overrides(given, item)
             _no_unset_marks(given, f"override {item!r}")
             _only_booleans(given, f"override {item!r}")
             cfg = OmegaConf.merge(cfg, given)
         except ConfigKeyError as e:
             raise ConfigError(_describe(e, f"override {item!r}")) from None
         except OmegaConfBaseException as e:
-            if not value.strip():  # OmegaConf reads an empty value as null: "Incompatible value 'None'"
-                key = key.strip()
-                how = (f"for an empty string give {key}=\"\" or {key}='', quoted for the shell as in '{key}=\"\"'"
-                       if FIELD_TYPES.get(key) == "str" else "give a value")
-                raise ConfigError(f"{key}: the value is empty, which OmegaConf reads as null; {how} "
-                                  f"(in override {item!r})") from None
             raise ConfigError(_describe(e, f"override {item!r}")) from None
         except yaml.YAMLError as e:  # the value is parsed as YAML: an unclosed quote or bracket
             problem = " ".join(filter(None, (getattr(e, "context", None), getattr(e, "problem", None)))) \

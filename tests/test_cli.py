@@ -318,6 +318,7 @@ BAD = [
     ("unset mark", lambda d: ["sampling.strength=???"], "sampling.strength: '???' marks a value as unset"),
     ("empty value in a config file", _config("sampling:\n  prompt:\n"),
      "config: sampling.prompt: the value is empty (null in YAML)"),
+    ("null override", lambda d: ["sampling.prompt=null"], "config: sampling.prompt: the value is null"),
     ("boolean from an interpolation", lambda d: ["runtime.threads=2", "sampling.back_projection=${runtime.threads}"],
      "config: sampling.back_projection must be true or false, got 2 from ${runtime.threads}"),
     ("interpolation of a missing key", _config("sampling:\n  back_projection: ${nope.x}\n"),

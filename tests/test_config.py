@@ -145,6 +145,24 @@ def test_an_empty_override_says_so_and_how_to_give_an_empty_string():
     assert load_config(DEFAULT, ["input.end="]).input.end is None  # null where the key allows it
 
 
+def test_a_null_override_says_so():
+    """sampling.prompt=null (or ~, or 'sampling={prompt: }') said "Incompatible value 'None'", sampling=null
+    "field 'sampling' is not Optional", unlike an empty override: now the key, that it takes no null, and how to
+    give an empty string; null stays a value of the Optional keys."""
+    for item in ("sampling.prompt=null", "sampling.prompt=~", "sampling={prompt: }"):
+        with pytest.raises(ConfigError) as err:
+            load_config(DEFAULT, [item])
+        assert str(err.value) == ("sampling.prompt: the value is null (or empty in YAML), which this key does not "
+                                  "take; for an empty string give sampling.prompt=\"\" or sampling.prompt='', quoted "
+                                  f"for the shell as in 'sampling.prompt=\"\"' (in override {item!r})")
+    for item, message in (("sampling.num_inference_steps=null", "sampling.num_inference_steps: .*; give a value"),
+                          ("sampling.back_projection=null", "sampling.back_projection: .*; give a value"),
+                          ("sampling=null", r"sampling: .*; give its keys \(sampling.name=value\)")):
+        with pytest.raises(ConfigError, match=rf"^{message} \(in override '{item}'\)$"):
+            load_config(DEFAULT, [item])
+    cfg = load_config(DEFAULT, ["input.end=null", "output.fps=~", "sampling={prompt: x, negative_prompt: y}"])
+    assert (cfg.input.end, cfg.output.fps, cfg.sampling.prompt) == (None, None, "x")
+
 def test_an_empty_value_in_a_file_says_so(tmp_path):
     """prompt: (nothing) in a YAML file said "Incompatible value 'None' for field of type 'str'", as the override
     did: now the key, that the value is empty, and the file; null stays a value of an Optional key."""
