@@ -24,6 +24,7 @@ PIX_FMT = "yuv420p"
 # the stream's colour description (FFmpeg's enum values): the BT.601 matrix (smpte170m) at limited range,
 # which append converts with, and BT.709 primaries and transfer (sRGB's primaries: the RGB frames')
 COLOR_MATRIX, COLOR_RANGE, SRGB_PRIMARIES_TRC = 6, 1, 1
+PROC_STATUS = "/proc/self/status"  # Linux 4.7 on: a "Umask:" line
 
 
 class WriteError(RuntimeError):
@@ -43,12 +44,26 @@ class Written:
     audio: str | None  # None: the input's audio was copied; else why there is none
 
 
+def _umask() -> int:
+    """The process umask, read from :data:`PROC_STATUS` where it is there: the only other way, setting it and
+    setting it back, leaves a moment in which a file another thread (the writer, the prefetch) creates gets
+    umask 0."""
+    try:
+        with open(PROC_STATUS, encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def file_mode(folder: bool = False) -> int:
     """0o666 (a folder: 0o777) less the process umask: what an ordinary ``open(..., 'w')`` (``mkdir``)
     would create."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return (0o777 if folder else 0o666) & ~mask
+    return (0o777 if folder else 0o666) & ~_umask()
 
 
 def ordinary_mode(path: Path) -> None:

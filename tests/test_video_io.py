@@ -357,6 +357,31 @@ def test_writer_follows_the_umask_and_refuses_a_target_that_appeared(tmp_path):
         os.umask(old)
 
 
+def test_file_mode_reads_the_umask_without_setting_it(tmp_path, monkeypatch):
+    """file_mode set the umask to 0 and back to read it: for that moment a file another thread (the writer,
+    the prefetch) created got umask 0. It reads /proc/self/status now, and sets it only where that is missing."""
+    from pipelines import video_writer
+
+    set_umask = os.umask
+    old = set_umask(0o027)
+    try:
+        status = Path("/proc/self/status")
+        if not status.exists() or "Umask:" not in status.read_text():
+            pytest.skip("no Umask line in /proc/self/status here")
+
+        def refuse(mask):
+            raise AssertionError("os.umask was called")
+
+        monkeypatch.setattr(os, "umask", refuse)
+        assert (video_writer.file_mode(), video_writer.file_mode(folder=True)) == (0o640, 0o750)
+        monkeypatch.setattr(os, "umask", set_umask)
+        monkeypatch.setattr(video_writer, "PROC_STATUS", str(tmp_path / "missing"))
+        assert (video_writer.file_mode(), video_writer.file_mode(folder=True)) == (0o640, 0o750)
+        assert set_umask(0o027) == 0o027  # set back
+    finally:
+        set_umask(old)
+
+
 def test_failed_write_keeps_the_old_video(tmp_path, monkeypatch):
     """A write that fails verification (as on a full disk) leaves the earlier output and no temp file."""
     from pipelines import video_writer
