@@ -860,13 +860,7 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
         log(f"one pass over {n} frames > runtime.files_above={r.files_above}, but the samples stay in memory: "
             f"{reason}")
         in_files = False
-    state_dir = None
-    if in_files:
-        from .video_writer import temp_sibling
-
-        state_dir = workdir / "state" if workdir is not None else temp_sibling(paths.output, directory=True)
-        log(f"one pass over {n} frames > runtime.files_above={r.files_above}: samples and flows kept in files "
-            f"in {state_dir}")
+    state_dir = None  # made in the try below, which removes a temporary one on every way out
     bar = tqdm(total=total, desc="denoising", unit="frame-step", file=sys.stderr, dynamic_ncols=True,
                disable=not progress)
 
@@ -919,15 +913,24 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
         first = float(source.start_pts * source.time_base) if source.start_pts is not None else 0.0
         audio_start = first + sel.start / (source.fps * sel.stride)
     log(f"writing {paths.output} ({n} frames {_wxh(out_size)}, {fps:g} fps, H.264 crf {o.crf})")
-    writer = VideoWriter(paths.output, fps, crf=o.crf, replace=may_replace(paths.output), audio_from=paths.input if o.audio and source.is_video else None,
-                         audio_start_s=audio_start, time_base=source.time_base if keep_times else None,
-                         sample_aspect=source.sample_aspect, end_pts=source.end_pts if keep_times else None)
-    sbs = None if paths.side_by_side is None else VideoWriter(
-        paths.side_by_side, fps, crf=o.crf, replace=may_replace(paths.side_by_side), sample_aspect=source.sample_aspect)
-    pngs = None if paths.frames_dir is None else FrameFolderWriter(paths.frames_dir)
+    writer = sbs = pngs = None
     scores = Scores(flow_cfg)
     pending: list[PendingText] = []  # the config copy and the report, written before any output moves
-    try:
+    try:  # what each writer and the state folder make is dropped on an error (or Ctrl-C) from here on
+        if in_files:
+            from .video_writer import temp_sibling
+
+            state_dir = workdir / "state" if workdir is not None else temp_sibling(paths.output, directory=True)
+            log(f"one pass over {n} frames > runtime.files_above={r.files_above}: samples and flows kept in "
+                f"files in {state_dir}")
+        writer = VideoWriter(paths.output, fps, crf=o.crf, replace=may_replace(paths.output),
+                             audio_from=paths.input if o.audio and source.is_video else None,
+                             audio_start_s=audio_start, time_base=source.time_base if keep_times else None,
+                             sample_aspect=source.sample_aspect, end_pts=source.end_pts if keep_times else None)
+        sbs = None if paths.side_by_side is None else VideoWriter(
+            paths.side_by_side, fps, crf=o.crf, replace=may_replace(paths.side_by_side),
+            sample_aspect=source.sample_aspect)
+        pngs = None if paths.frames_dir is None else FrameFolderWriter(paths.frames_dir)
         for a, out_u8, padded_input in chunks():
             k = len(out_u8)
             with timer("io"):

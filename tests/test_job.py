@@ -182,6 +182,56 @@ def test_avi_output_and_file_backed_state_fallbacks(model, tmp_path):
 
 
 
+@pytest.mark.parametrize("fail", [None, "sampling", "png writer", "video writer"])
+def test_the_temporary_state_folder_is_removed_on_every_exit(model, tmp_path, monkeypatch, fail):
+    """Without --workdir a long one pass keeps its state in a temporary folder beside the output. An error or a
+    Ctrl-C while the writers were being opened (after the folder was made, before the job's try) left it
+    behind, with the video writer's temporary file: both are removed now, as on success and on an error
+    while sampling."""
+    from pipelines import job, video_writer
+
+    clip = tmp_path / "in.mp4"
+    write_video(clip, to_uint8(tiny.textured_clip(3, 16)), 10)
+    out = tmp_path / "out" / "o.mp4"
+    sample = VideoPipeline.__call__
+
+    def sampling(self, *args, state_dir=None, **kwargs):
+        if fail == "sampling":
+            assert any(state_dir.iterdir())
+            raise RuntimeError("boom")
+        return sample(self, *args, state_dir=state_dir, **kwargs)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(VideoPipeline, "__call__", sampling)
+    if fail == "png writer":
+        monkeypatch.setattr(job, "FrameFolderWriter", interrupted)
+    if fail == "video writer":
+        monkeypatch.setattr(job, "VideoWriter", full)
+    real, made = video_writer.temp_sibling, []
+
+    def recording(path, directory=False):
+        folder = real(path, directory)
+        if directory:
+            made.append(folder)
+        return folder
+
+    monkeypatch.setattr(video_writer, "temp_sibling", recording)
+    cfg = job_cfg(model, "runtime.files_above=0", f"output.frames_dir={tmp_path / 'out' / 'png'}")
+    if fail is None:
+        run_clip(cfg, clip, out, log=lambda m: None, progress=False)
+    else:
+        with pytest.raises((RuntimeError, KeyboardInterrupt, OSError)):
+            run_clip(cfg, clip, out, log=lambda m: None, progress=False)
+    assert made and made[0].name.startswith(".o.mp4.tmp-")
+    assert sorted(p.name for p in out.parent.iterdir()) == (["o.json", "o.mp4", "o.yaml", "png"] if fail is None
+                                                            else [])
+
+
 def test_windows_decode_the_clip_once(model, tmp_path, monkeypatch):
     """Windows mode re-reads each finished window's input for scoring: from the cache, not by decoding the
     clip again from its first frame (at most 2 x 48 decoded: the scan and the reads)."""
