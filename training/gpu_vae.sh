@@ -8,13 +8,16 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
 #       -d .whl1 diffusers==0.42.1 omegaconf==2.4.0; the same with -d .whl2 av==18.1.0
 #   (.whl1, .whl2 and .gpudata listed in .git/info/exclude), and move weights/vsr-x4, training/logs,
-#   training/checkpoints (when INIT is not it), docs and benchmarks/results out of the tree (restore them after).
+#   training/checkpoints (when INIT is not it), docs and benchmarks/results out of the tree (restore them after);
+#   for the train call weights/latent-x4 too (the tree with .whl2 is over 64 MiB with it; train reads only INIT).
 # INIT (default the best anchored VAE kept, training/checkpoints/vae-anchored) is the start and the anchor:
-# train_vae.py --anchor holds the scaled latents near INIT's, which are within 0.015 RMS of the shipped
-# encoder's, so the shipped UNet, TCM and preview decoder stay valid. The fp16 export comes back as $OUT/vae.tar.
+# train_vae.py --anchor holds the scaled latents near INIT's, which are within 0.012 RMS of the shipped
+# encoder's, so the shipped UNet, TCM and preview decoder still run on it (though E_warp rises: README). The fp16 export comes back as $OUT/vae.tar.
 # Measured on the H100 (2026-11-27, training/logs/h100-2026-11-27): one such run at batch 32 took 12.9 steps/s
 # (four runs at once: 6.1 each); the example clip's VAE rose 31.87 -> 32.35 dB in 4,894 steps, +0.13 dB over
 # the last 2,300 (lr 5e-5), so 33 dB is several leases of this away.
+# The H200 lease of 2026-11-28 continued it (M=7.5: 6,626 steps, 14.7 steps/s alone): 32.35 -> 32.75 dB, the curve
+# flat by the end (training/logs/h200-2026-11-28); the shipped UNet gains nothing from it (README).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
