@@ -27,7 +27,8 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 if TYPE_CHECKING:
     from .align import Alignment
     from .flow import FlowConfig
-    from .video_pipeline import SamplingOptions, VideoPipeline
+    from .options import SamplingOptions
+    from .video_pipeline import VideoPipeline
 
 Dtype = Literal["float32", "float16", "bfloat16"]
 SchedulerKind = Literal["auto", "ddpm", "ddim", "dpm++", "euler"]  # pipelines.loading.SCHEDULER_KINDS + auto
@@ -480,7 +481,7 @@ def validate(cfg: DictConfig) -> None:
 
 
 def sampling_options(cfg: DictConfig) -> SamplingOptions:
-    from .video_pipeline import SamplingOptions
+    from .options import SamplingOptions  # torch-free: validate() checks a config without the pipeline
 
     s, sc = cfg.sampling, cfg.schedule
     return SamplingOptions(
