@@ -1,13 +1,14 @@
-"""Load diffusers components from a hub id or a local folder (diffusers layout) with ``from_pretrained``."""
+"""Load diffusers components from a hub id or a local folder (diffusers layout) with ``from_pretrained``.
+
+diffusers is imported by the functions that load (its first import takes seconds: torch._dynamo comes with
+it), so that the job can check a model path (:func:`_is_local`) without it.
+"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import diffusers
 import torch
-
-from schedulers import check_scheduler
 
 SCHEDULER_KINDS = {
     "ddpm": "DDPMScheduler",
@@ -113,6 +114,8 @@ def read_max_noise_level(path: str, local: bool) -> int | None:
 
 def make_scheduler(config, kind: str = "auto"):
     """Build the scheduler named by ``kind`` (auto: the checkpoint's own) from a scheduler config."""
+    import diffusers
+
     if kind == "auto":
         name = config["_class_name"]
     elif kind in SCHEDULER_KINDS:
@@ -134,6 +137,10 @@ def load_pipeline(cls, path, *, device="cpu", dtype=torch.float32, scheduler_kin
                   use_controlnet: bool = True, variant: str | None = None):
     """The pipeline ``cls`` from a diffusers-layout folder or hub id. ``variant`` picks weight files such as
     ``diffusion_pytorch_model.fp16.safetensors`` for the components that have them."""
+    import diffusers
+
+    from schedulers import check_scheduler
+
     path = str(Path(path).expanduser()) if _is_local(str(path)) else str(path)
     local = _is_local(path)
     if local and not Path(path).is_dir():
