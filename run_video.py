@@ -20,17 +20,15 @@ import sys
 import threading
 from pathlib import Path
 
-from pipelines import interrupts  # torch-free: watches Ctrl-C before the heavy imports below
+from pipelines import interrupts  # torch-free: watches Ctrl-C before the imports below
 
 interrupts.watch()
 
-try:  # Ctrl-C while the libraries load: one line and exit 130, not a traceback
-    from pipelines.checkpoint import WorkdirMismatch
-    from pipelines.config import ConfigError, asked_keys, load_config, to_yaml
-    from pipelines.job import DEFAULT_CONFIG, UsageError, from_root, run_clip
+try:  # Ctrl-C while the libraries load: one line and exit 130, not a traceback. None of these imports torch
+    # (see _job): --help, a bad command line and a config error return in a fraction of a second
+    from pipelines.config import DEFAULT_CONFIG, ConfigError, asked_keys, from_root, load_config, to_yaml
+    from pipelines.errors import InputError, OutputAppeared, UsageError, WorkdirMismatch, WriteError
     from pipelines.many import clip_list, end_process_group, list_exit_code, plan_clips, process_group
-    from pipelines.video_io import InputError
-    from pipelines.video_writer import OutputAppeared, WriteError
 except BaseException as e:
     if interrupts.TERMINATED:  # an import that failed because of it
         print("error: terminated", file=sys.stderr, flush=True)
@@ -52,6 +50,20 @@ class Terminated(BaseException):
 
 def _on_sigterm(signum, frame):
     raise Terminated()
+
+
+def _job():
+    """``pipelines.job``, imported when a job is about to run: it imports torch (seconds; diffusers follows when
+    the model loads). Ctrl-C and SIGTERM wait until the import ends (:func:`interrupts.deferred`), then stop the
+    run as usual: one raised inside torch's C++ import callbacks can abort the process."""
+    with interrupts.deferred():
+        import pipelines.job
+    return pipelines.job
+
+
+def run_clip(*args, **kwargs) -> dict:
+    """:func:`pipelines.job.run_clip`, its module imported at the first call (:func:`_job`)."""
+    return _job().run_clip(*args, **kwargs)
 
 
 def log(message: str, end: str = "\n") -> None:
@@ -139,6 +151,7 @@ def guarded(job, args) -> int:
 def run_many(args: argparse.Namespace, clips: list[Path]) -> int:
     """Each process samples its share of the clips (pipelines.many) into the --output folder; returns the most
     telling exit code and names the clips that failed in a last line."""
+    _job()  # torch: plan_clips needs it, and so may process_group (torch.distributed)
     rank, world, local = process_group()
     jobs = plan_clips(clips, given=Path(args.input).expanduser() if args.input else None, output=args.output,
                       config=from_root(Path(args.config)), overrides=args.overrides, reference=args.reference,

@@ -16,11 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import WorkdirMismatch  # defined there: the command line catches it before importing torch
 from .video_writer import WriteError, ordinary_mode
-
-
-class WorkdirMismatch(ValueError):
-    """The work folder belongs to another run configuration."""
 
 
 @contextmanager

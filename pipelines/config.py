@@ -48,6 +48,8 @@ FusionSpace = Literal["frame", "sample", "decoded"]
 DEVICE_PATTERN = re.compile(r"auto|cpu|(cuda|xpu|mps|mtia|hpu|npu|xla|privateuseone)(:\d+)?")  # torch's accelerators
 MAX_DEVICE_INDEX = 127  # torch keeps a device index in 8 signed bits: cuda:256 is cuda:0, cuda:128 is cuda:-128
 BASE_KEY = "base"
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+DEFAULT_CONFIG = Path("configs/default.yaml")
 
 
 class ConfigError(ValueError):
@@ -311,6 +313,15 @@ def _resolved_booleans(cfg: DictConfig, interpolated: dict[str, str]) -> None:
             raise ConfigError(f"{key} must be true or false, got {value!r} from {expression} (in config)")
 
 
+def from_root(path: Path) -> Path:
+    """``path`` as given, or under the repo root when it is relative and missing from the cwd (here, not in
+    pipelines.job, which imports torch: the command line finds its --config before it needs torch)."""
+    path = Path(path).expanduser()
+    if not path.is_absolute() and not path.exists() and (ROOT / path).exists():
+        return ROOT / path
+    return path
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     """A YAML file as a DictConfig, with its ``base:`` chain merged underneath."""
     if path.resolve() in seen:
@@ -540,7 +551,7 @@ def build_alignment(cfg: DictConfig, pipe: VideoPipeline) -> Alignment:
 
 # ----------------------------------------------------------------------------- settings without effect
 
-SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SHIPPED_CONFIGS = ROOT / "configs"
 SHIPPED_NAMES = ("default.yaml", "independent.yaml", "latent-tcm.yaml", "stablevsr.yaml")  # a user's own file
 # placed beside them is the user's
 

@@ -33,36 +33,23 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import metrics
-from .config import (ConfigError, JobConfig, ModelConfig, build_alignment, check_model_settings, flow_config,
-                     ineffective_settings, inert_settings, pipeline_kwargs, sampling_options, to_dict, to_yaml,
-                     validate)
+from .config import (DEFAULT_CONFIG, ROOT, ConfigError, JobConfig, ModelConfig, build_alignment,
+                     check_model_settings, flow_config, from_root, ineffective_settings, inert_settings,
+                     pipeline_kwargs, sampling_options, to_dict, to_yaml, validate)
 from .degradation import bicubic_resize
+from .errors import UsageError
 from .flow import check_flow_size, compute_clip_flows
 from .timing import StageTimer
 from .video_io import (FrameFolderWriter, InputError, PendingText, atomic_write_text, pad_to_multiple,
                        padded_side, side_by_side, to_tensor, to_uint8)
 from .video_writer import VideoWriter, remove_stale_temps
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = Path("configs/default.yaml")
 DEFAULT_INPUT = Path("assets/example.mp4")
 DEFAULT_FPS = 20.0
 OUTPUT_EXTS = (".mp4", ".mov", ".mkv", ".avi")  # containers that take the H.264 stream
 FRAME_FILE = re.compile(r"frame_\d{5}\.png")  # what the PNG writer puts in output.frames_dir
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CHUNK = 16  # frames per scoring/writing chunk in one-pass mode
-
-
-class UsageError(ValueError):
-    """A bad command line or path: printed as ``error: <message>``, exit code 2."""
-
-
-def from_root(path: Path) -> Path:
-    """``path`` as given, or under the repo root when it is relative and missing from the cwd."""
-    path = Path(path).expanduser()
-    if not path.is_absolute() and not path.exists() and (ROOT / path).exists():
-        return ROOT / path
-    return path
 
 
 def is_hub_id(model: str) -> bool:

@@ -8,10 +8,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .config import load_config
-from .job import OUTPUT_EXTS, UsageError, _creatable_parent, recorded_outputs, resolve_model_path
+from .errors import UsageError
+
+# torch and pipelines.job are imported where they are used: run_video.py imports this module before it knows
+# whether the command line names a list (a single clip's --help and config errors need neither)
 
 # the exit code of a list: the most telling of its clips' (a stop, then an internal error, then bad input)
 SEVERITY = {143: 4, 130: 3, 1: 2, 2: 1, 0: 0}
@@ -36,6 +37,10 @@ def plan_clips(clips: list[Path], *, given: Path | None, output, config: Path, o
                local: int = 0) -> list[ClipJob]:
     """This process's share of ``clips`` (every ``world``-th from ``rank``) as jobs writing into the folder
     ``output``; UsageError / ConfigError once for what every clip would hit (``given``: the --input)."""
+    import torch
+
+    from .job import OUTPUT_EXTS, _creatable_parent, resolve_model_path
+
     outdir = Path(output).expanduser() if output else Path("outputs")
     if (outdir.exists() and not outdir.is_dir()) or (not outdir.exists() and outdir.suffix.lower() in OUTPUT_EXTS):
         raise UsageError(f"--output must be a folder when --input is a list of clips, got {outdir}")
@@ -77,9 +82,6 @@ def list_exit_code(codes: list[int]) -> int:
 
 def clip_list(inp: Path) -> list[Path] | None:
     """A ``.txt`` list of clips (relative to the list) or a folder of videos; None for a single clip."""
-    from .video_io import IMAGE_EXTS, VIDEO_EXTS
-
-    clip_exts = (*VIDEO_EXTS, ".gif")
     if inp.suffix.lower() == ".txt" and inp.is_file():
         try:
             text = inp.read_text(encoding="utf-8-sig")  # a byte-order mark (Notepad's) is not part of a path
@@ -100,6 +102,9 @@ def clip_list(inp: Path) -> list[Path] | None:
             clips.append(clip)
         return clips
     if inp.is_dir():
+        from .video_io import IMAGE_EXTS, VIDEO_EXTS  # imports torch: only for a folder, whose job needs it anyway
+
+        clip_exts = (*VIDEO_EXTS, ".gif")
         files = [p for p in inp.iterdir() if p.is_file() and not p.name.startswith(".")]
         videos = sorted(p for p in files if p.suffix.lower() in clip_exts)
         images = [p for p in files if p.suffix.lower() in IMAGE_EXTS]
@@ -115,6 +120,8 @@ def clip_list(inp: Path) -> list[Path] | None:
 def clip_done(workdir: Path) -> bool:
     """Whether the run with this work folder finished, its outputs still the files it committed (many-clips
     mode skips such a clip when the same command runs again)."""
+    from .job import recorded_outputs
+
     done, outputs = recorded_outputs(workdir)
     return done and all(outputs.values())
 

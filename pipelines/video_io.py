@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import InputError  # defined there: the command line catches it before importing torch
 from .video_writer import DEFAULT_CRF, WriteError, Written, commit, file_mode, seal, temp_sibling, write_h264
 
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # its own warnings would break one-line errors
@@ -31,10 +32,6 @@ cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # its own warn
 VIDEO_EXTS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".mts", ".m2ts", ".mpg", ".mpeg", ".vob",
               ".3gp", ".flv", ".f4v", ".wmv", ".asf", ".mxf", ".y4m", ".divx")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-
-
-class InputError(ValueError):
-    """Bad user input: the CLI prints str(e) as a one-line error and exits with code 2."""
 
 
 @dataclass

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import OutputAppeared, WriteError  # defined there: the command line catches them before importing torch
+
 DEFAULT_CRF = 12
 VIDEO_CODEC = "libx264"
 PIX_FMT = "yuv420p"
@@ -25,14 +27,6 @@ PIX_FMT = "yuv420p"
 # which append converts with, and BT.709 primaries and transfer (sRGB's primaries: the RGB frames')
 COLOR_MATRIX, COLOR_RANGE, SRGB_PRIMARIES_TRC = 6, 1, 1
 PROC_STATUS = "/proc/self/status"  # Linux 4.7 on: a "Umask:" line
-
-
-class WriteError(RuntimeError):
-    """The output could not be written or verified; nothing was replaced."""
-
-
-class OutputAppeared(WriteError):
-    """Another process created the output path during the run (no-replace commit); it was kept."""
 
 
 @dataclass
