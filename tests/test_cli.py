@@ -627,6 +627,37 @@ def test_damaged_state_file_is_refused_not_resumed(tmp_path):
         ck.load([torch.Generator()], tiny.ddpm_v(), "cpu")
 
 
+@pytest.mark.parametrize("argv, code, forbidden, err", [
+    (["--help"], 0, ("torch", "diffusers", "transformers"), ""),
+    (["--no-such-flag"], 2, ("torch", "diffusers", "transformers"), "error: unrecognized arguments"),
+    (["sampling.num_inference_steps=0"], 2, ("torch", "diffusers", "transformers"),
+     "error: config: sampling.num_inference_steps must be >= 1"),
+    (["sampling.steps=3"], 2, ("torch", "diffusers", "transformers"), "error: config: unknown key sampling.steps"),
+    # the model path is checked by the job (torch), before the model is loaded (diffusers)
+    (["model.path=weights/nope"], 2, ("diffusers", "transformers", "torch._dynamo"),
+     "error: config: model.path=weights/nope: no such folder"),
+])
+def test_help_and_early_errors_skip_the_heavy_imports(tmp_path, argv, code, forbidden, err):
+    """--help, a bad command line and a config error return without importing torch (1-2 s here) or diffusers
+    (which imports torch._dynamo and every diffusers model: seconds more); they took 2-12 s before."""
+    modules = tmp_path / "modules.json"
+    probe = tmp_path / "probe.py"
+    probe.write_text(f"""
+import atexit, json, runpy, sys
+sys.path.insert(0, {str(ROOT)!r})
+atexit.register(lambda: open({str(modules)!r}, "w").write(json.dumps(sorted(sys.modules))))
+sys.argv = [{str(ROOT / "run_video.py")!r}, *sys.argv[1:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+""")
+    proc = subprocess.run([sys.executable, str(probe), "--output", str(tmp_path / "o.mp4"), *argv],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == code and proc.stderr.startswith(err) and proc.stderr.count("\n") == (1 if err else 0), \
+        proc.stderr
+    loaded = set(json.loads(modules.read_text()))
+    assert not loaded & set(forbidden), sorted(loaded & set(forbidden))
+    assert not list(tmp_path.glob("o.*"))
+
+
 def test_ctrl_c_during_start_up_is_one_line_exit_130(tmp_path):
     import signal
     import time
@@ -636,7 +667,7 @@ def test_ctrl_c_during_start_up_is_one_line_exit_130(tmp_path):
     proc = subprocess.Popen([sys.executable, str(ROOT / "run_video.py"), "--output", str(tmp_path / "o.mp4")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    time.sleep(0.4)  # still importing torch and diffusers
+    time.sleep(0.4)  # still starting: importing the libraries (torch: run_video._job) or reading the config
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and err == "error: interrupted\n", err
