@@ -50,7 +50,7 @@ from pipelines.video_io import read_clip, to_tensor, to_uint8, write_video  # no
 from pipelines.video_pipeline import SamplingOptions  # noqa: E402
 
 SECTIONS = ("limit", "scaling", "schedulers", "chains", "models", "batches")
-NOT_SAMPLING = ("total", "io", "load", "metrics")  # a report's timings that are not sampling
+NOT_SAMPLING = ("total", "io", "load", "import", "metrics")  # a report's timings that are not sampling
 STAGES = ("model", "flow", "align", "scheduler", "decode", "vae")
 CHAIN_CLIP = SHARED_CLIPS / "woman-running.mp4"
 CHAIN_START = 30  # where assets/example_gt was cut from woman-running

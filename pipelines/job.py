@@ -339,11 +339,13 @@ def resolve_model_path(cfg: DictConfig) -> str:
 
 
 def load_model(cfg: DictConfig, path: str, device: torch.device, timer: StageTimer):
-    """The pipeline, timed under "load" (not counting the first import of diffusers)."""
-    from diffusers.utils import logging as diffusers_logging
+    """The pipeline, timed under "load"; the first import of diffusers and the pipeline under "import" (seconds:
+    torch._dynamo and every diffusers model come with it; nothing on the next clip of a list)."""
+    with timer("import"):
+        from diffusers.utils import logging as diffusers_logging
 
-    from .loading import ModelLoadError
-    from .video_pipeline import VideoPipeline
+        from .loading import ModelLoadError
+        from .video_pipeline import VideoPipeline
 
     diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # its chatter (even logged "errors" about
     diffusers_logging.disable_progress_bar()  # optional files) would break the one-line-error contract
@@ -948,7 +950,7 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
 
         timings = {"total": round(time.perf_counter() - t0, 4)}
         timings.update({k: 0.0 for k in ("model", "flow", "align", "scheduler", "vae" if pipe.vae else "decode",
-                                          "backproject", "io", "load", "metrics")})
+                                          "backproject", "io", "load", "import", "metrics")})
         timings.update(timer.report())
         video = dict(fps=fps, codec="h264", pix_fmt="yuv420p", crf=o.crf, encoded_size=list(written.size),
                      padded=written.padded, audio="copied" if audio is None else audio,

@@ -97,7 +97,7 @@ def test_success_writes_video_report_config_frames_and_comparison(data, tmp_path
     assert rep["model_kind"] == "residual_sr" and rep["device"] == "cpu" and rep["steps_run"] == 2
     assert rep["config"]["sampling"]["strength"] == 1.0
     t = rep["timings"]
-    for key in ("total", "model", "flow", "align", "scheduler", "decode", "io", "load"):
+    for key in ("total", "model", "flow", "align", "scheduler", "decode", "io", "load", "import"):
         assert t[key] >= 0, key
     assert t["model"] > 0 and t["flow"] > 0 and t["total"] >= t["model"] + t["load"]
     assert rep["peak_memory"]["host_max_rss_mb"] > 0
