@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import metrics
+from . import interrupts, metrics
 from .config import (DEFAULT_CONFIG, ROOT, ConfigError, JobConfig, ModelConfig, build_alignment,
                      check_model_settings, flow_config, from_root, ineffective_settings, inert_settings,
                      pipeline_kwargs, sampling_options, to_dict, to_yaml, validate)
@@ -341,7 +341,9 @@ def resolve_model_path(cfg: DictConfig) -> str:
 def load_model(cfg: DictConfig, path: str, device: torch.device, timer: StageTimer):
     """The pipeline, timed under "load"; the first import of diffusers and the pipeline under "import" (seconds:
     torch._dynamo and every diffusers model come with it; nothing on the next clip of a list)."""
-    with timer("import"):
+    # Ctrl-C and SIGTERM wait for the import's end (one raised inside torch's import callbacks can abort the
+    # process, as in run_video._job), then stop the run as usual
+    with timer("import"), interrupts.deferred():
         from diffusers.utils import logging as diffusers_logging
 
         from .loading import ModelLoadError

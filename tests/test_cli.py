@@ -658,6 +658,35 @@ runpy.run_path(sys.argv[0], run_name="__main__")
     assert not list(tmp_path.glob("o.*"))
 
 
+def test_ctrl_c_while_diffusers_imports_waits_for_the_import(tmp_path):
+    """A Ctrl-C that arrives while the job imports diffusers (seconds, in load_model) is held until the import
+    ends, then stops the run as usual: one raised inside torch's import callbacks can abort the process. The
+    probe sends SIGINT from inside the import of diffusers and marks whether the import went on after it."""
+    marker = tmp_path / "import-went-on"
+    probe = tmp_path / "probe.py"
+    probe.write_text(f"""
+import os, runpy, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == "diffusers":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+            open({str(marker)!r}, "w").close()  # not reached when the KeyboardInterrupt is raised at once
+        return None
+
+sys.meta_path.insert(0, Interrupt())
+sys.argv = [{str(ROOT / "run_video.py")!r}, *sys.argv[1:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+""")
+    proc = subprocess.run([sys.executable, str(probe), "--output", str(tmp_path / "o.mp4")], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 130 and proc.stderr == "error: interrupted\n", proc.stderr
+    assert marker.exists()
+    assert not list(tmp_path.glob("o.*"))
+
+
 def test_ctrl_c_during_start_up_is_one_line_exit_130(tmp_path):
     import signal
     import time
