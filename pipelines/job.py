@@ -24,6 +24,7 @@ import resource
 import sys
 import time
 import warnings
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -975,13 +976,14 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
                 w.abort()
         raise
     finally:
-        source.close()
-        if ref_source is not None:
-            ref_source.close()
-        if state_dir is not None and workdir is None:
-            import shutil
+        with ExitStack() as cleanup:  # last in, first run; each runs though one before it raised
+            if state_dir is not None and workdir is None:
+                import shutil
 
-            shutil.rmtree(state_dir, ignore_errors=True)
+                cleanup.callback(shutil.rmtree, state_dir, ignore_errors=True)
+            if ref_source is not None:
+                cleanup.callback(ref_source.close)
+            cleanup.callback(source.close)
     summary = f", psnr {report['psnr']:.2f} dB" if report.get("psnr") is not None else ""
     log(f"done in {timings['total']:.1f}s: {paths.output}{summary}")
     return report

@@ -182,13 +182,15 @@ def test_avi_output_and_file_backed_state_fallbacks(model, tmp_path):
 
 
 
-@pytest.mark.parametrize("fail", [None, "sampling", "png writer", "video writer"])
+@pytest.mark.parametrize("fail", [None, "sampling", "png writer", "video writer", "closing the input"])
 def test_the_temporary_state_folder_is_removed_on_every_exit(model, tmp_path, monkeypatch, fail):
     """Without --workdir a long one pass keeps its state in a temporary folder beside the output. An error or a
     Ctrl-C while the writers were being opened (after the folder was made, before the job's try) left it
     behind, with the video writer's temporary file: both are removed now, as on success and on an error
-    while sampling."""
+    while sampling. An error closing the input (after the outputs are in place) left the folder too: it is
+    removed now, and the error still raised."""
     from pipelines import job, video_writer
+    from pipelines.clip_source import ClipSource
 
     clip = tmp_path / "in.mp4"
     write_video(clip, to_uint8(tiny.textured_clip(3, 16)), 10)
@@ -212,6 +214,14 @@ def test_the_temporary_state_folder_is_removed_on_every_exit(model, tmp_path, mo
         monkeypatch.setattr(job, "FrameFolderWriter", interrupted)
     if fail == "video writer":
         monkeypatch.setattr(job, "VideoWriter", full)
+    close = ClipSource.close
+
+    def failing_close(self):
+        close(self)
+        raise OSError(5, "Input/output error")
+
+    if fail == "closing the input":
+        monkeypatch.setattr(ClipSource, "close", failing_close)
     real, made = video_writer.temp_sibling, []
 
     def recording(path, directory=False):
@@ -225,11 +235,13 @@ def test_the_temporary_state_folder_is_removed_on_every_exit(model, tmp_path, mo
     if fail is None:
         run_clip(cfg, clip, out, log=lambda m: None, progress=False)
     else:
-        with pytest.raises((RuntimeError, KeyboardInterrupt, OSError)):
+        with pytest.raises((RuntimeError, KeyboardInterrupt, OSError)) as err:
             run_clip(cfg, clip, out, log=lambda m: None, progress=False)
+    if fail == "closing the input":  # raised after every output was moved into place
+        assert "Input/output error" in str(err.value)
     assert made and made[0].name.startswith(".o.mp4.tmp-")
-    assert sorted(p.name for p in out.parent.iterdir()) == (["o.json", "o.mp4", "o.yaml", "png"] if fail is None
-                                                            else [])
+    assert sorted(p.name for p in out.parent.iterdir()) == (
+        ["o.json", "o.mp4", "o.yaml", "png"] if fail in (None, "closing the input") else [])
 
 
 def test_windows_decode_the_clip_once(model, tmp_path, monkeypatch):
