@@ -296,10 +296,11 @@ def _only_booleans(conf: DictConfig, source: str) -> None:
             raise ConfigError(f"{key} must be true or false, got {value!r} (in {source})")
 
 
-def _resolved_booleans(cfg: DictConfig, interpolated: dict[str, str]) -> None:
+def _resolved_booleans(cfg: DictConfig, interpolated: dict[str, str], origins: dict[str, str]) -> None:
     """Bool keys given as interpolations (dotted key -> ``${...}``): OmegaConf turns what one resolves to into a
     boolean as it would any value, so ``${runtime.threads}`` at 2 meant true. Each is resolved again, against
-    ``cfg``'s resolved values in an untyped copy, where nothing converts it, and held to :func:`_is_boolean`."""
+    ``cfg``'s resolved values in an untyped copy, where nothing converts it, and held to :func:`_is_boolean`.
+    ``origins``: where each key was set (:func:`load_config`), named in the message."""
     if not interpolated:
         return
     plain = OmegaConf.create(to_dict(cfg))
@@ -308,9 +309,10 @@ def _resolved_booleans(cfg: DictConfig, interpolated: dict[str, str]) -> None:
         try:
             value = OmegaConf.select(plain, key)
         except OmegaConfBaseException as e:
-            raise ConfigError(_describe(e, "config")) from None
+            raise ConfigError(_describe(e, origins.get(getattr(e, "full_key", None) or key, "config"))) from None
         if not _is_boolean(value):
-            raise ConfigError(f"{key} must be true or false, got {value!r} from {expression} (in config)")
+            raise ConfigError(f"{key} must be true or false, got {value!r} from {expression} "
+                              f"(in {origins.get(key, 'config')})")
 
 
 def from_root(path: Path) -> Path:
@@ -322,8 +324,9 @@ def from_root(path: Path) -> Path:
     return path
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
-    """A YAML file as a DictConfig, with its ``base:`` chain merged underneath."""
+def _read_yaml(path: Path, seen: tuple[Path, ...] = (), origins: dict[str, str] | None = None) -> DictConfig:
+    """A YAML file as a DictConfig, with its ``base:`` chain merged underneath. ``origins``, where given, gets
+    each key's file: the last in the chain that sets it, as in the merge."""
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'base' chain loops back to {path.name}")
     try:
@@ -349,12 +352,12 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     _no_empty_values(data, str(path))
     _only_booleans(data, str(path))
     base = data.pop(BASE_KEY, None)
-    if base is None:
-        return data
-    if not isinstance(base, str):
+    if base is not None and not isinstance(base, str):
         raise ConfigError(f"{path}: 'base' must be a file name, got {base!r}")
-    parent = _read_yaml(path.parent / base, (*seen, path.resolve()))
-    return OmegaConf.merge(parent, data)
+    parent = None if base is None else _read_yaml(path.parent / base, (*seen, path.resolve()), origins)
+    if origins is not None:  # after the base's keys: this file's override them
+        origins.update(dict.fromkeys((leaf for leaf, _ in _leaves(data)), str(path)))
+    return data if parent is None else OmegaConf.merge(parent, data)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -363,10 +366,11 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     Returns a structured DictConfig (typed like ``JobConfig``). Raises ConfigError.
     """
     cfg = OmegaConf.structured(JobConfig)
+    origins: dict[str, str] = {}  # dotted key -> the file or override that set it last, for interpolation errors
     if path is not None:
         path = Path(path)
         try:
-            cfg = OmegaConf.merge(cfg, _read_yaml(path))
+            cfg = OmegaConf.merge(cfg, _read_yaml(path, origins=origins))
         except OmegaConfBaseException as e:
             raise ConfigError(_describe(e, str(path))) from None
     for item in overrides:
@@ -379,6 +383,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             _no_unset_marks(given, f"override {item!r}")
             _only_booleans(given, f"override {item!r}")
             cfg = OmegaConf.merge(cfg, given)
+            origins.update(dict.fromkeys((leaf for leaf, _ in _leaves(given)), f"override {item!r}"))
         except ConfigKeyError as e:
             raise ConfigError(_describe(e, f"override {item!r}")) from None
         except OmegaConfBaseException as e:
@@ -392,9 +397,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
                     if FIELD_TYPES.get(key) == "bool" and _interpolation(value)}
     try:
         OmegaConf.resolve(cfg)  # interpolations: fail here, not halfway through a run
-    except OmegaConfBaseException as e:
-        raise ConfigError(_describe(e, "config")) from None
-    _resolved_booleans(cfg, interpolated)
+    except OmegaConfBaseException as e:  # named by the key whose interpolation failed: where that key was set
+        raise ConfigError(_describe(e, origins.get(getattr(e, "full_key", None), "config"))) from None
+    _resolved_booleans(cfg, interpolated, origins)
     validate(cfg)
     return cfg
 

@@ -115,7 +115,8 @@ def test_a_boolean_given_as_an_interpolation_is_held_to_the_same_rule(tmp_path):
     path = write(tmp_path, "runtime:\n  threads: 2\nsampling:\n  back_projection: ${runtime.threads}\n")
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert str(err.value) == "sampling.back_projection must be true or false, got 2 from ${runtime.threads} (in config)"
+    assert str(err.value) == ("sampling.back_projection must be true or false, got 2 from ${runtime.threads} "
+                              f"(in {path})")
     for over in (["sampling.seed=5", "sampling.back_projection=${.seed}"],
                  ["alignment.tcm_masked=${sampling.noise_level}"], ["output.audio=${oc.env:NO_SUCH_VARIABLE,2}"]):
         with pytest.raises(ConfigError, match=r"must be true or false, got \S+ from \$\{"):
@@ -127,8 +128,36 @@ def test_a_boolean_given_as_an_interpolation_is_held_to_the_same_rule(tmp_path):
         assert load_config(None, over).sampling.back_projection is meant
     for over, message in ((["sampling.back_projection=${nope.x}"], "Interpolation key 'nope.x' not found"),
                           (["sampling.back_projection=${model.path}"], "is not a valid bool")):
-        with pytest.raises(ConfigError, match=rf"^sampling.back_projection: .*{message}.*\(in config\)$"):
+        with pytest.raises(ConfigError, match=rf"^sampling.back_projection: .*{message}.*\(in override '.*'\)$"):
             load_config(None, over)
+
+
+def test_an_interpolation_error_names_the_file_or_override_that_set_the_key(tmp_path):
+    """An interpolation that failed to resolve, or resolved to no boolean for a bool key, said "(in config)":
+    it names the override, or the file of the base: chain, that set the key now (the last one, as merged)."""
+    base = write(tmp_path, "sampling:\n  back_projection: ${nope.x}\n  seed: ${nope.y}\n", "base.yaml")
+    job = write(tmp_path, "base: base.yaml\nsampling:\n  seed: 3\nruntime:\n  threads: 2\n")
+    messages = {
+        (): f"sampling.back_projection: Interpolation key 'nope.x' not found (in {base})",
+        ("sampling.back_projection=${runtime.threads}",):
+            "sampling.back_projection must be true or false, got 2 from ${runtime.threads} "
+            "(in override 'sampling.back_projection=${runtime.threads}')",
+        ("sampling.back_projection=${runtime.threads}", "sampling.back_projection=${nope.z}"):
+            "sampling.back_projection: Interpolation key 'nope.z' not found "
+            "(in override 'sampling.back_projection=${nope.z}')",
+        ("sampling.back_projection=true", "sampling.noise_level=${nope.w}"):
+            "sampling.noise_level: Interpolation key 'nope.w' not found (in override 'sampling.noise_level=${nope.w}')",
+    }
+    for overrides, message in messages.items():
+        with pytest.raises(ConfigError) as err:
+            load_config(job, list(overrides))
+        assert str(err.value) == message
+    # the file that set the key last: job.yaml's own value over base.yaml's
+    write(tmp_path, "base: base.yaml\nsampling:\n  back_projection: ${runtime.threads}\nruntime:\n  threads: 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(job, ["sampling.seed=1"])
+    assert str(err.value) == ("sampling.back_projection must be true or false, got 2 from ${runtime.threads} "
+                              f"(in {job})")
 
 
 def test_an_empty_override_says_so_and_how_to_give_an_empty_string():
