@@ -599,11 +599,13 @@ def check_model_settings(cfg: DictConfig, pipe: VideoPipeline) -> None:
 
 
 def inert_settings(cfg: DictConfig, pipe: VideoPipeline, *, one_pass: str | None = None, by_window: bool = False,
-                   workdir: bool = True) -> list[tuple[str, str, str]]:
+                   no_files: str | None = None, workdir: bool = True) -> list[tuple[str, str, str]]:
     """``(section, name, why)`` of each setting that has no effect with this model and mode: the schema's
     default in its place would give the same frames. ``one_pass``: why the clip runs in one pass, where it does;
     ``by_window``: that one pass is the window's doing (windows were chosen and one holds the clip), so a
-    smaller window would change it; ``workdir``: whether the run checkpoints to a work folder."""
+    smaller window would change it; ``no_files``: why no value of ``runtime.files_above`` would keep the samples
+    in files (the clip runs in windows, or its one-pass state cannot live in files), where that holds;
+    ``workdir``: whether the run checkpoints to a work folder."""
     import inspect
 
     a, sc, s, f = cfg.alignment, cfg.schedule, cfg.sampling, cfg.flow
@@ -638,19 +640,25 @@ def inert_settings(cfg: DictConfig, pipe: VideoPipeline, *, one_pass: str | None
     if one_pass:
         names = ("overlap", "anchor_weight") + (() if by_window else ("window",))
         rules.append((names, "runtime", one_pass))
+    if cfg.runtime.mode != "auto":
+        rules.append((("one_pass_max",), "runtime",
+                      f"runtime.mode is {cfg.runtime.mode}; only auto chooses one pass or windows by it"))
+    if no_files:
+        rules.append((("files_above",), "runtime", no_files))
     if not workdir:
         rules.append((("checkpoint_every",), "runtime", "without --workdir nothing is checkpointed"))
     return [(section, name, why) for names, section, why in rules for name in names]
 
 
 def ineffective_settings(cfg: DictConfig, pipe: VideoPipeline, asked: set[str], *, one_pass: str | None = None,
-                         by_window: bool = False, workdir: bool = True) -> list[str]:
+                         by_window: bool = False, no_files: str | None = None, workdir: bool = True) -> list[str]:
     """One line for each setting in ``asked`` (see :func:`asked_keys`) whose value differs from the schema's
     default but has no effect with this model and mode (:func:`inert_settings`), saying why (for a warning)."""
     s = cfg.sampling
     default = OmegaConf.structured(JobConfig)
     lines = []
-    for section, name, why in inert_settings(cfg, pipe, one_pass=one_pass, by_window=by_window, workdir=workdir):
+    for section, name, why in inert_settings(cfg, pipe, one_pass=one_pass, by_window=by_window, no_files=no_files,
+                                             workdir=workdir):
         key, value = f"{section}.{name}", cfg[section][name]
         if key in asked and value != default[section][name]:
             lines.append(f"config: {key}={value} has no effect: {why}")

@@ -590,9 +590,12 @@ def fingerprint(cfg: DictConfig, pipe, read: Callable[[int, int], torch.Tensor],
     sampling = {k: v for k, v in to_dict(cfg).items() if k not in ("output", "input")}
     default = to_dict(OmegaConf.structured(JobConfig))
     # scheduler.eta under DDPM, alignment.tcm_* without the TCM, ...: another value samples the same frames.
-    # Asked without ``one_pass``, it names no runtime key: the window keys are hashed as given (they choose
-    # one pass or windows, and the windows' folders), threads and checkpoint_every not at all (below)
-    for section, name, _ in inert_settings(cfg, pipe):
+    # Asked without ``one_pass``, it names none of the window keys: they are hashed as given (they choose one
+    # pass or windows, and the windows' folders), threads and checkpoint_every not at all (below). It names
+    # runtime.one_pass_max under mode one_pass or windows, which chooses nothing then, and runtime.files_above
+    # where it keeps nothing in files: what decides that (the mode, one_pass_max under auto, the window, the
+    # scheduler, chain_length, the convention, n) is hashed, so a checkpoint of the other kind is never met
+    for section, name, _ in inert_settings(cfg, pipe, no_files=_files_above_unused(cfg, pipe, n)):
         if (section, name) not in SHAPES_THE_WORK_FOLDER:
             sampling[section][name] = default[section][name]
     # how fast and how often, not what: a resumed run may change them
@@ -686,6 +689,17 @@ def _choose_mode(cfg: DictConfig, n: int) -> str:
     if r.mode != "auto":
         return r.mode
     return "one_pass" if n <= r.one_pass_max else "windows"
+
+
+def _files_above_unused(cfg: DictConfig, pipe, n: int) -> str | None:
+    """Why no value of ``runtime.files_above`` changes where the ``n`` frames' samples are kept, or None where it
+    decides whether a one pass keeps them in files: windows keep none in files, and a one-pass state that
+    cannot live in files (``pipe.file_state_problem``) stays in memory at any value."""
+    r = cfg.runtime
+    if _choose_mode(cfg, n) == "windows" and n > r.window:
+        return f"the {n} frame(s) run in windows of runtime.window={r.window}, and it applies to one pass"
+    problem = pipe.file_state_problem(sampling_options(cfg).chain_length, n)
+    return None if problem is None else f"one pass keeps its samples in memory at any value: {problem}"
 
 
 def run_clip(cfg: DictConfig, input=None, output=None, *, config_path=DEFAULT_CONFIG, reference=None,
@@ -788,7 +802,7 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
         one_pass = "runtime.mode is one_pass" if r.mode == "one_pass" else (
             f"the {n} frame(s) run in one pass (runtime.mode=auto, runtime.one_pass_max={r.one_pass_max})")
     for warning in ineffective_settings(cfg, pipe, asked or set(), one_pass=one_pass, by_window=by_window,
-                                        workdir=workdir is not None):
+                                        no_files=_files_above_unused(cfg, pipe, n), workdir=workdir is not None):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
         job_warnings.append(warning)
     out_size = (read.size[0] * pipe.scale, read.size[1] * pipe.scale)

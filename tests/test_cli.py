@@ -931,6 +931,40 @@ def test_window_and_checkpoint_settings_without_effect_are_named(data, tmp_path,
     assert rc == 0 and "warning: config:" not in err, err
 
 
+def test_one_pass_max_and_files_above_without_effect_are_named(data, tmp_path, capsys):
+    """runtime.one_pass_max under runtime.mode one_pass or windows (only auto chooses by it), and
+    runtime.files_above on a clip that runs in windows or whose one-pass state cannot live in files (DPM-Solver),
+    did nothing without a word: named now, on stderr and in the report; not on a run they decide."""
+    base = ["--input", data / "clip.mp4", f"model.path={data / 'model'}", *FAST]
+
+    def warned(name, *extra):
+        rc, _, err = cli(capsys, *base, "--output", tmp_path / f"{name}.mp4", *extra)
+        assert rc == 0, err
+        lines = [line for line in err.splitlines() if line.startswith("warning: config:")]
+        assert [f"warning: {w}" for w in json.loads((tmp_path / f"{name}.json").read_text())["warnings"]] == lines
+        return lines
+
+    assert warned("o", "runtime.mode=one_pass", "runtime.one_pass_max=2") == [
+        "warning: config: runtime.one_pass_max=2 has no effect: runtime.mode is one_pass; only auto chooses one pass "
+        "or windows by it"]
+    assert warned("p", "runtime.mode=windows", "runtime.window=3", "runtime.overlap=1", "runtime.one_pass_max=2",
+                  "runtime.files_above=0") == [
+        "warning: config: runtime.one_pass_max=2 has no effect: runtime.mode is windows; only auto chooses one pass "
+        "or windows by it",
+        "warning: config: runtime.files_above=0 has no effect: the 4 frame(s) run in windows of runtime.window=3, "
+        "and it applies to one pass"]
+    lines = warned("q", "scheduler.kind=dpm++", "runtime.files_above=0")
+    assert len(lines) == 1 and lines[0].startswith(
+        "warning: config: runtime.files_above=0 has no effect: one pass keeps its samples in memory at any value: "
+        "file-backed one-pass state needs a DDPM or DDIM scheduler"), lines
+    # where they decide: auto gives windows above one_pass_max=2; the state of 4 frames > 0 goes into files
+    assert warned("r", "runtime.one_pass_max=2", "runtime.window=3", "runtime.overlap=1") == []
+    assert warned("s", "runtime.files_above=0") == []
+    assert warned("t", "runtime.mode=windows", "runtime.window=6", "runtime.files_above=0") == []  # one window
+    kept = {name: json.loads((tmp_path / f"{name}.json").read_text())["state_in_files"] for name in "pqst"}
+    assert kept == {"p": False, "q": False, "s": True, "t": True}
+
+
 def test_a_window_that_holds_the_clip_under_mode_auto_is_not_called_without_effect(data, tmp_path, capsys):
     """Under runtime.mode=auto, a clip longer than runtime.one_pass_max but not than runtime.window runs in one
     pass because of the window: the warning blamed one_pass_max and called the window without effect, though a

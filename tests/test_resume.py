@@ -169,6 +169,61 @@ def test_settings_without_effect_resume_the_work_folder(tmp_path):
         run("alignment.weight=0.7")  # the fusion's own weight
 
 
+def test_one_pass_max_and_files_above_without_effect_resume_the_work_folder(tmp_path):
+    """runtime.one_pass_max under runtime.mode=windows, and runtime.files_above on a clip that runs in windows,
+    changed between a stop and the restart, refused the work folder though they decide nothing there. Where
+    files_above decides whether a one pass keeps its samples in files, it still does: a checkpoint of the other
+    kind is not read back right."""
+    from pipelines.config import load_config
+    from pipelines.job import run_clip
+    from pipelines.video_io import to_uint8, write_video
+
+    model = tiny.save_residual_sr(tmp_path / "m", scale=2, channels=(8, 16))
+    clip = tmp_path / "in.mp4"
+    write_video(clip, to_uint8(tiny.textured_clip(3, 24, shift=(0.8, 0.4))), 10)
+
+    def run(work, *over):
+        cfg = load_config(None, [f"model.path={model}", "sampling.num_inference_steps=2", "runtime.threads=1",
+                                 "alignment.mode=fusion", *over])
+        return run_clip(cfg, clip, tmp_path / "out.mp4", workdir=tmp_path / work, overwrite=True,
+                        log=lambda m: None, progress=False)
+
+    windows = ("runtime.mode=windows", "runtime.window=2", "runtime.overlap=1")
+    assert run("windows", *windows)["mode"] == "windows"
+    run("windows", *windows, "runtime.one_pass_max=2", "runtime.files_above=0")
+    assert run("memory")["state_in_files"] is False
+    with pytest.raises(WorkdirMismatch, match="different configuration"):
+        run("memory", "runtime.files_above=0")  # the same one pass, its samples in files
+
+
+def test_the_fingerprint_follows_files_above_and_one_pass_max_only_where_they_decide(tmp_path):
+    """runtime.one_pass_max counts only under runtime.mode=auto; runtime.files_above only where a one pass could
+    keep its samples in files (not in windows, nor with a DPM-Solver or a chain shorter than the clip)."""
+    from pipelines.config import load_config
+    from pipelines.job import fingerprint
+
+    frames = tiny.textured_clip(3, 8)
+    unet = tiny.pixel_unet(6, (8, 16))
+    ddpm = VideoPipeline(unet, tiny.ddpm_v(), scale=2, residual_scale=0.1)
+    dpm = VideoPipeline(unet, DPMSolverMultistepScheduler.from_config(tiny.ddpm_v().config), scale=2,
+                        residual_scale=0.1)
+
+    def key(pipe, *over):
+        cfg = load_config(None, [f"model.path={tmp_path / 'model'}", "alignment.mode=fusion", *over])
+        return fingerprint(cfg, pipe, lambda a, b: frames[a:b], 3)
+
+    for mode in ("one_pass", "windows"):
+        assert key(ddpm, f"runtime.mode={mode}", "runtime.one_pass_max=2") == key(ddpm, f"runtime.mode={mode}")
+    assert key(ddpm, "runtime.one_pass_max=2") != key(ddpm)  # auto
+    windows = ("runtime.mode=windows", "runtime.window=2", "runtime.overlap=1")
+    assert key(ddpm, *windows, "runtime.files_above=0") == key(ddpm, *windows)
+    assert key(dpm, "runtime.files_above=0") == key(dpm)
+    assert key(ddpm, "schedule.chain_length=2", "runtime.files_above=0") == key(ddpm, "schedule.chain_length=2")
+    assert key(ddpm, "runtime.files_above=0") != key(ddpm)  # 3 frames in files, or in memory
+    one = ("runtime.mode=windows", "runtime.window=3", "runtime.overlap=1")  # one window holds the clip: one pass
+    assert key(ddpm, *one, "runtime.files_above=0") != key(ddpm, *one)
+
+
 def test_the_fingerprint_counts_a_setting_without_effect_as_its_default(tmp_path):
     """What the warnings call without effect (pipelines.config.inert_settings) is hashed as the schema's default;
     what has effect still tells work folders apart, and so does schedule.chain_length without alignment: it
