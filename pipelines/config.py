@@ -638,7 +638,10 @@ def inert_settings(cfg: DictConfig, pipe: VideoPipeline, *, one_pass: str | None
     if pipe.vae is None:
         rules.append((("vae_tiling", "vae_slicing"), "model", "the model has no VAE"))
     if one_pass:
-        names = ("overlap", "anchor_weight") + (() if by_window else ("window",))
+        if not by_window:
+            names = ("overlap", "anchor_weight", "window")
+        else:  # the window has an effect; under auto one_pass_max none: by it or by the window, one pass
+            names = ("overlap", "anchor_weight") + (("one_pass_max",) if cfg.runtime.mode == "auto" else ())
         rules.append((names, "runtime", one_pass))
     if cfg.runtime.mode != "auto":
         rules.append((("one_pass_max",), "runtime",

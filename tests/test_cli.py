@@ -968,14 +968,16 @@ def test_one_pass_max_and_files_above_without_effect_are_named(data, tmp_path, c
 def test_a_window_that_holds_the_clip_under_mode_auto_is_not_called_without_effect(data, tmp_path, capsys):
     """Under runtime.mode=auto, a clip longer than runtime.one_pass_max but not than runtime.window runs in one
     pass because of the window: the warning blamed one_pass_max and called the window without effect, though a
-    smaller window gives windows. Now the window is named as the reason, and only the overlap warned about."""
+    smaller window gives windows. Now the window is named as the reason, and the overlap and one_pass_max (one
+    pass either way: by it, or windows of which one holds the clip) warned about."""
     base = ["--input", data / "clip.mp4", f"model.path={data / 'model'}", *FAST]
     rc, _, err = cli(capsys, *base, "--output", tmp_path / "o.mp4", "runtime.one_pass_max=2", "runtime.window=6",
                      "runtime.overlap=1")
     assert rc == 0, err
-    warned = [line for line in err.splitlines() if line.startswith("warning: config:")]
-    assert len(warned) == 1 and warned[0].startswith("warning: config: runtime.overlap=1 has no effect: "
-                                                     "runtime.window=6 holds all 4 frame(s): one pass"), warned
+    warned = sorted(line for line in err.splitlines() if line.startswith("warning: config:"))
+    why = "has no effect: runtime.window=6 holds all 4 frame(s): one pass"
+    assert len(warned) == 2 and warned[0].startswith(f"warning: config: runtime.one_pass_max=2 {why}") \
+        and warned[1].startswith(f"warning: config: runtime.overlap=1 {why}"), warned
     # the same clip within one_pass_max: the window is without effect, and the reason is the limit
     rc, _, err = cli(capsys, *base, "--output", tmp_path / "p.mp4", "runtime.one_pass_max=4", "runtime.window=6")
     assert rc == 0 and "runtime.window=6 has no effect: the 4 frame(s) run in one pass (runtime.mode=auto" in err, err
