@@ -729,14 +729,15 @@ def run_clip(cfg: DictConfig, input=None, output=None, *, config_path=DEFAULT_CO
     def may_replace(path: Path) -> bool:
         return overwrite or path.resolve() in ours
 
-    with workdir_lock(workdir):
+    with workdir_lock(workdir), ExitStack() as opened:  # the clips' decoders, closed however the run ends
         return _run(cfg, paths, workdir=workdir, may_replace=may_replace, log=log, progress=progress, asked=asked,
-                    t0=t0)
+                    t0=t0, opened=opened)
 
 
 def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Callable[[Path], bool],
-         log: Callable[[str], None], progress: bool, asked: set[str] | None, t0: float) -> dict:
-    """:func:`run_clip` from its checked paths on (``may_replace(path)``: whether an existing output may go)."""
+         log: Callable[[str], None], progress: bool, asked: set[str] | None, t0: float, opened: ExitStack) -> dict:
+    """:func:`run_clip` from its checked paths on (``may_replace(path)``: whether an existing output may go;
+    ``opened``: closes the clips it opens when the caller's block ends, an error before sampling included)."""
     from tqdm import tqdm
 
     from .clip_source import ClipSource
@@ -755,8 +756,9 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
     with timer("io"):
         # windows re-read a finished window's input for scoring: cached, or every re-read would decode the
         # clip again from its first frame (a bounded cache: one window of low-res frames)
-        source = ClipSource(paths.input, **select, cache=r.window + r.overlap + 1)
-        ref_source = ClipSource(paths.reference, **select, cache=2) if paths.reference else None
+        source = opened.enter_context(ClipSource(paths.input, **select, cache=r.window + r.overlap + 1))
+        ref_source = None if paths.reference is None else opened.enter_context(
+            ClipSource(paths.reference, **select, cache=2))
     for warning in source.warnings:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     n = len(source)
@@ -995,9 +997,7 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
                 import shutil
 
                 cleanup.callback(shutil.rmtree, state_dir, ignore_errors=True)
-            if ref_source is not None:
-                cleanup.callback(ref_source.close)
-            cleanup.callback(source.close)
+            cleanup.callback(opened.close)  # the clips now (run_clip's block closes them after an earlier error)
     summary = f", psnr {report['psnr']:.2f} dB" if report.get("psnr") is not None else ""
     log(f"done in {timings['total']:.1f}s: {paths.output}{summary}")
     return report

@@ -244,6 +244,40 @@ def test_the_temporary_state_folder_is_removed_on_every_exit(model, tmp_path, mo
         ["o.json", "o.mp4", "o.yaml", "png"] if fail in (None, "closing the input") else [])
 
 
+@pytest.mark.parametrize("fail", ["reference", "model"])
+def test_an_error_before_sampling_closes_the_clips(model, tmp_path, monkeypatch, fail):
+    """A reference of another length, or a model that fails to load, is found after the input and the reference
+    were opened and before the job's try: their decoders were left to the garbage collector (a library caller
+    keeping the exception kept them open). Both are closed now, as after a run."""
+    from pipelines import job
+    from pipelines.clip_source import ClipSource
+
+    clip, ref = tmp_path / "in.mp4", tmp_path / "ref.mp4"
+    write_video(clip, to_uint8(tiny.textured_clip(3, 16)), 10)
+    write_video(ref, to_uint8(tiny.textured_clip(3 if fail == "model" else 4, 64)), 10)
+    opened, closed = [], []
+    real_init, real_close = ClipSource.__init__, ClipSource.close
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        opened.append(self)
+
+    def close(self):
+        closed.append(self)
+        real_close(self)
+
+    def broken(*args, **kwargs):
+        raise job.UsageError("model.path: broken")
+
+    monkeypatch.setattr(ClipSource, "__init__", init)
+    monkeypatch.setattr(ClipSource, "close", close)
+    if fail == "model":
+        monkeypatch.setattr(job, "load_model", broken)
+    with pytest.raises(job.UsageError, match="frames, output has" if fail == "reference" else "broken"):
+        run_clip(job_cfg(model), clip, tmp_path / "o.mp4", reference=ref, log=lambda m: None, progress=False)
+    assert len(opened) == 2 and all(any(c is o for c in closed) for o in opened)
+
+
 def test_windows_decode_the_clip_once(model, tmp_path, monkeypatch):
     """Windows mode re-reads each finished window's input for scoring: from the cache, not by decoding the
     clip again from its first frame (at most 2 x 48 decoded: the scan and the reads)."""
