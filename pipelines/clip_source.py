@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .video_io import (IMAGE_EXTS, VIDEO_EXTS, InputError, _check_range, _decode_image, _natural_key,
+from .video_io import (IMAGE_EXTS, VIDEO_EXTS, InputError, _check_range, _decode_image, _natural_key, _open_pil,
                        _nothing_selected, _read_gif)
 
 
@@ -100,12 +100,10 @@ class ClipSource:
     def _check_image_sizes(self) -> None:
         """All selected images the size of the first as displayed (EXIF orientation applied, as decoding
         does), and none animated (only its first frame would be read), from their headers, up front."""
-        from PIL import Image
-
         first = None
         for i in self._index:
             try:
-                with Image.open(self._files[i]) as im:
+                with _open_pil(self._files[i]) as im:
                     size, frames = im.size, getattr(im, "n_frames", 1)
                     # a quarter turn: decoding shows it sideways (Pillow's TIFF size already is the turned one)
                     if im.format != "TIFF" and im.getexif().get(0x0112, 1) in (5, 6, 7, 8):

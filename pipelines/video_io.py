@@ -118,13 +118,21 @@ def _decode_image(path: Path) -> np.ndarray:
     return _to_srgb(img, icc) if icc else img
 
 
+def _open_pil(fp):
+    """``PIL.Image.open(fp)`` that also opens a PNG whose metadata text is above Pillow's 1 MB limit (an
+    ImageMagick "Raw profile" holding a camera's EXIF block runs to megabytes): Pillow raises ValueError
+    for it, and the header (ICC profile, EXIF orientation) would be taken as absent."""
+    from PIL import Image, PngImagePlugin
+
+    PngImagePlugin.MAX_TEXT_CHUNK = max(PngImagePlugin.MAX_TEXT_CHUNK, 64 << 20)  # MAX_TEXT_MEMORY still bounds it
+    return Image.open(fp)
+
+
 def _header(data: np.ndarray) -> tuple[bool, bytes | None]:
     """Whether the image's header declares an alpha band, and its embedded ICC profile: from the bytes
     already read (nothing decoded, the file not read again)."""
-    from PIL import Image
-
     try:
-        with Image.open(io.BytesIO(data.tobytes())) as im:
+        with _open_pil(io.BytesIO(data.tobytes())) as im:
             return "A" in im.getbands(), im.info.get("icc_profile") or None
     except (OSError, ValueError, SyntaxError):
         return False, None

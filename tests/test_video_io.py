@@ -783,6 +783,26 @@ def test_an_embedded_display_p3_profile_is_converted_to_srgb(tmp_path):
     assert np.array_equal(read_clip(tmp_path / "srgb.png").frames[0], img)
 
 
+def test_a_display_p3_png_with_megabytes_of_metadata_text_is_converted(tmp_path):
+    """A PNG whose metadata text is above Pillow's 1 MB limit (ImageMagick's "Raw profile type app1" holds
+    a camera's whole EXIF block, megabytes with a preview) failed Pillow's open with a ValueError, which the
+    header read took for "no profile": its Display P3 colours were read as sRGB, silently. The profile is
+    now read and converted as for the same image without the text."""
+    from PIL import PngImagePlugin
+
+    icc, _ = _display_p3_icc()
+    colours = np.array([[200, 100, 50], [60, 160, 90], [90, 40, 160]], np.uint8)
+    img = np.repeat(colours[:, None], 8, axis=1)
+    Image.fromarray(img).save(tmp_path / "plain.png", icc_profile=icc)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Raw profile type app1", os.urandom(1 << 20).hex(), zip=True)  # 2 MB of text
+    Image.fromarray(img).save(tmp_path / "text.png", icc_profile=icc, pnginfo=info)
+
+    want = read_clip(tmp_path / "plain.png").frames[0]
+    assert np.abs(want.astype(int) - img).max() > 20  # converted
+    assert np.array_equal(read_clip(tmp_path / "text.png").frames[0], want)
+
+
 def test_temps_of_a_reused_pid_or_a_zombie_are_stale(tmp_path):
     """A run in a container is pid 1 every time, so a killed run's temporaries (pid 1 in their name) were
     taken for the new run's own and kept forever; a killed process not yet reaped (a zombie, for about a
