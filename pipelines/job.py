@@ -920,6 +920,10 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
     elif source.fps:
         first = float(source.start_pts * source.time_base) if source.start_pts is not None else 0.0
         audio_start = first + sel.start / (source.fps * sel.stride)
+    # output.fps other than the selection's rate plays the frames faster or slower: the input's sound would not
+    # match them
+    respeed = (f"output.fps={o.fps:g} plays the frames at another speed than the input's {source.fps:g} fps"
+               if o.fps is not None and source.fps and abs(o.fps / source.fps - 1) > 1e-3 else None)
     log(f"writing {paths.output} ({n} frames {_wxh(out_size)}, {fps:g} fps, H.264 crf {o.crf})")
     writer = sbs = pngs = None
     scores = Scores(flow_cfg)
@@ -932,7 +936,7 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
             log(f"one pass over {n} frames > runtime.files_above={r.files_above}: samples and flows kept in "
                 f"files in {state_dir}")
         writer = VideoWriter(paths.output, fps, crf=o.crf, replace=may_replace(paths.output),
-                             audio_from=paths.input if o.audio and source.is_video else None,
+                             audio_from=paths.input if o.audio and source.is_video and not respeed else None,
                              audio_start_s=audio_start, time_base=source.time_base if keep_times else None,
                              sample_aspect=source.sample_aspect, end_pts=source.end_pts if keep_times else None)
         sbs = None if paths.side_by_side is None else VideoWriter(
@@ -964,6 +968,8 @@ def _run(cfg: DictConfig, paths: Paths, *, workdir: Path | None, may_replace: Ca
             log(f"note: H.264 needs even sides; {_wxh(out_size)} is stored as {_wxh(written.size)} "
                 "(last row/column repeated); output.frames_dir PNGs keep the exact size")
         audio = written.audio if source.is_video else "input has no audio"  # images, GIF
+        if o.audio and respeed and audio == "no audio source given":
+            audio = respeed
         if o.audio and audio not in (None, "input has no audio"):
             log(f"audio not copied: {audio}")
 

@@ -136,6 +136,19 @@ def test_audio_is_kept_trimmed_and_absent_audio_is_handled(model, tmp_path):
     assert rep["video"]["audio"] == "input has no audio" and not any("audio not copied" in m for m in lines)
 
 
+def test_output_fps_that_changes_the_speed_leaves_the_audio_out(model, tmp_path):
+    """output.fps=8 on a 24 fps clip plays its 24 frames in 3 s: the copied audio was 3 s of the input's sound
+    from the first frame on, out of step with the picture after the first frame, and the report said "copied".
+    It is now left out, the reason in the report; output.fps equal to the input's rate keeps it."""
+    src = make_av_clip(tmp_path / "in.mp4", frames=24, fps=24, audio_s=4.0, size=32)
+    lines = []
+    rep = run_clip(job_cfg(model, "output.fps=8"), src, tmp_path / "slow.mp4", log=lines.append, progress=False)
+    assert "audio" not in streams(tmp_path / "slow.mp4") and "output.fps=8" in rep["video"]["audio"]
+    assert any(m.startswith("audio not copied: output.fps=8") for m in lines)
+    rep = run_clip(job_cfg(model, "output.fps=24"), src, tmp_path / "same.mp4", log=lambda m: None, progress=False)
+    assert rep["video"]["audio"] == "copied" and "audio" in streams(tmp_path / "same.mp4")
+
+
 def test_variable_frame_rate_input_keeps_its_timestamps(model, tmp_path):
     import av
     from fractions import Fraction
