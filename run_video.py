@@ -25,7 +25,7 @@ from pipelines import interrupts  # torch-free: watches Ctrl-C before the import
 interrupts.watch()
 
 try:  # Ctrl-C while the libraries load: one line and exit 130, not a traceback. None of these imports torch
-    # (see _job): --help, a bad command line and a config error return in a fraction of a second
+    # (see run_clip): --help, a bad command line and a config error return in a fraction of a second
     from pipelines.config import DEFAULT_CONFIG, ConfigError, asked_keys, from_root, load_config, to_yaml
     from pipelines.errors import InputError, OutputAppeared, UsageError, WorkdirMismatch, WriteError
     from pipelines.many import clip_list, end_process_group, list_exit_code, plan_clips, process_group
@@ -52,18 +52,9 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
-def _job():
-    """``pipelines.job``, imported when a job is about to run: it imports torch (seconds; diffusers follows when
-    the model loads). Ctrl-C and SIGTERM wait until the import ends (:func:`interrupts.deferred`), then stop the
-    run as usual: one raised inside torch's C++ import callbacks can abort the process."""
-    with interrupts.deferred():
-        import pipelines.job
-    return pipelines.job
-
-
 def run_clip(*args, **kwargs) -> dict:
-    """:func:`pipelines.job.run_clip`, its module imported at the first call (:func:`_job`)."""
-    return _job().run_clip(*args, **kwargs)
+    """:func:`pipelines.job.run_clip`, imported when a job is about to run (torch: seconds)."""
+    return interrupts.import_held("pipelines.job").run_clip(*args, **kwargs)
 
 
 def log(message: str, end: str = "\n") -> None:
@@ -151,7 +142,7 @@ def guarded(job, args) -> int:
 def run_many(args: argparse.Namespace, clips: list[Path]) -> int:
     """Each process samples its share of the clips (pipelines.many) into the --output folder; returns the most
     telling exit code and names the clips that failed in a last line."""
-    _job()  # torch: plan_clips needs it, and so may process_group (torch.distributed)
+    interrupts.import_held("pipelines.job")  # torch: plan_clips needs it, and so may process_group
     rank, world, local = process_group()
     jobs = plan_clips(clips, given=Path(args.input).expanduser() if args.input else None, output=args.output,
                       config=from_root(Path(args.config)), overrides=args.overrides, reference=args.reference,

@@ -229,48 +229,50 @@ def _no_unset_marks(conf: DictConfig, source: str) -> None:
                           f"give a value (in {source})")
 
 
-def _no_empty_values(conf: DictConfig, source: str) -> None:
-    """YAML reads an empty value (``prompt:``) as null, which OmegaConf refuses for a key that is not Optional
-    with "Incompatible value 'None'": say so, naming the key (an unknown key is left to OmegaConf)."""
+def _refused_null(conf: DictConfig) -> tuple[str, str | None] | None:
+    """The first key given null (YAML's empty value, ``null``, ``~``) that cannot take it, with its type: a whole
+    section (type None) or a key that is not Optional, which OmegaConf refuses with "Incompatible value 'None'"
+    or "field is not Optional" (an unknown key is left to OmegaConf; null is a value of an Optional key)."""
     sections = {f.name for f in fields(JobConfig)}
     for key, value in _leaves(conf):
-        if value is not None:
-            continue
-        if key == BASE_KEY:
-            raise ConfigError(f"{key}: the value is empty (null in YAML); give a file name, or leave it out "
-                              f"(in {source})")
-        if key in sections:
-            raise ConfigError(f"{key}: the section is empty (null in YAML); give its keys under it, or leave it out "
-                              f"(in {source})")
         kind = FIELD_TYPES.get(key)
-        if kind is None or kind.startswith("Optional["):
-            continue  # null is a value of an Optional key
-        name = key.rpartition(".")[2]
-        how = f"for an empty string write {name}: \"\"" if kind == "str" else "give a value"
-        raise ConfigError(f"{key}: the value is empty (null in YAML), which this key does not take; {how} "
+        if value is None and (key in sections or (kind is not None and not kind.startswith("Optional["))):
+            return key, kind
+    return None
+
+
+def _no_empty_values(conf: DictConfig, source: str) -> None:
+    """An empty value in a YAML file (``prompt:``, ``sampling:``, ``base:``) that its key cannot take
+    (:func:`_refused_null`): say so, naming the key."""
+    if BASE_KEY in conf and conf[BASE_KEY] is None:
+        raise ConfigError(f"{BASE_KEY}: the value is empty (null in YAML); give a file name, or leave it out "
                           f"(in {source})")
+    if (found := _refused_null(conf)) is None:
+        return
+    key, kind = found
+    if kind is None:
+        raise ConfigError(f"{key}: the section is empty (null in YAML); give its keys under it, or leave it out "
+                          f"(in {source})")
+    how = f"for an empty string write {key.rpartition('.')[2]}: \"\"" if kind == "str" else "give a value"
+    raise ConfigError(f"{key}: the value is empty (null in YAML), which this key does not take; {how} "
+                      f"(in {source})")
 
 
 def _no_null_overrides(given: DictConfig, item: str) -> None:
-    """An override that gives null to a key that is not Optional (``key=null``, ``key=~``, ``key=``, or
-    ``section={key: }``) or to a whole section: OmegaConf refuses it with "Incompatible value 'None'" or "field
-    is not Optional"; say so, naming the key (an unknown key is left to OmegaConf, null is a value of an
-    Optional key)."""
-    sections = {f.name for f in fields(JobConfig)}
-    empty = not item.partition("=")[2].strip()
-    for key, value in _leaves(given):
-        kind = FIELD_TYPES.get(key)
-        if value is not None or (key not in sections and (kind is None or kind.startswith("Optional["))):
-            continue
-        what = "the value is empty, which OmegaConf reads as null" if empty else \
-            "the value is null (or empty in YAML), which this key does not take"
-        if key in sections:
-            how = f"give its keys ({key}.name=value)"
-        elif kind == "str":
-            how = f"for an empty string give {key}=\"\" or {key}='', quoted for the shell as in '{key}=\"\"'"
-        else:
-            how = "give a value"
-        raise ConfigError(f"{key}: {what}; {how} (in override {item!r})")
+    """An override that gives null (``key=null``, ``key=~``, ``key=``, ``section={key: }``, ``section=null``) to
+    a key that cannot take it (:func:`_refused_null`): say so, naming the key."""
+    if (found := _refused_null(given)) is None:
+        return
+    key, kind = found
+    what = "the value is empty, which OmegaConf reads as null" if not item.partition("=")[2].strip() else \
+        "the value is null (or empty in YAML), which this key does not take"
+    if kind is None:
+        how = f"give its keys ({key}.name=value)"
+    elif kind == "str":
+        how = f"for an empty string give {key}=\"\" or {key}='', quoted for the shell as in '{key}=\"\"'"
+    else:
+        how = "give a value"
+    raise ConfigError(f"{key}: {what}; {how} (in override {item!r})")
 
 
 def _is_boolean(value) -> bool:
@@ -384,9 +386,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             _only_booleans(given, f"override {item!r}")
             cfg = OmegaConf.merge(cfg, given)
             origins.update(dict.fromkeys((leaf for leaf, _ in _leaves(given)), f"override {item!r}"))
-        except ConfigKeyError as e:
-            raise ConfigError(_describe(e, f"override {item!r}")) from None
-        except OmegaConfBaseException as e:
+        except OmegaConfBaseException as e:  # an unknown key (ConfigKeyError) among them
             raise ConfigError(_describe(e, f"override {item!r}")) from None
         except yaml.YAMLError as e:  # the value is parsed as YAML: an unclosed quote or bracket
             problem = " ".join(filter(None, (getattr(e, "context", None), getattr(e, "problem", None)))) \

@@ -145,3 +145,12 @@ def deferred():
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
         for sig in dict.fromkeys(caught):
             signal.raise_signal(sig)
+
+
+def import_held(name: str):
+    """The module ``name``, imported with Ctrl-C and SIGTERM held until the import ends (:func:`deferred`), then
+    acted on as usual: one raised inside torch's C++ import callbacks can abort the process."""
+    import importlib
+
+    with deferred():
+        return importlib.import_module(name)

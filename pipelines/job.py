@@ -343,7 +343,7 @@ def load_model(cfg: DictConfig, path: str, device: torch.device, timer: StageTim
     """The pipeline, timed under "load"; the first import of diffusers and the pipeline under "import" (seconds:
     torch._dynamo and every diffusers model come with it; nothing on the next clip of a list)."""
     # Ctrl-C and SIGTERM wait for the import's end (one raised inside torch's import callbacks can abort the
-    # process, as in run_video._job), then stop the run as usual
+    # process, as in interrupts.import_held), then stop the run as usual
     with timer("import"), interrupts.deferred():
         from diffusers.utils import logging as diffusers_logging
 

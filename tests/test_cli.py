@@ -696,7 +696,7 @@ def test_ctrl_c_during_start_up_is_one_line_exit_130(tmp_path):
     proc = subprocess.Popen([sys.executable, str(ROOT / "run_video.py"), "--output", str(tmp_path / "o.mp4")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    time.sleep(0.4)  # still starting: importing the libraries (torch: run_video._job) or reading the config
+    time.sleep(0.4)  # still starting: importing the libraries (torch: interrupts.import_held) or reading the config
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and err == "error: interrupted\n", err
